@@ -1,0 +1,146 @@
+"""Shared plumbing for benchmarks: device naming, timing, copy-bandwidth roofline, and result files.
+
+A result is a list of row dicts. ``write_results`` prints a Markdown table and writes
+``bench/results/<device>/<name>.json`` (rows + environment: commit, device, torch version) and, when
+``plot`` is given, ``<name>.png``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+
+
+def device_slug(device: torch.device | str | None = None) -> str:
+    """Folder name for a device: ``h100``, ``h200``, ``a100``... for GPUs, ``cpu`` otherwise."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    for tag in ("h200", "h100", "b200", "a100", "l40s", "l4", "a10"):
+        if tag in name:
+            return tag
+    return name.replace(" ", "_")
+
+
+def device_description(device: torch.device | str | None = None) -> str:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+            timeout=5, cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 10) -> float:
+    """Median wall time of ``fn()`` in seconds (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+def copy_bandwidth_bytes_per_s(device: torch.device, num_bytes: int | None = None) -> float:
+    """Device-to-device copy bandwidth (read + write bytes / s) measured now: the roofline of this run."""
+    if num_bytes is None:
+        num_bytes = (1 << 30) if device.type == "cuda" else (64 << 20)
+    src = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = time_fn(lambda: dst.copy_(src), device, warmup=2, iters=5)
+    return 2 * num_bytes / seconds
+
+
+def results_dir(device: torch.device | str | None = None) -> Path:
+    path = RESULTS_ROOT / device_slug(device)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(
+    name: str,
+    rows: Sequence[dict],
+    columns: Sequence[str],
+    device: torch.device | str | None = None,
+    extra: dict | None = None,
+    plot: Callable[["object"], None] | None = None,
+) -> Path:
+    """Print the table and write ``<name>.json`` (+ ``<name>.md``, + ``<name>.png`` via ``plot(ax)``)."""
+    out_dir = results_dir(device)
+    table = format_table(rows, columns)
+    print(table)
+    meta = {
+        "name": name,
+        "commit": git_commit(),
+        "device": device_description(device),
+        "torch": torch.__version__,
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
+    }
+    (out_dir / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": list(rows)}, indent=1))
+    (out_dir / f"{name}.md").write_text(
+        f"# {name}\n\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n\n" + table + "\n"
+    )
+    if plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        plot(ax)
+        ax.set_title(f"{name} — {meta['device']} ({meta['commit']})", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{name}.png", dpi=120)
+        plt.close(fig)
+    return out_dir / f"{name}.json"

@@ -1,0 +1,41 @@
+"""The one module that reads the environment. Every Duet setting from the environment is ``DUET_*``.
+
+Read lazily (functions, not constants) so tests can set variables after import.
+"""
+from __future__ import annotations
+
+import os
+
+
+def _get(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def log_level() -> str:
+    """DUET_LOG_LEVEL: logging level name for Duet's loggers (default INFO)."""
+    return _get("DUET_LOG_LEVEL", "INFO").upper()
+
+
+def log_format() -> str:
+    """DUET_LOG_FORMAT: ``text`` or ``json``; command-line ``--log-format`` wins."""
+    return _get("DUET_LOG_FORMAT", "text")
+
+
+def attention_backend() -> str:
+    """DUET_ATTENTION_BACKEND: ``auto`` (Triton on CUDA, torch elsewhere), ``triton`` or ``torch``."""
+    return _get("DUET_ATTENTION_BACKEND", "auto").lower()
+
+
+def disable_extension() -> bool:
+    """DUET_DISABLE_EXTENSION=1: never load the compiled ``duet`` ops (use the torch references)."""
+    return _get("DUET_DISABLE_EXTENSION", "0") == "1"
+
+
+def torch_threads() -> int:
+    """DUET_TORCH_THREADS: torch intra-op threads per process (0 = torch's default)."""
+    return int(_get("DUET_TORCH_THREADS", "0"))
+
+
+def triton_interpret() -> bool:
+    """TRITON_INTERPRET=1 (Triton's own variable): kernels run on CPU tensors through the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
