@@ -1,0 +1,187 @@
+"""Paged KV block manager: allocation, reference counts, prefix caching and LRU eviction.
+
+Blocks hold ``block_size`` tokens. A *full* block that has been computed gets a chained hash
+(``engine.block_hash``) and stays findable after its last owner frees it, until it is evicted to serve a new
+allocation. Free blocks sit in one LRU queue (least recently freed first); a cached free block is reused by
+a prefix hit or evicted by an allocation, whichever comes first. Lookups verify the stored token ids, so a
+hash collision can never return wrong KV.
+
+No CUDA here: the block manager is pure bookkeeping and is unit-tested on CPU.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from engine.block_hash import ROOT_HASH
+from engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from engine.request import Request
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None
+    token_ids: tuple[int, ...] | None = None
+    """The block's tokens, kept for cached blocks to verify hash matches."""
+
+
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0
+    """Requests looked up."""
+    query_tokens: int = 0
+    hit_tokens: int = 0
+    hit_blocks: int = 0
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._cached: dict[int, Block] = {}
+        self._events: list[KVEvent] = []
+        self.stats = PrefixCacheStats()
+
+    # ---- queries -------------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks no request holds (cached-but-free blocks included: they are evictable)."""
+        return len(self._free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def find_cached_prefix(self, req: Request) -> list[int]:
+        """Block ids holding the longest cached prefix of ``req``'s tokens (not yet claimed).
+
+        At least one token is always left to compute, because the sampler needs its logits: a fully
+        cached prompt gives back its last block.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        hashes = req.update_block_hashes(self.block_size)
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        hits: list[int] = []
+        for i, h in enumerate(hashes[:max_blocks]):
+            block = self._cached.get(h)
+            start = i * self.block_size
+            if block is None or block.token_ids != tuple(req.token_slice(start, start + self.block_size)):
+                break
+            hits.append(block.block_id)
+        self.stats.queries += 1
+        self.stats.query_tokens += req.num_tokens
+        self.stats.hit_blocks += len(hits)
+        self.stats.hit_tokens += len(hits) * self.block_size
+        return hits
+
+    # ---- allocation ----------------------------------------------------------------------------------
+    def allocate(self, req: Request, num_new_tokens: int, cached_block_ids: list[int] = ()) -> bool:
+        """Give ``req`` blocks for ``num_new_tokens`` more tokens past ``req.num_computed_tokens``.
+
+        ``cached_block_ids`` (only at admission, when the request holds no blocks) are claimed first and
+        count as computed tokens. All or nothing: returns False and changes nothing when blocks run out.
+        """
+        if cached_block_ids and req.block_ids:
+            raise ValueError(f"{req.request_id}: prefix blocks can only be claimed at admission")
+        num_cached_tokens = len(cached_block_ids) * self.block_size
+        total_tokens = req.num_computed_tokens + num_cached_tokens + num_new_tokens
+        num_new_blocks = self.blocks_needed(total_tokens) - len(req.block_ids) - len(cached_block_ids)
+        reclaimed = sum(1 for b in cached_block_ids if self.blocks[b].ref_count == 0)
+        if num_new_blocks + reclaimed > len(self._free):
+            return False
+        for b in cached_block_ids:
+            self._claim(self.blocks[b])
+        req.block_ids.extend(cached_block_ids)
+        req.num_computed_tokens += num_cached_tokens
+        for _ in range(max(num_new_blocks, 0)):
+            req.block_ids.append(self._take_free_block())
+        return True
+
+    def _claim(self, block: Block) -> None:
+        if block.ref_count == 0:
+            del self._free[block.block_id]
+        block.ref_count += 1
+
+    def _take_free_block(self) -> int:
+        block_id, _ = self._free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.block_hash is not None:
+            self._uncache(block)
+        block.ref_count = 1
+        return block_id
+
+    def _uncache(self, block: Block) -> None:
+        if self._cached.get(block.block_hash) is block:
+            del self._cached[block.block_hash]
+            self._events.append(BlockRemoved([block.block_hash]))
+        block.block_hash = None
+        block.token_ids = None
+
+    def cache_computed_blocks(self, req: Request) -> None:
+        """Register ``req``'s newly full, computed blocks in the prefix cache (emits BlockStored)."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(req.num_computed_tokens, req.num_tokens) // self.block_size
+        hashes = req.update_block_hashes(self.block_size)
+        stored: list[int] = []
+        first_new = None
+        for i in range(num_full):
+            block = self.blocks[req.block_ids[i]]
+            if block.block_hash is not None:
+                continue
+            h = hashes[i]
+            if h in self._cached:
+                continue  # identical content cached by another block; this one stays private
+            start = i * self.block_size
+            block.block_hash = h
+            block.token_ids = tuple(req.token_slice(start, start + self.block_size))
+            self._cached[h] = block
+            if first_new is None:
+                first_new = i
+            stored.append(h)
+        if stored:
+            parent = hashes[first_new - 1] if first_new else ROOT_HASH
+            tokens = req.token_slice(first_new * self.block_size, (first_new + len(stored)) * self.block_size)
+            self._events.append(BlockStored(stored, parent, tokens, self.block_size))
+
+    def free(self, req: Request) -> None:
+        """Release all of ``req``'s blocks. Tail blocks go first into the LRU so they are evicted first."""
+        for block_id in reversed(req.block_ids):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count < 0:
+                raise RuntimeError(f"block {block_id} freed twice (request {req.request_id})")
+            if block.ref_count == 0:
+                if block.block_hash is None:
+                    # Uncached blocks are worthless: put them at the eviction end.
+                    self._free[block_id] = None
+                    self._free.move_to_end(block_id, last=False)
+                else:
+                    self._free[block_id] = None
+        req.block_ids = []
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block that no request holds. False if some are still in use."""
+        if len(self._free) != self.num_blocks:
+            return False
+        for block in self.blocks:
+            block.block_hash = None
+            block.token_ids = None
+        self._cached.clear()
+        self._events.append(AllBlocksCleared())
+        return True
+
+    def drain_events(self) -> list[KVEvent]:
+        events, self._events = self._events, []
+        return events

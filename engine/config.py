@@ -1,0 +1,81 @@
+"""Engine configuration: one validated dataclass, shared by the library API and every server."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.model_config import parse_dtype
+
+
+@dataclass
+class EngineConfig:
+    """Everything that shapes one engine instance. Invalid values raise ``ValueError`` naming the field."""
+
+    model: str
+    """Path to a Hugging Face model directory (config.json, safetensors, tokenizer)."""
+    dtype: str = "auto"
+    """``auto`` (the checkpoint's dtype; float16 becomes float32 on CPU), float32, bfloat16 or float16."""
+    device: str = "auto"
+    """``auto`` (CUDA if available, else CPU), ``cpu`` or ``cuda[:N]``."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    num_kv_blocks: int | None = None
+    """KV pool size in blocks; None = derived from kv_cache_memory_bytes / gpu_memory_utilization."""
+    kv_cache_memory_bytes: int | None = None
+    """Bytes for the KV pool; None = 256 MiB on CPU, ``gpu_memory_utilization`` of free memory on CUDA."""
+    gpu_memory_utilization: float = 0.85
+    """Fraction of the GPU's total memory this engine may use (weights + KV), in (0, 1]."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one engine step (prefill chunks + decode tokens)."""
+    max_num_seqs: int = 128
+    """Most requests running at once."""
+    max_model_len: int | None = None
+    """Longest prompt + output; None = the model's max_position_embeddings (capped by a sliding window)."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of identical prompt prefixes across requests."""
+    seed: int = 0
+    """Seed of the engine-wide generator used by unseeded sampled requests."""
+    attention_backend: str = "auto"
+    """``auto`` (Triton on CUDA, torch on CPU), ``triton`` or ``torch``."""
+    show_progress: bool = True
+    """tqdm progress bar while weights load."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("model must be a non-empty path")
+        if self.dtype != "auto":
+            parse_dtype(self.dtype, "dtype")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError as e:
+                raise ValueError(f"device: {e}") from e
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise ValueError(f"kv_cache_memory_bytes must be >= 1, got {self.kv_cache_memory_bytes}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.attention_backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"attention_backend must be auto, triton or torch, got {self.attention_backend!r}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, checkpoint_dtype: torch.dtype) -> torch.dtype:
+        if self.dtype != "auto":
+            return parse_dtype(self.dtype)
+        if checkpoint_dtype == torch.float16 and self.torch_device().type == "cpu":
+            return torch.float32
+        return checkpoint_dtype

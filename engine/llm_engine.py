@@ -1,0 +1,221 @@
+"""The engine loop: requests in, one ``step()`` at a time, ``RequestOutput``s out.
+
+``LLMEngine`` is synchronous and single-threaded; ``engine.LLM`` drives it for batch use and
+``engine.AsyncEngine`` runs it on a worker thread for streaming. Servers drive it from their own loops.
+Bad input is rejected in ``add_request`` with a ``ValueError`` naming the field, before anything is
+allocated, so one bad request never disturbs the others.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.model_config import ModelConfig
+from engine.model_runner import ModelRunner
+from engine.models.decoder import LayerHook
+from engine.outputs import RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampler import SampleResult
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.tokenizer import generation_defaults, generation_eos_ids, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    detok: IncrementalDetokenizer | None
+    num_returned_tokens: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, load_tokenizer_: bool = True):
+        self.config = config
+        self.model_config = ModelConfig.from_pretrained(config.model)
+        mc = self.model_config
+        limit = mc.max_position_embeddings
+        if mc.sliding_window:
+            limit = min(limit, mc.sliding_window)
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's limit of {limit} tokens")
+        self.max_model_len = config.max_model_len or limit
+        self.tokenizer = load_tokenizer(config.model) if load_tokenizer_ else None
+        self.eos_token_ids = tuple(dict.fromkeys(mc.eos_token_ids + generation_eos_ids(config.model)))
+        self.default_sampling = generation_defaults(config.model)
+        self.runner = ModelRunner(config, mc, self.max_model_len)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        self._tracked: dict[str, _Tracked] = {}
+        self._finished_outputs: list[RequestOutput] = []
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def default_sampling_params(self, **overrides) -> SamplingParams:
+        """SamplingParams seeded with the checkpoint's generation_config.json, then ``overrides``."""
+        return SamplingParams(**{**self.default_sampling, **overrides})
+
+    def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> list[int]:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        ids = list(prompt_token_ids)
+        if not ids:
+            raise ValueError("prompt: must contain at least one token")
+        vocab = self.model_config.vocab_size
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"prompt_token_ids: token id {t!r} is outside the vocabulary [0, {vocab})")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"model's context of {self.max_model_len} tokens"
+            )
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if len(ids) + params.max_tokens > capacity:
+            raise ValueError(
+                f"max_tokens: prompt ({len(ids)}) + max_tokens ({params.max_tokens}) exceeds the KV pool "
+                f"({capacity} tokens)"
+            )
+        for t in params.stop_token_ids:
+            if not 0 <= t < vocab:
+                raise ValueError(f"stop_token_ids: {t} is outside the vocabulary [0, {vocab})")
+        return ids
+
+    def make_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None) -> Request:
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        if request_id in self._tracked:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = params if params is not None else self.default_sampling_params()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: text prompts need a tokenizer; pass token ids")
+            if not prompt:
+                raise ValueError("prompt: must not be empty")
+            prompt = self.tokenizer.encode(prompt)
+        ids = self.validate(prompt, params)
+        eos = () if params.ignore_eos else self.eos_token_ids
+        req = Request(request_id, ids, params, eos)
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.include_stop_str_in_output)
+        elif params.stop:
+            raise ValueError("stop: stop strings need a tokenizer")
+        self._tracked[request_id] = _Tracked(req, detok)
+        return req
+
+    def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None) -> None:
+        req = self.make_request(request_id, prompt, params)
+        self.scheduler.add(req)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Abort in any state; its blocks are freed now. Returns False for an unknown id."""
+        tracked = self._tracked.get(request_id)
+        if tracked is None:
+            return False
+        req = tracked.request
+        self.scheduler.remove(req)
+        req.finish_reason = "abort"
+        self._finished_outputs.append(self._output(tracked, finished=True))
+        del self._tracked[request_id]
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._tracked) or bool(self._finished_outputs)
+
+    def get_request(self, request_id: str) -> Request | None:
+        t = self._tracked.get(request_id)
+        return t.request if t else None
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    def step(self, layer_hook: LayerHook | None = None) -> list[RequestOutput]:
+        """Schedule, run the model once, apply sampled tokens; outputs of requests that progressed."""
+        outputs, self._finished_outputs = self._finished_outputs, []
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return outputs
+        results = self.runner.execute(sched, layer_hook)
+        outputs.extend(self.apply_results(sched, results))
+        return outputs
+
+    def apply_results(self, sched: SchedulerOutput, results: dict[str, SampleResult]) -> list[RequestOutput]:
+        outputs = []
+        for chunk in sched.chunks:
+            req = chunk.request
+            req.num_computed_tokens += chunk.num_tokens
+            self.block_manager.cache_computed_blocks(req)
+            result = results.get(req.request_id)
+            if result is not None:
+                out = self.append_token(req, result)
+                if out is not None:
+                    outputs.append(out)
+        return outputs
+
+    def append_token(self, req: Request, result: SampleResult) -> RequestOutput | None:
+        """Add one sampled token to ``req``, check stop conditions, finish it if done."""
+        tracked = self._tracked[req.request_id]
+        req.output_token_ids.append(result.token_id)
+        if result.logprobs is not None:
+            req.output_logprobs.append(result.logprobs)
+        if tracked.detok is not None:
+            tracked.detok.push(result.token_id)
+        self._check_stop(req, tracked)
+        finished = req.finish_reason is not None
+        if finished:
+            self.scheduler.remove(req)
+            del self._tracked[req.request_id]
+        return self._output(tracked, finished)
+
+    def _check_stop(self, req: Request, tracked: _Tracked) -> None:
+        p = req.params
+        token = req.output_token_ids[-1]
+        n = len(req.output_token_ids)
+        if n >= p.min_tokens:
+            if token in req.eos_token_ids:
+                req.finish_reason, req.stop_reason = "stop", token
+                return
+            if token in p.stop_token_ids:
+                req.finish_reason, req.stop_reason = "stop", token
+                return
+            if tracked.detok is not None and tracked.detok.stop_reason is not None:
+                req.finish_reason, req.stop_reason = "stop", tracked.detok.stop_reason
+                return
+        if n >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            req.finish_reason = "length"
+
+    def _output(self, tracked: _Tracked, finished: bool) -> RequestOutput:
+        req = tracked.request
+        new_ids = req.output_token_ids[tracked.num_returned_tokens:]
+        tracked.num_returned_tokens = len(req.output_token_ids)
+        text, new_text = "", ""
+        if tracked.detok is not None:
+            if finished:
+                tracked.detok.flush()
+            new_text = tracked.detok.take_new_text(finished)
+            text = tracked.detok.text
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            token_ids=list(req.output_token_ids),
+            text=text,
+            finished=finished,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+            logprobs=list(req.output_logprobs) if req.params.logprobs is not None else None,
+            new_token_ids=new_ids,
+            new_text=new_text,
+            num_cached_tokens=req.num_cached_tokens,
+        )
+
+    # ---- introspection -------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.block_manager.num_blocks

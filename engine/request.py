@@ -1,0 +1,97 @@
+"""A request's state inside one engine: tokens, KV blocks, progress and sampling state."""
+from __future__ import annotations
+
+import enum
+import time
+from typing import Optional
+
+import torch
+
+from engine.block_hash import ROOT_HASH, hash_block
+from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    """Queued for (re)prefill."""
+    WAITING_FOR_KV = "waiting_for_kv"
+    """Decode side of a disaggregated request: blocks allocated, KV arriving from a prefill server."""
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Request:
+    """Mutable per-request state. Owned by the scheduler; the runner only reads it."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        eos_token_ids: tuple[int, ...] = (),
+        arrival_time: float | None = None,
+    ):
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.eos_token_ids = eos_token_ids
+        self.output_token_ids: list[int] = []
+        self.output_logprobs: list[dict[int, float]] = []
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        """Tokens whose K/V are in this request's blocks."""
+        self.block_ids: list[int] = []
+        self.block_hashes: list[int] = []
+        """Chained hashes of this request's full blocks (prompt + output), computed incrementally."""
+        self.num_cached_tokens = 0
+        """Prompt tokens served from the prefix cache at the last admission."""
+        self.num_preemptions = 0
+        self.finish_reason: Optional[str] = None
+        """``stop`` (EOS, stop token or stop string), ``length`` or ``abort``."""
+        self.stop_reason: int | str | None = None
+        self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        self.first_token_time: float | None = None
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_id(self, idx: int) -> int:
+        p = len(self.prompt_token_ids)
+        return self.prompt_token_ids[idx] if idx < p else self.output_token_ids[idx - p]
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        p = len(self.prompt_token_ids)
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p:end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
+
+    def update_block_hashes(self, block_size: int) -> list[int]:
+        """Extend ``block_hashes`` to every full block of the current tokens; returns them."""
+        num_full = self.num_tokens // block_size
+        while len(self.block_hashes) < num_full:
+            i = len(self.block_hashes)
+            parent = self.block_hashes[-1] if self.block_hashes else ROOT_HASH
+            self.block_hashes.append(hash_block(parent, self.token_slice(i * block_size, (i + 1) * block_size)))
+        return self.block_hashes
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, {self.status.value}, prompt={self.num_prompt_tokens}, "
+                f"out={len(self.output_token_ids)}, computed={self.num_computed_tokens})")

@@ -1,0 +1,59 @@
+"""Loading a checkpoint's tokenizer (tokenizer.json + tokenizer_config.json, chat template included)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer(model_dir: str | Path):
+    """A ``transformers`` fast tokenizer from a local directory; never touches the network."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{model_dir / 'tokenizer.json'}: missing tokenizer file")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+
+
+def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a chat rendered with the checkpoint's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("messages: this model's tokenizer_config.json has no chat_template")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def generation_defaults(model_dir: str | Path) -> dict:
+    """Sampling defaults from ``generation_config.json`` mapped onto SamplingParams field names."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from e
+    out: dict = {}
+    if raw.get("do_sample") is False:
+        out["temperature"] = 0.0
+    elif "temperature" in raw:
+        out["temperature"] = float(raw["temperature"])
+    for src, dst, conv in (("top_p", "top_p", float), ("top_k", "top_k", int), ("min_p", "min_p", float),
+                           ("repetition_penalty", "repetition_penalty", float)):
+        if raw.get(src) is not None:
+            out[dst] = conv(raw[src])
+    if raw.get("max_new_tokens") is not None:
+        out["max_tokens"] = int(raw["max_new_tokens"])
+    return out
+
+
+def generation_eos_ids(model_dir: str | Path) -> tuple[int, ...]:
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return ()
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (eos,)
