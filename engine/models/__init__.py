@@ -1,0 +1,1 @@
+"""Decoder-only model implementations, one module covering all supported architectures."""
