@@ -1,0 +1,43 @@
+"""Pick a KV transport: NIXL when it is installed and starts, ZeroMQ TCP otherwise."""
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from transfer.transport import KVTransport
+
+logger = logging.getLogger(__name__)
+
+TransportKind = Literal["nixl", "zmq", "auto"]
+
+
+def nixl_importable() -> bool:
+    try:
+        import transfer.nixl_transport  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_transport(kind: TransportKind = "auto", name: str = "duet", *, host: str = "127.0.0.1",
+                   **kwargs) -> KVTransport:
+    """A new transport named ``name`` + a random suffix.
+
+    ``kind``: ``nixl`` (fails if NIXL is missing), ``zmq``, or ``auto`` (NIXL if importable and its agent
+    starts, else ZMQ). ``host`` is where the ZMQ backend binds (NIXL/UCX picks its own interfaces);
+    other keyword arguments go to the backend's constructor.
+    """
+    if kind not in ("nixl", "zmq", "auto"):
+        raise ValueError(f"transport kind must be nixl, zmq or auto, got {kind!r}")
+    if kind in ("nixl", "auto") and (kind == "nixl" or nixl_importable()):
+        from transfer.nixl_transport import NixlTransport
+
+        try:
+            return NixlTransport(name, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - no UCX plugin, no usable device...
+            if kind == "nixl":
+                raise
+            logger.warning("NIXL is installed but its agent failed to start (%s); using ZMQ", exc)
+    from transfer.zmq_transport import ZmqTransport
+
+    return ZmqTransport(name, host=host, **kwargs)
