@@ -1,5 +1,109 @@
-"""Duet's packages; the C++/CUDA extension (csrc/) is built when a compiler and torch are available."""
-from setuptools import find_packages, setup
+"""Duet's packages; the C++/CUDA extension (csrc/) is built when a compiler and torch are available.
+
+The extension ``kernels._C`` is built by CMakeLists.txt (torch's CMake config) through ``CMakeBuild``.
+Its build is best effort: without cmake, a C++ compiler or torch, or when the build fails, setup still
+succeeds with a warning and ``kernels.kv_blocks`` runs the torch references instead.
+With ``pip install --no-build-isolation -e .`` setuptools copies the library next to the sources
+(``kernels/_C.<abi>.so``), where ``import kernels._C`` finds it.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import warnings
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+# Two translation units at most: more parallel jobs would only cost memory.
+BUILD_JOBS = 2
+
+
+class CMakeExtension(Extension):
+    """An extension whose sources are built by CMakeLists.txt, not by setuptools."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[])
+
+
+def _local_cuda_archs() -> str:
+    """``9.0;8.0``-style archs of the GPUs this machine sees, '' without CUDA torch or a GPU."""
+    try:
+        import torch
+
+        if torch.version.cuda is None or not torch.cuda.is_available():
+            return ""
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        return ";".join(f"{major}.{minor}" for major, minor in sorted(caps))
+    except Exception:  # noqa: BLE001 - detection is a hint; CMake falls back to a default list
+        return ""
+
+
+class CMakeBuild(build_ext):
+    """Builds CMake extensions; a failed build is reported and skipped instead of failing setup."""
+
+    def build_extensions(self) -> None:
+        built = []
+        for ext in self.extensions:
+            try:
+                self._build_cmake(ext)
+                built.append(ext)
+            except (OSError, subprocess.CalledProcessError, RuntimeError) as exc:
+                message = (
+                    f"Duet: building the C++/CUDA extension {ext.name} failed ({exc}); "
+                    "the pure-Python fallback (kernels.reference) will be used"
+                )
+                warnings.warn(message)
+                print(f"WARNING: {message}", file=sys.stderr)
+        # setuptools later copies (editable / --inplace) and packages every listed extension.
+        self.extensions[:] = built
+
+    def _build_cmake(self, ext: Extension) -> None:
+        cmake = shutil.which("cmake")
+        if cmake is None:
+            raise RuntimeError("cmake not found on PATH")
+        try:
+            import torch  # noqa: F401 - only to fail early with a clear reason
+        except ImportError as exc:
+            raise RuntimeError(f"torch is not importable ({exc})") from exc
+
+        target = Path(self.get_ext_fullpath(ext.name))
+        # A fixed folder per interpreter (not setuptools' throwaway build_temp) keeps rebuilds incremental;
+        # keyed by the environment because CMake caches the torch it found.
+        env_key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]
+        build_dir = ROOT / "build" / f"ext-{sys.implementation.cache_tag}-{env_key}"
+        out_dir = build_dir / "out"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        configure = [
+            cmake, "-S", str(ROOT), "-B", str(build_dir),
+            f"-DPython_EXECUTABLE={sys.executable}",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DDUET_OUTPUT_DIR={out_dir}",
+            f"-DDUET_LOCAL_CUDA_ARCHS={_local_cuda_archs()}",
+        ]
+        if shutil.which("ninja"):
+            configure += ["-G", "Ninja"]
+        if (build_dir / "CMakeCache.txt").exists():
+            # Keep the generator of the first configure; CMake refuses to switch it in place.
+            configure = [a for a in configure if a not in ("-G", "Ninja")]
+        subprocess.run(configure, check=True)
+        subprocess.run([cmake, "--build", str(build_dir), "-j", str(BUILD_JOBS)], check=True)
+
+        suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+        candidates = sorted(glob.glob(str(out_dir / f"_C{suffix}"))) or sorted(glob.glob(str(out_dir / "_C*.so")))
+        if not candidates:
+            raise RuntimeError(f"CMake produced no _C library in {out_dir}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(candidates[0], target)
+        os.chmod(target, 0o755)
+
 
 setup(
     name="duet",
@@ -8,10 +112,12 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["engine*", "kernels*", "transfer*", "bench*"]),
     package_data={"engine.tools": ["data/*.txt"]},
+    ext_modules=[CMakeExtension("kernels._C")],
+    cmdclass={"build_ext": CMakeBuild},
     install_requires=[
         "torch>=2.4",
         "numpy",
-        "transformers>=4.45",
+        "transformers>=5.0",
         "tokenizers",
         "safetensors",
         "tqdm",

@@ -1,0 +1,148 @@
+"""Pack a request's KV blocks into one contiguous staging slab, and unpack a slab into the paged pool.
+
+A prefill server gathers the blocks of a layer range into a slab (one kernel launch) and posts one
+transfer write for it; the decode server scatters the arrived slab into its own blocks. Staging layout::
+
+    staging  # [layer_end - layer_start, 2, len(block_ids), block_size, num_kv_heads, head_dim]
+
+layer-major, then key/value, then the blocks in ``block_ids`` order: exactly
+``kernels.reference.gather_kv_blocks``. The compiled ops ``torch.ops.duet.gather_kv_blocks`` /
+``scatter_kv_blocks`` (csrc/, built into ``kernels._C``) do the work; when the extension is missing or
+disabled (``DUET_DISABLE_EXTENSION=1``) these wrappers run the torch references instead and log one
+warning per process. Both paths copy bytes, so results are bitwise identical.
+
+Block ids: int32 or int64, on the pool's device, each in ``[0, num_blocks)``. The CPU op raises on an
+out-of-range id and, for scatter, on a repeated id; on CUDA an out-of-range id is a device-side assert
+(like ``index_select``) and repeated scatter ids leave that block with the bytes of one of them.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+
+import torch
+
+from engine import envs
+from kernels import reference
+
+logger = logging.getLogger(__name__)
+
+_OPS = ("gather_kv_blocks", "scatter_kv_blocks")
+_fallback_warned = False
+_fakes_registered = False
+
+
+def _ops_defined() -> bool:
+    return all(hasattr(torch.ops.duet, name) for name in _OPS)
+
+
+@functools.cache
+def _load_error() -> str | None:
+    """Import the compiled ops once; returns why they are unavailable, or None when they are loaded."""
+    if envs.disable_extension():
+        return "DUET_DISABLE_EXTENSION=1"
+    try:
+        importlib.import_module("kernels._C")
+    except ImportError as exc:
+        return f"kernels._C could not be imported ({exc})"
+    if not _ops_defined():
+        return "kernels._C was imported but did not register torch.ops.duet"
+    _register_fakes()
+    return None
+
+
+def extension_available() -> bool:
+    """True when the compiled ``torch.ops.duet`` KV block ops are loaded (and not disabled)."""
+    return _load_error() is None
+
+
+@functools.cache
+def _has_device_kernel(device_type: str) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:  # meta / fake tensors while tracing: the registered fake implementation answers
+        return True
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"duet::{name}", key) for name in _OPS)
+
+
+def _use_extension(device: torch.device) -> bool:
+    global _fallback_warned
+    reason = _load_error()
+    if reason is None and not _has_device_kernel(device.type):
+        reason = f"kernels._C was built without {device.type} kernels"
+    if reason is None:
+        return True
+    if not _fallback_warned:
+        _fallback_warned = True
+        logger.warning("Duet KV block ops: using the torch reference (slower): %s", reason)
+    return False
+
+
+def gather_kv_blocks(
+    kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_ids: torch.Tensor,  # [n] int64 (or int32)
+    layer_start: int,
+    layer_end: int,
+    out: torch.Tensor | None = None,  # [layer_end - layer_start, 2, n, block_size, num_kv_heads, head_dim]
+) -> torch.Tensor:  # out (allocated when not given)
+    """Copy blocks ``block_ids`` of layers ``[layer_start, layer_end)`` into one contiguous slab."""
+    if out is None:
+        out = kv_cache.new_empty((max(layer_end - layer_start, 0), 2, block_ids.numel(), *kv_cache.shape[3:]))
+    if _use_extension(kv_cache.device):
+        torch.ops.duet.gather_kv_blocks(kv_cache, block_ids, layer_start, layer_end, out)
+    else:
+        out.copy_(reference.gather_kv_blocks(kv_cache, block_ids, layer_start, layer_end))
+    return out
+
+
+def scatter_kv_blocks(
+    staging: torch.Tensor,  # [layer_end - layer_start, 2, n, block_size, num_kv_heads, head_dim]
+    block_ids: torch.Tensor,  # [n] int64 (or int32), distinct
+    layer_start: int,
+    layer_end: int,
+    kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], written
+) -> None:
+    """Inverse of ``gather_kv_blocks``: write the slab's blocks into the pool in place."""
+    if _use_extension(kv_cache.device):
+        torch.ops.duet.scatter_kv_blocks(staging, block_ids, layer_start, layer_end, kv_cache)
+    else:
+        reference.scatter_kv_blocks(staging, block_ids, layer_start, layer_end, kv_cache)
+
+
+def _check_fake_args(
+    kv_cache: torch.Tensor, block_ids: torch.Tensor, layer_start: int, layer_end: int, staging: torch.Tensor
+) -> None:
+    """What the C++ checks say about shapes and dtypes, for tracing (values of block_ids are unknown)."""
+    torch._check(kv_cache.dim() == 6 and kv_cache.shape[1] == 2, lambda: "kv_cache must be [L, 2, B, S, H, D]")
+    torch._check(block_ids.dim() == 1, lambda: "block_ids must be 1-D")
+    torch._check(block_ids.dtype in (torch.int32, torch.int64), lambda: "block_ids must be int32 or int64")
+    torch._check(
+        0 <= layer_start <= layer_end <= kv_cache.shape[0], lambda: "need 0 <= layer_start <= layer_end <= L"
+    )
+    expected = (layer_end - layer_start, 2, block_ids.shape[0], *kv_cache.shape[3:])
+    torch._check(tuple(staging.shape) == expected, lambda: f"staging must have shape {expected}")
+    torch._check(staging.dtype == kv_cache.dtype, lambda: "staging must have kv_cache's dtype")
+
+
+def _gather_fake(kv_cache, block_ids, layer_start, layer_end, out) -> None:
+    _check_fake_args(kv_cache, block_ids, layer_start, layer_end, out)
+
+
+def _scatter_fake(staging, block_ids, layer_start, layer_end, kv_cache) -> None:
+    _check_fake_args(kv_cache, block_ids, layer_start, layer_end, staging)
+
+
+def _register_fakes() -> None:
+    """Fake (meta) implementations, so torch.compile and FakeTensor can trace through the ops."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    _fakes_registered = True
+    torch.library.register_fake("duet::gather_kv_blocks")(_gather_fake)
+    torch.library.register_fake("duet::scatter_kv_blocks")(_scatter_fake)
+
+
+# torch imports this module (csrc: set_python_module) when it needs the fakes of ops loaded by a plain
+# `import kernels._C`; register them right away in that case.
+if _ops_defined():
+    _register_fakes()
