@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
@@ -53,6 +53,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         self._tracked: dict[str, _Tracked] = {}
         self._finished_outputs: list[RequestOutput] = []
+        self.num_prompt_tokens_computed = 0
+        """Prompt tokens this engine ran through the model (prefix hits and remote KV excluded)."""
+        self.num_generated_tokens = 0
 
     # ---- requests ------------------------------------------------------------------------------------
     def default_sampling_params(self, **overrides) -> SamplingParams:
@@ -132,12 +135,17 @@ class LLMEngine:
         return t.request if t else None
 
     # ---- the loop ------------------------------------------------------------------------------------
-    def step(self, layer_hook: LayerHook | None = None) -> list[RequestOutput]:
-        """Schedule, run the model once, apply sampled tokens; outputs of requests that progressed."""
+    def step(self, on_schedule: Callable[[SchedulerOutput], LayerHook | None] | None = None) -> list[RequestOutput]:
+        """Schedule, run the model once, apply sampled tokens; outputs of requests that progressed.
+
+        ``on_schedule(sched)`` (servers streaming KV out) sees the step's plan before the model runs and may
+        return a hook called after each layer.
+        """
         outputs, self._finished_outputs = self._finished_outputs, []
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return outputs
+        layer_hook = on_schedule(sched) if on_schedule is not None else None
         results = self.runner.execute(sched, layer_hook)
         outputs.extend(self.apply_results(sched, results))
         return outputs
@@ -146,6 +154,7 @@ class LLMEngine:
         outputs = []
         for chunk in sched.chunks:
             req = chunk.request
+            self.num_prompt_tokens_computed += max(0, min(chunk.start + chunk.num_tokens, req.num_prompt_tokens) - chunk.start)
             req.num_computed_tokens += chunk.num_tokens
             self.block_manager.cache_computed_blocks(req)
             result = results.get(req.request_id)
@@ -159,6 +168,7 @@ class LLMEngine:
         """Add one sampled token to ``req``, check stop conditions, finish it if done."""
         tracked = self._tracked[req.request_id]
         req.output_token_ids.append(result.token_id)
+        self.num_generated_tokens += 1
         if result.logprobs is not None:
             req.output_logprobs.append(result.logprobs)
         if tracked.detok is not None:
@@ -210,6 +220,38 @@ class LLMEngine:
             new_text=new_text,
             num_cached_tokens=req.num_cached_tokens,
         )
+
+    # ---- remote KV (decode side of a disaggregated request) ------------------------------------------
+    def add_remote_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> Request | None:
+        """Admit a request whose prompt KV will arrive from a prefill server.
+
+        Blocks for the whole prompt are allocated now (prefix-cache hits first: ``req.num_computed_tokens``
+        says how many prompt tokens need not be sent). None when the pool has no room (nothing allocated;
+        the caller prefills locally instead). ValueError for bad input, as ``add_request``.
+        """
+        req = self.make_request(request_id, prompt_token_ids, params)
+        if not self.scheduler.admit_for_remote_kv(req):
+            del self._tracked[request_id]
+            return None
+        return req
+
+    def complete_remote_request(self, request_id: str, first_token: SampleResult) -> RequestOutput | None:
+        """All prompt KV is in the request's blocks: append the prefill's first token and start decoding."""
+        tracked = self._tracked.get(request_id)
+        if tracked is None:
+            return None
+        self.scheduler.remote_kv_arrived(tracked.request)
+        return self.append_token(tracked.request, first_token)
+
+    def fail_remote_request(self, request_id: str) -> None:
+        """KV did not arrive in time: compute the prompt here instead (recompute policy)."""
+        tracked = self._tracked.get(request_id)
+        if tracked is not None:
+            self.scheduler.remote_kv_failed(tracked.request)
+
+    def has_runnable_work(self) -> bool:
+        """Something for ``step`` to compute (requests waiting for remote KV do not count)."""
+        return self.scheduler.has_work() or bool(self._finished_outputs)
 
     # ---- introspection -------------------------------------------------------------------------------
     @property

@@ -1,0 +1,5 @@
+"""``python -m engine.decode --model DIR --port P``: a decode server (receives KV, generates tokens)."""
+from engine.server.cli import server_main
+
+if __name__ == "__main__":
+    server_main("decode")

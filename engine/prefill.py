@@ -1,0 +1,5 @@
+"""``python -m engine.prefill --model DIR --port P``: a prefill server (computes prompts, streams KV out)."""
+from engine.server.cli import server_main
+
+if __name__ == "__main__":
+    server_main("prefill")

@@ -1,0 +1,98 @@
+"""Command-line flags shared by ``engine.prefill``, ``engine.decode``, ``engine.serve`` (and the router)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from engine import envs
+from engine.config import EngineConfig
+
+
+def add_engine_args(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("engine")
+    g.add_argument("--model", required=True, help="Hugging Face model directory")
+    g.add_argument("--served-model-name", help="name in the OpenAI API (default: the model path)")
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-kv-blocks", type=int)
+    g.add_argument("--kv-cache-memory-bytes", type=int)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--max-num-seqs", type=int, default=128)
+    g.add_argument("--max-model-len", type=int)
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--torch-threads", type=int, default=envs.torch_threads(),
+                   help="torch intra-op threads (0 = torch default); size it when servers share a host")
+
+
+def add_logging_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--log-level", default=envs.log_level())
+    ap.add_argument("--log-format", default=envs.log_format(), choices=["text", "json"])
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        gpu_memory_utilization=args.gpu_memory_utilization, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
+        seed=args.seed, show_progress=sys.stderr.isatty(),
+    )
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": time.time(), "level": record.levelname, "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    handler = logging.StreamHandler()
+    if args.log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level, handlers=[handler], force=True)
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    if args.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+
+
+def server_main(role: str, argv: list[str] | None = None) -> None:
+    """``python -m engine.prefill`` / ``engine.decode``: one engine behind ZeroMQ."""
+    ap = argparse.ArgumentParser(prog=f"python -m engine.{role}", description=f"Duet {role} server")
+    add_engine_args(ap)
+    add_logging_args(ap)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True, help="ZeroMQ command port (0 = random)")
+    ap.add_argument("--event-port", type=int, help="ZeroMQ event (PUB) port (default: random)")
+    ap.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "zmq"])
+    ap.add_argument("--zone")
+    ap.add_argument("--staging-mib", type=int, default=64, help="registered staging memory for KV slabs")
+    ap.add_argument("--kv-timeout-s", type=float, default=30.0, help="how long KV may take to arrive")
+    ap.add_argument("--debug-layer-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    setup_logging(args)
+    apply_threads(args)
+    from engine.server.engine_server import EngineServer
+
+    server = EngineServer(
+        engine_config(args), role, host=args.host, port=args.port, event_port=args.event_port,
+        kv_transport=args.kv_transport, zone=args.zone, staging_bytes=args.staging_mib << 20,
+        kv_timeout_s=args.kv_timeout_s, debug_layer_delay_s=args.debug_layer_delay_s,
+        model_name=args.served_model_name)
+    print(f"DUET_READY {role} {server.address} {server.event_address}", flush=True)
+    server.serve_forever()

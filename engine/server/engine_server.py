@@ -1,0 +1,345 @@
+"""One engine behind ZeroMQ: the loop of every prefill, decode and colocated server.
+
+Sockets: a ROUTER for commands (router and peer servers connect DEALERs; replies go back by identity), a
+PUB for events (load, KV events), DEALERs to peer servers (``peers.PeerLinks``). One thread does
+everything: poll sockets (no wait while the engine has work), apply commands, advance KV transfers
+(``transfer.kv_sender`` on the prefill side, ``transfer.kv_receiver`` on the decode side), run one engine
+step, send tokens. Every wait has a deadline: handshakes, KV arrival, prefill destinations.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+import uuid
+from dataclasses import replace
+
+import zmq
+
+from engine.config import EngineConfig
+from engine.kv_events import event_to_dict
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from engine.server.peers import PeerLinks
+from transfer.compat import IncompatiblePeer, KVLayout, check_compatible
+from transfer.factory import make_transport
+from transfer.kv_receiver import KVReceiver
+from transfer.kv_sender import KVSender
+from transfer.messages import (Abort, Drain, Generate, Hello, KVDest, KVEvents, LoadReport, Prefill, PrefillDone,
+                               Refused, ServerInfo, Stats, StatsRequest, Tokens, Welcome)
+from transfer.staging import StagingPool
+from transfer.wire import Message, ProtocolError, decode, encode
+
+logger = logging.getLogger(__name__)
+ROLES = ("prefill", "decode", "both")
+
+
+class EngineServer:
+    def __init__(self, config: EngineConfig, role: str, host: str = "127.0.0.1", port: int = 0,
+                 event_port: int | None = None, kv_transport: str = "auto", zone: str | None = None,
+                 staging_bytes: int = 64 << 20, kv_timeout_s: float = 30.0, debug_layer_delay_s: float = 0.0,
+                 model_name: str | None = None):
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.role = role
+        self.engine = LLMEngine(config, load_tokenizer_=False)
+        self.engine_id = f"{role}-{uuid.uuid4().hex[:8]}"
+        self.epoch = uuid.uuid4().hex
+        self.kv_timeout_s = kv_timeout_s
+        self.ctx = zmq.Context.instance()
+        self.cmd = self.ctx.socket(zmq.ROUTER)
+        self.cmd.setsockopt(zmq.LINGER, 0)
+        self.cmd.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        port = self._bind(self.cmd, host, port)
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        event_port = self._bind(self.pub, host, 0 if event_port is None else event_port)
+        self.address, self.event_address = f"tcp://{host}:{port}", f"tcp://{host}:{event_port}"
+
+        kv = self.engine.runner.kv_cache
+        mc = self.engine.model_config
+        self.model_name = model_name or config.model
+        self.layout = KVLayout.from_cache(mc.architecture + ":" + str(config.model).rstrip("/").split("/")[-1], kv)
+        self.transport = make_transport(kv_transport, self.engine_id, host=host)
+        self.staging = StagingPool(staging_bytes, kv.device)
+        staging_handle = self.transport.register(self.staging.buffer)
+        region = self.transport.describe(staging_handle)
+        self.sender = KVSender(self.transport, self.staging, staging_handle, kv, debug_layer_delay_s)
+        self.receiver = KVReceiver(self.transport, self.staging, region, kv)
+        self.info = ServerInfo(
+            engine_id=self.engine_id, epoch=self.epoch, role=role, model_name=self.model_name,
+            address=self.address, event_address=self.event_address, zone=zone, layout=self.layout,
+            compat_hash=self.layout.compat_hash(), transport_kind=self.transport.backend,
+            transport_name=self.transport.name, transport_metadata=self.transport.metadata(),
+            staging_region=region, max_model_len=self.engine.max_model_len, vocab_size=mc.vocab_size,
+            num_total_blocks=self.engine.num_total_blocks)
+        self.poller = zmq.Poller()
+        self.poller.register(self.cmd, zmq.POLLIN)
+        self.peers = PeerLinks(self.ctx, self.poller, self.info)
+        self.clients: dict[str, bytes] = {}  # request id -> router identity (for Tokens)
+        self.awaiting_link: dict[str, tuple[str, str]] = {}  # transfer id -> (request id, prefill address)
+        self.transfer_of: dict[str, str] = {}  # request id -> transfer id (decode side)
+        self.num_kv_fallbacks = 0
+        self.stopping = False
+        self.draining = False
+        self._last_load = 0.0
+        logger.info("%s serving %s on %s (events %s, KV transport %s)", self.engine_id, self.model_name,
+                    self.address, self.event_address, self.transport.backend)
+
+    @staticmethod
+    def _bind(sock: zmq.Socket, host: str, port: int) -> int:
+        if port == 0:
+            return sock.bind_to_random_port(f"tcp://{host}")
+        sock.bind(f"tcp://{host}:{port}")
+        return port
+
+    # ---- main loop ---------------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+        try:
+            while not self.stopping:
+                self.run_once()
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def run_once(self) -> None:
+        busy = self.engine.has_runnable_work()
+        active = bool(self.sender.transfers or self.receiver.transfers or self.awaiting_link)
+        timeout_ms = 0 if busy else (1 if active else 20)
+        for sock, _ in self.poller.poll(timeout_ms):
+            if sock is self.cmd:
+                self._drain_commands()
+            else:
+                for link, msg in self.peers.handle_readable(sock):
+                    logger.debug("unexpected %s from peer %s", type(msg).__name__, link.address)
+        self._advance_links()
+        self._advance_receiver()
+        if self.engine.has_runnable_work():
+            outputs = self.engine.step(on_schedule=self.sender.on_schedule)
+            self.sender.after_step(outputs)
+            self._route_outputs(outputs)
+        for reply_to, done in self.sender.poll():
+            if reply_to is not None:
+                self._reply(reply_to, done)
+        self._publish()
+
+    # ---- commands ----------------------------------------------------------------------------------
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                ident, raw = self.cmd.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:
+                continue  # wrong frame count: not one of ours
+            try:
+                msg = decode(raw)
+            except ProtocolError as e:
+                logger.warning("dropping malformed command: %s", e)
+                self._reply(ident, Refused(f"malformed message: {e}"))
+                continue
+            handler = getattr(self, f"_on_{type(msg).__name__.lower()}", None)
+            if handler is None:
+                self._reply(ident, Refused(f"{type(msg).__name__} is not a command for a {self.role} server"))
+            else:
+                handler(ident, msg)
+
+    def _reply(self, ident: bytes, msg: Message) -> None:
+        try:
+            self.cmd.send_multipart([ident, encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            logger.warning("reply %s dropped: %s", type(msg).__name__, e)
+
+    def _on_hello(self, ident: bytes, msg: Hello) -> None:
+        peer = msg.info
+        if peer.role != "router":
+            try:
+                if peer.layout is None:
+                    raise IncompatiblePeer({"layout": (self.layout, None)})
+                check_compatible(self.layout, peer.layout)
+                if peer.transport_kind and peer.transport_kind != self.transport.backend:
+                    raise ValueError(f"KV transport {peer.transport_kind} != {self.transport.backend}")
+                if peer.transport_metadata:
+                    self.transport.connect(peer.transport_name, peer.transport_metadata)
+            except (IncompatiblePeer, ValueError, RuntimeError) as e:
+                self.peers.num_refused += 1
+                logger.error("refusing %s %s: %s", peer.role, peer.engine_id, e)
+                self._reply(ident, Refused(f"{self.engine_id} refuses {peer.engine_id}: {e}"))
+                return
+        self._reply(ident, Welcome(self.info))
+
+    def _params(self, ident: bytes, request_id: str, sampling: dict) -> SamplingParams | None:
+        try:
+            return SamplingParams.from_dict(sampling)
+        except (ValueError, TypeError) as e:
+            self._reply(ident, Tokens(request_id, [], finished=True, finish_reason="error", error=str(e), status=400))
+            return None
+
+    def _on_generate(self, ident: bytes, msg: Generate) -> None:
+        rid = msg.request_id
+        if self.role == "prefill" or self.draining:
+            why = "server is draining" if self.draining else "a prefill server does not generate"
+            self._reply(ident, Tokens(rid, [], finished=True, finish_reason="error", error=why, status=503))
+            return
+        params = self._params(ident, rid, msg.sampling)
+        if params is None:
+            return
+        try:
+            if msg.remote is None:
+                self.engine.add_request(rid, msg.prompt_token_ids, params)
+            else:
+                self._admit_remote(msg, params)
+        except ValueError as e:
+            self._reply(ident, Tokens(rid, [], finished=True, finish_reason="error", error=str(e), status=400))
+            return
+        self.clients[rid] = ident
+
+    def _admit_remote(self, msg: Generate, params: SamplingParams) -> None:
+        req = self.engine.add_remote_request(msg.request_id, msg.prompt_token_ids, params)
+        remote = msg.remote
+        if req is None:  # no KV room now: prefill here when room frees up, and release the prefill side
+            self.num_kv_fallbacks += 1
+            self.engine.add_request(msg.request_id, msg.prompt_token_ids, params)
+            self.peers.send(remote.prefill_address, Abort(msg.request_id, remote.transfer_id))
+            return
+        self.transfer_of[msg.request_id] = remote.transfer_id
+        self.awaiting_link[remote.transfer_id] = (msg.request_id, remote.prefill_address)
+        self.peers.get(remote.prefill_address)
+        self._advance_links()
+
+    def _advance_links(self) -> None:
+        self.peers.expired()
+        for tid, (rid, address) in list(self.awaiting_link.items()):
+            link = self.peers.get(address)
+            req = self.engine.get_request(rid)
+            if req is None:
+                del self.awaiting_link[tid]
+                continue
+            if link.state == "REFUSED":
+                del self.awaiting_link[tid]
+                self._fallback(rid, link.reason)
+            elif link.state == "READY":
+                del self.awaiting_link[tid]
+                dest = self.receiver.start(tid, req, link.info.engine_id, self.engine_id, self.kv_timeout_s)
+                if dest is None:
+                    self._fallback(rid, "decode staging full")
+                    self.peers.send(address, Abort(rid, tid))
+                else:
+                    self.peers.send(address, dest)
+
+    def _fallback(self, request_id: str, reason: str) -> None:
+        """Recompute policy: the prompt's KV will not come; prefill it here."""
+        logger.warning("request %s: prefilling locally (%s)", request_id, reason)
+        self.num_kv_fallbacks += 1
+        self.engine.fail_remote_request(request_id)
+
+    def _advance_receiver(self) -> None:
+        completed, failed = self.receiver.poll()
+        for req, first in completed:
+            out = self.engine.complete_remote_request(req.request_id, first)
+            if out is not None:
+                self._route_outputs([out])
+        for req, reason in failed:
+            self._fallback(req.request_id, reason)
+
+    def _on_prefill(self, ident: bytes, msg: Prefill) -> None:
+        if self.role == "decode" or self.draining:
+            why = "server is draining" if self.draining else "a decode server does not prefill for others"
+            self._reply(ident, PrefillDone(msg.request_id, msg.transfer_id, False, why))
+            return
+        self._maybe_admit_prefill(self.sender.on_prefill(msg, ident))
+
+    def _on_kvdest(self, ident: bytes, msg: KVDest) -> None:
+        self._maybe_admit_prefill(self.sender.on_dest(msg, self.kv_timeout_s))
+
+    def _maybe_admit_prefill(self, t) -> None:
+        if not self.sender.ready(t):
+            return
+        p = t.prefill
+        engine_rid = f"xfer:{t.transfer_id}"
+        try:
+            params = SamplingParams.from_dict(p.sampling)
+            params = replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=[])
+            self.engine.add_request(engine_rid, p.prompt_token_ids, params)
+        except ValueError as e:
+            self.sender.abort(t.transfer_id, str(e))
+            return
+        err = self.sender.admitted(t, engine_rid)
+        if err is not None:
+            self.engine.abort_request(engine_rid)
+            self.sender.abort(t.transfer_id, err)
+
+    def _on_abort(self, ident: bytes, msg: Abort) -> None:
+        rid = msg.request_id
+        tid = msg.transfer_id or self.transfer_of.get(rid)
+        if tid is not None:
+            self.receiver.cancel(tid)
+            self.awaiting_link.pop(tid, None)
+            t = self.sender.abort(tid)
+            if t is not None and t.engine_request_id:
+                self.engine.abort_request(t.engine_request_id)
+        self.engine.abort_request(rid)
+
+    def _on_statsrequest(self, ident: bytes, msg: StatsRequest) -> None:
+        traces = {}
+        for src in (self.sender.traces, self.receiver.traces):
+            for rid, stages in src.items():
+                traces.setdefault(rid, {}).update(stages)
+        self._reply(ident, Stats(msg.token, self.engine_id, self.stats(), traces))
+
+    def _on_drain(self, ident: bytes, msg: Drain) -> None:
+        self.draining = True
+
+    def stats(self) -> dict[str, float]:
+        e, s, bm = self.engine, self.engine.scheduler, self.engine.block_manager
+        return {
+            "free_blocks": e.num_free_blocks, "total_blocks": e.num_total_blocks,
+            "waiting": len(s.waiting), "running": len(s.running), "waiting_for_kv": len(s.waiting_for_kv),
+            "prompt_tokens_computed": e.num_prompt_tokens_computed, "generated_tokens": e.num_generated_tokens,
+            "prefix_hit_tokens": bm.stats.hit_tokens, "preemptions": s.num_preemptions,
+            "kv_bytes_sent": self.sender.num_bytes_sent, "kv_descriptors_sent": self.sender.num_descriptors,
+            "kv_transfers_failed_send": self.sender.num_failed, "kv_bytes_received": self.receiver.num_bytes_received,
+            "kv_transfers_received": self.receiver.num_completed, "kv_transfers_failed": self.receiver.num_failed,
+            "kv_fallbacks": self.num_kv_fallbacks, "handshakes_refused": self.peers.num_refused,
+        }
+
+    # ---- outputs and events ------------------------------------------------------------------------
+    def _route_outputs(self, outputs) -> None:
+        for out in outputs:
+            ident = self.clients.get(out.request_id)
+            if ident is None:
+                continue  # prefill-side requests report through PrefillDone
+            n = len(out.new_token_ids)
+            lps = out.logprobs[-n:] if (out.logprobs and n) else None
+            self._reply(ident, Tokens(out.request_id, out.new_token_ids, lps, out.finished, out.finish_reason,
+                                      out.stop_reason if isinstance(out.stop_reason, int) else None,
+                                      out.num_cached_tokens))
+            if out.finished:
+                del self.clients[out.request_id]
+                tid = self.transfer_of.pop(out.request_id, None)
+                if tid is not None:
+                    self.receiver.cancel(tid)
+
+    def _publish(self) -> None:
+        events = self.engine.block_manager.drain_events()
+        if events:
+            self.pub.send(encode(KVEvents(self.engine_id, self.epoch, [event_to_dict(e) for e in events])))
+        now = time.monotonic()
+        if now - self._last_load >= 0.05:
+            self._last_load = now
+            s = self.engine.scheduler
+            self.pub.send(encode(LoadReport(
+                self.engine_id, self.epoch, self.role, len(s.waiting), len(s.running), len(s.waiting_for_kv),
+                self.engine.num_free_blocks, self.engine.num_total_blocks,
+                sum(r.num_tokens - r.num_computed_tokens for r in s.waiting),
+                sum(r.num_tokens for r in s.running), self.draining)))
+
+    def close(self) -> None:
+        self.peers.close()
+        self.transport.close()
+        self.cmd.close(0)
+        self.pub.close(0)

@@ -1,0 +1,132 @@
+"""Decode side of a KV hand-off: receive a request's KV slabs, scatter them into its blocks, start decoding.
+
+``start()`` runs at admission, after the engine allocated the request's blocks (prefix hits shrink what is
+sent): it reserves a staging slab and returns the ``KVDest`` for the prefill server. Each ``KVLayers``
+notification means those layers' bytes have landed; they are scattered into the request's blocks at once
+(one scatter). When every layer and the first token have arrived the transfer is complete. A transfer that
+misses its deadline or reports an error fails; its slab is quarantined (a late write must not hit a reused
+slab) and the caller applies its failure policy.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.request import Request
+from engine.sampler import SampleResult
+from kernels.kv_blocks import scatter_kv_blocks
+from transfer.messages import KVDest, KVLayers
+from transfer.staging import StagingPool
+from transfer.transport import KVTransport, RemoteRegion
+from transfer.wire import ProtocolError, decode
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InTransfer:
+    transfer_id: str
+    request: Request
+    prefill_engine_id: str
+    deadline: float
+    offset: int
+    nbytes: int
+    slab: torch.Tensor  # [layers, 2, n, block_size, heads, head_dim]
+    block_ids: torch.Tensor  # [n] int64: destination blocks
+    layers_done: int = 0
+    first_token: SampleResult | None = None
+    error: str | None = None
+
+
+class KVReceiver:
+    def __init__(self, transport: KVTransport, staging: StagingPool, region: RemoteRegion, kv_cache: torch.Tensor):
+        self.transport = transport
+        self.staging = staging
+        self.region = region
+        self.kv_cache = kv_cache  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+        self.num_layers = kv_cache.shape[0]
+        self.transfers: dict[str, InTransfer] = {}
+        self.traces: dict[str, dict[str, float]] = {}
+        self.num_bytes_received = 0
+        self.num_completed = 0
+        self.num_failed = 0
+
+    def start(self, transfer_id: str, req: Request, prefill_engine_id: str, engine_id: str,
+              timeout_s: float) -> KVDest | None:
+        """Reserve a slab for ``req``'s uncached prompt blocks; None if staging is full."""
+        bs = self.kv_cache.shape[3]
+        skip = req.num_computed_tokens // bs
+        n = -(-req.num_prompt_tokens // bs) - skip
+        shape = (self.num_layers, 2, n, *self.kv_cache.shape[3:])
+        nbytes = self.num_layers * 2 * n * self.kv_cache[0, 0, 0].numel() * self.kv_cache.element_size()
+        offset = self.staging.alloc(nbytes)
+        if offset is None:
+            return None
+        ids = torch.tensor(req.block_ids[skip:skip + n], dtype=torch.int64, device=self.kv_cache.device)
+        self.transfers[transfer_id] = InTransfer(
+            transfer_id, req, prefill_engine_id, time.monotonic() + timeout_s, offset, nbytes,
+            self.staging.view(offset, nbytes, self.kv_cache.dtype, shape), ids)
+        self._trace(req.request_id, "kv_dest_sent")
+        return KVDest(req.request_id, transfer_id, engine_id, self.transport.name, self.region, offset, skip, n)
+
+    def poll(self) -> tuple[list[tuple[Request, SampleResult]], list[tuple[Request, str]]]:
+        """Apply arrived notifications. Returns (completed: request + first token, failed: request + why)."""
+        for peer, raw in self.transport.notifications():
+            try:
+                msg = decode(raw)
+            except ProtocolError as e:
+                logger.warning("bad notification from %s: %s", peer, e)
+                continue
+            if not isinstance(msg, KVLayers):
+                continue
+            t = self.transfers.get(msg.transfer_id)
+            if t is None:
+                continue  # late notification of an aborted or failed transfer
+            if msg.error:
+                t.error = msg.error
+                continue
+            l0, l1 = msg.layer_start, msg.layer_end
+            if l1 > l0:
+                scatter_kv_blocks(t.slab[l0:l1], t.block_ids, l0, l1, self.kv_cache)
+                t.layers_done += l1 - l0
+                self.num_bytes_received += t.nbytes * (l1 - l0) // self.num_layers
+                self._trace(t.request.request_id, f"kv_layer_{l0}_received")
+            if msg.first_token is not None:
+                t.first_token = SampleResult(msg.first_token, msg.first_logprobs)
+        completed, failed = [], []
+        now = time.monotonic()
+        for tid, t in list(self.transfers.items()):
+            if t.error is None and t.layers_done >= self.num_layers and t.first_token is not None:
+                if self.kv_cache.device.type == "cuda":
+                    torch.cuda.current_stream().synchronize()
+                self._drop(t, quarantine=False)
+                self.num_completed += 1
+                self._trace(t.request.request_id, "kv_complete")
+                completed.append((t.request, t.first_token))
+            elif t.error is not None or now > t.deadline:
+                reason = t.error or f"KV for {tid} did not arrive within the deadline"
+                self._drop(t, quarantine=True)
+                self.num_failed += 1
+                self._trace(t.request.request_id, "kv_failed")
+                failed.append((t.request, reason))
+        return completed, failed
+
+    def cancel(self, transfer_id: str) -> None:
+        t = self.transfers.get(transfer_id)
+        if t is not None:
+            self._drop(t, quarantine=True)
+
+    def find_by_request(self, request_id: str) -> InTransfer | None:
+        return next((t for t in self.transfers.values() if t.request.request_id == request_id), None)
+
+    def _drop(self, t: InTransfer, quarantine: bool) -> None:
+        del self.transfers[t.transfer_id]
+        self.staging.free(t.offset, t.nbytes, quarantine=quarantine)
+
+    def _trace(self, request_id: str, stage: str) -> None:
+        self.traces.setdefault(request_id, {})[stage] = time.time()
+        while len(self.traces) > 1024:
+            self.traces.pop(next(iter(self.traces)))

@@ -1,0 +1,223 @@
+"""Prefill side of a KV hand-off: stream each remote request's KV to its decode server, layer by layer.
+
+A transfer needs two messages, in either order: ``Prefill`` from the router and ``KVDest`` from the decode
+server. With both, the server admits the prompt into its engine (``ready()``). During the step that computes
+the prompt's last chunk, the layer hook packs layer l's blocks into a local staging slab (one gather) and
+posts one WRITE of it while layer l+1 computes. The last layer's WRITE waits for the sampled first token,
+which rides in its notification. Blocks are released by the engine as soon as the step ends (the slab
+holds the bytes); the slab is freed when every WRITE is DONE.
+
+States: PENDING (one message missing) -> ADMITTED -> STREAMING (in the final step) -> SENT -> DONE | FAILED.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels.kv_blocks import gather_kv_blocks
+from transfer.messages import KVDest, KVLayers, Prefill, PrefillDone
+from transfer.staging import StagingPool
+from transfer.transport import DONE, ERROR, KVTransport, RegionHandle, TransferError, TransferHandle
+from transfer.wire import encode
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OutTransfer:
+    transfer_id: str
+    deadline: float
+    prefill: Prefill | None = None
+    reply_to: bytes | None = None
+    dest: KVDest | None = None
+    state: str = "PENDING"
+    engine_request_id: str = ""
+    local_offset: int = -1
+    slab: torch.Tensor | None = None  # [layers, 2, n, block_size, heads, head_dim] view of the staging slab
+    handles: list[TransferHandle] = field(default_factory=list)
+    admitted_at: float = 0.0
+    compute_s: float = 0.0
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def layer_bytes(self) -> int:
+        return self.slab[0].numel() * self.slab.element_size()
+
+
+class KVSender:
+    def __init__(self, transport: KVTransport, staging: StagingPool, staging_handle: RegionHandle,
+                 kv_cache: torch.Tensor, debug_layer_delay_s: float = 0.0):
+        self.transport = transport
+        self.staging = staging
+        self.staging_handle = staging_handle
+        self.kv_cache = kv_cache  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+        self.num_layers = kv_cache.shape[0]
+        self.debug_layer_delay_s = debug_layer_delay_s
+        self.transfers: dict[str, OutTransfer] = {}
+        self._by_engine_id: dict[str, OutTransfer] = {}
+        self._streaming: list[tuple[OutTransfer, torch.Tensor]] = []
+        self.traces: dict[str, dict[str, float]] = {}
+        self.num_bytes_sent = 0
+        self.num_descriptors = 0
+        self.num_failed = 0
+
+    # ---- the two halves of a request ---------------------------------------------------------------
+    def _get(self, transfer_id: str, timeout_s: float) -> OutTransfer:
+        t = self.transfers.get(transfer_id)
+        if t is None:
+            t = self.transfers[transfer_id] = OutTransfer(transfer_id, time.monotonic() + timeout_s)
+        return t
+
+    def on_prefill(self, msg: Prefill, reply_to: bytes) -> OutTransfer:
+        t = self._get(msg.transfer_id, msg.timeout_s)
+        t.prefill, t.reply_to = msg, reply_to
+        return t
+
+    def on_dest(self, msg: KVDest, timeout_s: float = 30.0) -> OutTransfer:
+        t = self._get(msg.transfer_id, timeout_s)
+        t.dest = msg
+        return t
+
+    def ready(self, t: OutTransfer) -> bool:
+        return t.state == "PENDING" and t.prefill is not None and t.dest is not None
+
+    def admitted(self, t: OutTransfer, engine_request_id: str) -> str | None:
+        """The prompt is in the engine: reserve the local slab. Returns an error string if impossible."""
+        n = t.dest.num_blocks
+        shape = (self.num_layers, 2, n, *self.kv_cache.shape[3:])
+        nbytes = self.num_layers * 2 * n * self.kv_cache[0, 0, 0].numel() * self.kv_cache.element_size()
+        offset = self.staging.alloc(nbytes)
+        if offset is None:
+            return f"prefill staging full ({self.staging.free_bytes} bytes free, {nbytes} needed)"
+        t.local_offset = offset
+        t.slab = self.staging.view(offset, nbytes, self.kv_cache.dtype, shape)
+        t.state = "ADMITTED"
+        t.engine_request_id = engine_request_id
+        t.admitted_at = time.monotonic()
+        self._by_engine_id[engine_request_id] = t
+        self._trace(t, "prefill_admitted")
+        return None
+
+    # ---- engine step integration -------------------------------------------------------------------
+    def on_schedule(self, sched):
+        """Called with the step's plan: stream the transfers whose prompt completes in this step."""
+        self._streaming = []
+        for chunk in sched.chunks:
+            t = self._by_engine_id.get(chunk.request.request_id)
+            if t is not None and t.state == "ADMITTED" and chunk.samples:
+                req = chunk.request
+                skip, n = t.dest.num_skip_blocks, t.dest.num_blocks
+                ids = torch.tensor(req.block_ids[skip:skip + n], dtype=torch.int64, device=self.kv_cache.device)
+                t.num_cached_tokens = req.num_cached_tokens
+                t.state = "STREAMING"
+                self._streaming.append((t, ids))
+        return self._layer_hook if self._streaming else None
+
+    def _layer_hook(self, layer: int) -> None:
+        for t, ids in self._streaming:
+            gather_kv_blocks(self.kv_cache, ids, layer, layer + 1, out=t.slab[layer:layer + 1])
+        if self.kv_cache.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # the WRITE must see the finished gather
+        for t, _ in self._streaming:
+            self._trace(t, f"layer_{layer}_computed")
+            if layer < self.num_layers - 1:
+                self._post(t, layer, layer + 1, KVLayers(t.transfer_id, layer, layer + 1))
+        self.progress()
+        if self.debug_layer_delay_s > 0:
+            # Test hook: a slow layer; keep driving transfers meanwhile, as a GPU-bound step would.
+            until = time.monotonic() + self.debug_layer_delay_s
+            while time.monotonic() < until:
+                self.progress()
+                time.sleep(0.002)
+
+    def after_step(self, outputs) -> None:
+        """The step sampled the first tokens: post each streaming transfer's last layer with its token."""
+        by_id = {o.request_id: o for o in outputs}
+        for t, _ in self._streaming:
+            out = by_id.get(t.engine_request_id)
+            if out is None or not out.token_ids:
+                t.state, t.error = "FAILED", "prefill produced no token"
+                continue
+            t.compute_s = time.monotonic() - t.admitted_at
+            logprobs = out.logprobs[0] if out.logprobs else None
+            last = self.num_layers - 1
+            self._post(t, last, last + 1, KVLayers(t.transfer_id, last, last + 1, out.token_ids[0], logprobs))
+            t.state = "SENT" if t.state == "STREAMING" else t.state
+            self._trace(t, "last_layer_sent")
+        self._streaming = []
+
+    def _post(self, t: OutTransfer, l0: int, l1: int, notif: KVLayers) -> None:
+        if t.state == "FAILED":
+            return
+        lb = t.layer_bytes
+        try:
+            h = self.transport.write(self.staging_handle, t.local_offset + l0 * lb, (l1 - l0) * lb, t.dest.region,
+                                     t.dest.offset + l0 * lb, encode(notif))
+        except (TransferError, ValueError) as e:
+            t.state, t.error = "FAILED", f"KV write to {t.dest.decode_engine_id} failed: {e}"
+            return
+        t.handles.append(h)
+        self.num_bytes_sent += (l1 - l0) * lb
+        self.num_descriptors += 1
+        self._trace(t, f"layer_{l0}_sent")
+
+    # ---- progress, completion, failure -------------------------------------------------------------
+    def progress(self) -> None:
+        for t in self.transfers.values():
+            for h in t.handles:
+                self.transport.poll(h)
+
+    def poll(self) -> list[tuple[bytes | None, PrefillDone]]:
+        """Finished transfers (DONE or FAILED or expired): replies for the router; resources freed."""
+        now = time.monotonic()
+        done = []
+        for tid, t in list(self.transfers.items()):
+            states = [self.transport.poll(h) for h in t.handles]
+            if t.state == "SENT" and all(s == DONE for s in states):
+                done.append(self._finish(t, ok=True))
+            elif ERROR in states or t.state == "FAILED":
+                err = next((h.error for h in t.handles if h.state == ERROR), None)
+                t.error = t.error or f"KV write failed: {err}"
+                done.append(self._finish(t, ok=False))
+            elif now > t.deadline and t.state != "STREAMING":
+                t.error = f"transfer {tid} timed out in state {t.state}"
+                done.append(self._finish(t, ok=False))
+        return done
+
+    def abort(self, transfer_id: str, reason: str = "aborted") -> OutTransfer | None:
+        t = self.transfers.get(transfer_id)
+        if t is not None and t.state != "STREAMING":
+            t.state, t.error = "FAILED", reason
+        return t
+
+    def _finish(self, t: OutTransfer, ok: bool) -> tuple[bytes | None, PrefillDone]:
+        for h in t.handles:
+            self.transport.release(h)
+        if t.local_offset >= 0:
+            self.staging.free(t.local_offset, t.slab.numel() * t.slab.element_size())
+        del self.transfers[t.transfer_id]
+        self._by_engine_id.pop(t.engine_request_id, None)
+        if not ok:
+            self.num_failed += 1
+            logger.warning("transfer %s failed: %s", t.transfer_id, t.error)
+            if t.dest is not None:
+                try:  # let decode fall back now rather than at its deadline
+                    self.transport.send_notif(t.dest.decode_transport_name, encode(
+                        KVLayers(t.transfer_id, 0, 0, error=t.error or "failed")))
+                except TransferError:
+                    pass
+        self._trace(t, "transfer_done" if ok else "transfer_failed")
+        request_id = t.prefill.request_id if t.prefill else (t.dest.request_id if t.dest else "")
+        nbytes = sum(h.nbytes for h in t.handles)
+        return t.reply_to, PrefillDone(request_id, t.transfer_id, ok, None if ok else t.error, t.compute_s,
+                                       t.num_cached_tokens, nbytes)
+
+    def _trace(self, t: OutTransfer, stage: str) -> None:
+        rid = t.prefill.request_id if t.prefill else t.transfer_id
+        self.traces.setdefault(rid, {})[stage] = time.time()
+        while len(self.traces) > 1024:
+            self.traces.pop(next(iter(self.traces)))
