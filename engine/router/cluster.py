@@ -70,6 +70,9 @@ class ClusterDispatcher(Dispatcher):
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
+        """Greet every server (bounded by ``connect_timeout_s``) and check their layouts. Idempotent."""
+        if self.max_model_len:
+            return
         hello = Hello(ServerInfo(f"router-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex, "router", self.model_name))
         await asyncio.gather(*(self._greet(link, hello) for link in self.links))
         self._check_layouts()

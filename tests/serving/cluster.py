@@ -19,20 +19,29 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """One ``python -m engine.<role>`` process; ``address`` is its ZeroMQ command socket."""
+    """One ``python -m engine.<module>`` process on a free port.
 
-    def __init__(self, role: str, model: str, *args: str, threads: int = 1):
-        self.role = role
+    ``address``: the ZeroMQ command socket (prefill / decode); ``url``: the HTTP base (router, serve).
+    """
+
+    def __init__(self, module: str, model: str, *args: str, threads: int = 1):
+        self.role = module
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
+        self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
         env.setdefault("DUET_LOG_LEVEL", "WARNING")
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"duet-{role}-{self.port}.log"
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"duet-{module}-{self.port}.log"
         self.log = open(self.log_path, "w")
+        threads_args = [] if module == "router" else ["--torch-threads", str(threads)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"engine.{role}", "--model", model, "--port", str(self.port),
-             "--torch-threads", str(threads), *args],
+            [sys.executable, "-m", f"engine.{module}", "--model", model, "--port", str(self.port),
+             *threads_args, *args],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> "ServerProcess":
+        wait_for_line(self.proc, self.log_path, "DUET_READY", timeout_s)
+        return self
 
     def stop(self, timeout_s: float = 10.0) -> int:
         if self.proc.poll() is None:
@@ -58,3 +67,28 @@ def wait_for_line(proc: subprocess.Popen, log_path: Path, needle: str, timeout_s
             raise RuntimeError(f"process exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
         time.sleep(0.1)
     raise TimeoutError(f"{needle!r} not seen in {timeout_s}s:\n{log_path.read_text()[-3000:]}")
+
+
+def zmq_request(address: str, messages: list, want: int, timeout_s: float = 30.0) -> list:
+    """Send wire messages to a server's command socket as a raw DEALER; collect ``want`` decoded replies."""
+    import zmq
+
+    from transfer.wire import decode, encode
+
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        for msg in messages:
+            sock.send(encode(msg))
+        replies = []
+        deadline = time.monotonic() + timeout_s
+        while len(replies) < want:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(int(left * 1000)):
+                raise TimeoutError(f"{len(replies)}/{want} replies from {address}: {replies}")
+            replies.append(decode(sock.recv()))
+        return replies
+    finally:
+        sock.close(0)

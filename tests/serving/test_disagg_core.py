@@ -1,0 +1,91 @@
+"""Disaggregated hand-off between real prefill and decode processes, driven through the cluster dispatcher."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.router.cluster import ClusterDispatcher
+from engine.router.dispatcher import DispatchError, GenerateRequest
+from tests.serving.cluster import ServerProcess, zmq_request
+from transfer.messages import Generate, Hello, RemotePrefill, ServerInfo, StatsRequest, Tokens, Welcome
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+
+async def _collect(disp, rid, prompt, params=GREEDY):
+    toks = []
+    async for d in disp.generate(GenerateRequest(rid, prompt, params)):
+        toks += d.token_ids
+    return toks
+
+
+@pytest.fixture(scope="module")
+def four_layer_model(tiny_model):
+    return tiny_model("llama", num_layers=4)
+
+
+def test_layers_stream_while_prefill_still_computes(four_layer_model):
+    """With a slowed prefill (0.3 s per layer), decode receives layer 0 before prefill computed layer 3."""
+    p = ServerProcess("prefill", four_layer_model, "--kv-transport", "nixl", "--debug-layer-delay-s", "0.3",
+                      "--num-kv-blocks", "32")
+    d = ServerProcess("decode", four_layer_model, "--kv-transport", "nixl", "--num-kv-blocks", "32")
+    prompt = list(range(5, 45))
+
+    async def main():
+        disp = ClusterDispatcher([p.address], [d.address], "m", connect_timeout_s=60)
+        await disp.start()
+        try:
+            toks = await _collect(disp, "stream-1", prompt)
+            return toks, await disp.server_stats()
+        finally:
+            await disp.close()
+
+    try:
+        toks, stats = asyncio.run(main())
+    finally:
+        p.stop(), d.stop()
+    ref = LLM(four_layer_model, show_progress=False, num_kv_blocks=32).generate([prompt], GREEDY)[0]
+    assert toks == ref.token_ids
+    p_trace = stats[p.address].traces["stream-1"]
+    d_trace = stats[d.address].traces["stream-1"]
+    assert d_trace["kv_layer_0_received"] < p_trace["layer_3_computed"]
+    assert p_trace["layer_3_computed"] - p_trace["layer_0_computed"] >= 0.8  # the delay really applied
+    assert stats[d.address].values["prompt_tokens_computed"] == 0
+    assert stats[d.address].values["kv_bytes_received"] > 0
+
+
+def test_incompatible_peers_are_refused_and_nothing_hangs(tiny_model):
+    """Block size 32 vs 16: the router refuses the pair at start-up, and a decode server told to pull from
+    the mismatched prefill server is refused at handshake and prefills locally instead."""
+    model = tiny_model("llama")
+    p = ServerProcess("prefill", model, "--kv-transport", "zmq", "--block-size", "32", "--num-kv-blocks", "16")
+    d = ServerProcess("decode", model, "--kv-transport", "zmq", "--num-kv-blocks", "32")
+    try:
+        async def router_start():
+            disp = ClusterDispatcher([p.address], [d.address], "m", connect_timeout_s=60)
+            try:
+                await disp.start()
+            finally:
+                await disp.close()
+
+        with pytest.raises(DispatchError, match="block_size"):
+            asyncio.run(router_start())
+
+        [welcome] = zmq_request(p.address, [Hello(ServerInfo("t", "e", "router", "m"))], 1, timeout_s=60)
+        assert isinstance(welcome, Welcome)
+        prompt = list(range(7, 30))
+        remote = RemotePrefill(welcome.info.engine_id, p.address, "xfer-1", kv_timeout_s=10)
+        msgs = [Generate("direct-1", prompt, GREEDY.to_dict(), remote)]
+        replies = zmq_request(d.address, msgs, GREEDY.max_tokens, timeout_s=60)
+        tokens = [t for r in replies if isinstance(r, Tokens) for t in r.token_ids]
+        assert replies[-1].finished
+        ref = LLM(model, show_progress=False, num_kv_blocks=32).generate([prompt], GREEDY)[0]
+        assert tokens == ref.token_ids
+        [stats] = zmq_request(d.address, [StatsRequest(7)], 1)
+        assert stats.values["handshakes_refused"] == 1
+        assert stats.values["kv_fallbacks"] == 1
+        assert stats.values["free_blocks"] == stats.values["total_blocks"]
+    finally:
+        p.stop(), d.stop()
