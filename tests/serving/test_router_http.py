@@ -1,0 +1,135 @@
+"""Router + prefill + decode processes on 127.0.0.1, driven by the real ``openai`` client.
+
+Every disaggregated result is checked against the colocated server (``engine.serve --role both``) and against
+``engine.LLM`` in this process. Both KV transports (NIXL and ZeroMQ) run the same checks.
+"""
+from __future__ import annotations
+
+import concurrent.futures as futures
+import json
+import urllib.request
+
+import openai
+import pytest
+
+from engine import LLM, SamplingParams
+from tests.serving.cluster import ServerProcess, zmq_request
+from transfer.messages import StatsRequest
+
+NUM_BLOCKS = "96"
+
+
+def mixed_prompts(n: int) -> list[list[int]]:
+    return [[5 + (i * 31 + j * 7) % 480 for j in range(2 + (i * 13) % 70)] for i in range(n)]
+
+
+def server_stats(proc: ServerProcess) -> dict[str, float]:
+    [stats] = zmq_request(proc.address, [StatsRequest(1)], 1, timeout_s=20)
+    return stats.values
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def colocated(model):
+    proc = ServerProcess("serve", model, "--num-kv-blocks", NUM_BLOCKS, "--served-model-name", "llama").wait_ready()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module", params=["nixl", "zmq"])
+def cluster(request, model):
+    kind = request.param
+    p = ServerProcess("prefill", model, "--kv-transport", kind, "--num-kv-blocks", NUM_BLOCKS)
+    d = ServerProcess("decode", model, "--kv-transport", kind, "--num-kv-blocks", NUM_BLOCKS)
+    r = ServerProcess("router", model, "--prefill", p.address, "--decode", d.address, "--served-model-name", "llama")
+    try:
+        r.wait_ready()
+        yield kind, p, d, r
+    finally:
+        for proc in (r, p, d):
+            proc.stop()
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def greedy_completions(url: str, prompts: list[list[int]], max_tokens: int) -> list[list[str]]:
+    c = client(url)
+
+    def one(p):
+        r = c.completions.create(model="llama", prompt=p, max_tokens=max_tokens, temperature=0,
+                                 logprobs=0, extra_body={"ignore_eos": True})
+        return r.choices[0].logprobs.tokens, r.choices[0].text, r.usage.completion_tokens
+
+    with futures.ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(one, prompts))
+
+
+def test_sixteen_concurrent_requests_match_colocated_and_llm(cluster, colocated, model):
+    kind, p, d, r = cluster
+    prompts = mixed_prompts(16)
+    d_before, p_before = server_stats(d), server_stats(p)
+    disagg = greedy_completions(r.url, prompts, 12)
+    coloc = greedy_completions(colocated.url, prompts, 12)
+    ref = LLM(model, show_progress=False, num_kv_blocks=96).generate(
+        prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert [x[1] for x in disagg] == [x[1] for x in coloc] == [o.text for o in ref]
+    assert [x[0] for x in disagg] == [x[0] for x in coloc]
+    assert all(x[2] == 12 for x in disagg)
+    d_after, p_after = server_stats(d), server_stats(p)
+    # The KV arrived over the transport and decode computed no prompt token of these requests.
+    assert d_after["kv_bytes_received"] > d_before["kv_bytes_received"]
+    assert d_after["kv_transfers_received"] - d_before["kv_transfers_received"] == 16
+    assert d_after["prompt_tokens_computed"] == d_before["prompt_tokens_computed"]
+    assert p_after["prompt_tokens_computed"] > p_before["prompt_tokens_computed"]
+    assert d_after["kv_fallbacks"] == d_before["kv_fallbacks"]
+    for stats in (d_after, p_after):
+        assert stats["free_blocks"] == stats["total_blocks"]
+
+
+def test_openai_client_features_through_the_router(cluster, colocated):
+    _, p, d, r = cluster
+    c, ref = client(r.url), client(colocated.url)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, who are you?"}]
+    a = c.chat.completions.create(model="llama", messages=chat, max_tokens=10, temperature=0)
+    b = ref.chat.completions.create(model="llama", messages=chat, max_tokens=10, temperature=0)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.choices[0].message.role == "assistant"
+
+    stream = c.completions.create(model="llama", prompt="Streaming test prompt", max_tokens=9, temperature=0,
+                                  stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 9 and not chunks[-1].choices
+    whole = ref.completions.create(model="llama", prompt="Streaming test prompt", max_tokens=9, temperature=0,
+                                   extra_body={"ignore_eos": True})
+    assert text == whole.choices[0].text
+
+    chat_stream = list(c.chat.completions.create(model="llama", messages=chat, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chat_stream if ch.choices) == \
+        b.choices[0].message.content
+
+    with pytest.raises(openai.BadRequestError) as err:
+        c.completions.create(model="llama", prompt="x", max_tokens=-1)
+    assert "max_tokens" in str(err.value)
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="llama", prompt=[999999], max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+
+    with urllib.request.urlopen(r.url + "/health", timeout=10) as resp:
+        assert resp.status == 200
+    with urllib.request.urlopen(r.url + "/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    assert "duet_server_kv_bytes_received" in metrics and "duet_" in metrics
+    models = json.loads(urllib.request.urlopen(r.url + "/v1/models", timeout=10).read())
+    assert models["data"][0]["id"] == "llama"
+    for proc in (p, d):
+        stats = server_stats(proc)
+        assert stats["free_blocks"] == stats["total_blocks"]
