@@ -8,7 +8,7 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.router.cluster import ClusterDispatcher
 from engine.router.dispatcher import DispatchError, GenerateRequest
-from tests.serving.cluster import ServerProcess, zmq_request
+from engine.launcher import ServerProcess, query_server
 from transfer.messages import Generate, Hello, RemotePrefill, ServerInfo, StatsRequest, Tokens, Welcome
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -73,17 +73,17 @@ def test_incompatible_peers_are_refused_and_nothing_hangs(tiny_model):
         with pytest.raises(DispatchError, match="block_size"):
             asyncio.run(router_start())
 
-        [welcome] = zmq_request(p.address, [Hello(ServerInfo("t", "e", "router", "m"))], 1, timeout_s=60)
+        [welcome] = query_server(p.address, [Hello(ServerInfo("t", "e", "router", "m"))], 1, timeout_s=60)
         assert isinstance(welcome, Welcome)
         prompt = list(range(7, 30))
         remote = RemotePrefill(welcome.info.engine_id, p.address, "xfer-1", kv_timeout_s=10)
         msgs = [Generate("direct-1", prompt, GREEDY.to_dict(), remote)]
-        replies = zmq_request(d.address, msgs, GREEDY.max_tokens, timeout_s=60)
+        replies = query_server(d.address, msgs, GREEDY.max_tokens, timeout_s=60)
         tokens = [t for r in replies if isinstance(r, Tokens) for t in r.token_ids]
         assert replies[-1].finished
         ref = LLM(model, show_progress=False, num_kv_blocks=32).generate([prompt], GREEDY)[0]
         assert tokens == ref.token_ids
-        [stats] = zmq_request(d.address, [StatsRequest(7)], 1)
+        [stats] = query_server(d.address, [StatsRequest(7)], 1)
         assert stats.values["handshakes_refused"] == 1
         assert stats.values["kv_fallbacks"] == 1
         assert stats.values["free_blocks"] == stats.values["total_blocks"]

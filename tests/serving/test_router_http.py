@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from engine import LLM, SamplingParams
-from tests.serving.cluster import ServerProcess, zmq_request
+from engine.launcher import ServerProcess, query_server
 from transfer.messages import StatsRequest
 
 NUM_BLOCKS = "96"
@@ -24,7 +24,7 @@ def mixed_prompts(n: int) -> list[list[int]]:
 
 
 def server_stats(proc: ServerProcess) -> dict[str, float]:
-    [stats] = zmq_request(proc.address, [StatsRequest(1)], 1, timeout_s=20)
+    [stats] = query_server(proc.address, [StatsRequest(1)], 1, timeout_s=20)
     return stats.values
 
 

@@ -1,4 +1,7 @@
-"""Start real Duet server processes on 127.0.0.1 for tests, and stop them."""
+"""Start Duet server processes on this host and stop them: used by the demo, tests and benchmarks.
+
+Each process prints ``DUET_READY`` once it serves; ``ServerProcess.wait_ready`` waits for that line.
+"""
 from __future__ import annotations
 
 import os
@@ -6,10 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -31,7 +35,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
         env.setdefault("DUET_LOG_LEVEL", "WARNING")
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"duet-{module}-{self.port}.log"
+        self.log_path = Path(tempfile.gettempdir()) / f"duet-{module}-{self.port}.log"
         self.log = open(self.log_path, "w")
         threads_args = [] if module == "router" else ["--torch-threads", str(threads)]
         self.proc = subprocess.Popen(
@@ -69,7 +73,7 @@ def wait_for_line(proc: subprocess.Popen, log_path: Path, needle: str, timeout_s
     raise TimeoutError(f"{needle!r} not seen in {timeout_s}s:\n{log_path.read_text()[-3000:]}")
 
 
-def zmq_request(address: str, messages: list, want: int, timeout_s: float = 30.0) -> list:
+def query_server(address: str, messages: list, want: int, timeout_s: float = 30.0) -> list:
     """Send wire messages to a server's command socket as a raw DEALER; collect ``want`` decoded replies."""
     import zmq
 
