@@ -21,6 +21,7 @@ import zmq
 import zmq.asyncio
 
 from engine.router.dispatcher import DispatchError, Dispatcher, GenerateRequest, TokenDelta
+from engine.router.metrics import Histogram
 from engine.router.placement import Placement, ServerView
 from transfer.messages import (Abort, Generate, Hello, LoadReport, Prefill, PrefillDone, RemotePrefill, ServerInfo,
                                Stats, StatsRequest, Tokens, Welcome)
@@ -59,8 +60,10 @@ class ClusterDispatcher(Dispatcher):
         self._tokens = itertools.count(1)
         self.max_model_len = 0
         self.vocab_size = 0
-        self.prefill_compute_s: list[float] = []
         self.counters = {"disaggregated": 0, "local_prefill": 0, "prefill_failed": 0}
+        self.prefill_compute = Histogram("duet_prefill_compute_seconds", "prefill server compute per request")
+        self.handoff = Histogram("duet_handoff_seconds", "disaggregated TTFT minus prefill compute")
+        self._handoff_parts: dict[str, dict[str, float]] = {}  # transfer id -> sent / first_token / compute
 
     def _link(self, address: str, kind: str) -> ServerLink:
         sock = self.ctx.socket(zmq.DEALER)
@@ -162,10 +165,9 @@ class ClusterDispatcher(Dispatcher):
             if q is not None:
                 q.put_nowait(msg)
         elif isinstance(msg, PrefillDone):
-            link.view.queued_prefill_tokens = max(0, link.view.queued_prefill_tokens - 1)
             if msg.ok:
-                self.prefill_compute_s.append(msg.compute_s)
-                del self.prefill_compute_s[:-1000]
+                self.prefill_compute.observe(msg.compute_s)
+                self._handoff_part(msg.transfer_id, "compute", msg.compute_s)
             else:
                 self.counters["prefill_failed"] += 1
                 logger.warning("prefill of %s on %s failed: %s", msg.request_id, link.address, msg.error)
@@ -192,6 +194,9 @@ class ClusterDispatcher(Dispatcher):
         if p is not None:
             tid = uuid.uuid4().hex
             remote = RemotePrefill(p.info.engine_id, p.info.address, tid, self.kv_timeout_s)
+            self._handoff_parts[tid] = {"sent": time.monotonic()}
+            while len(self._handoff_parts) > 10_000:  # parts of failed transfers never complete
+                self._handoff_parts.pop(next(iter(self._handoff_parts)))
             self.counters["disaggregated"] += 1
         else:
             self.counters["local_prefill"] += 1
@@ -210,6 +215,8 @@ class ClusterDispatcher(Dispatcher):
                                      error=f"request timed out after {self.request_timeout_s}s", status=504)
                     return
                 finished = msg.finished
+                if tid is not None and msg.token_ids:
+                    self._handoff_part(tid, "first_token", time.monotonic())
                 if msg.error and not msg.token_ids and msg.finish_reason == "error":
                     raise DispatchError(msg.error, status=msg.status)
                 yield TokenDelta(msg.token_ids, msg.logprobs, msg.finished, msg.finish_reason, msg.stop_reason,
@@ -218,6 +225,15 @@ class ClusterDispatcher(Dispatcher):
             self._queues.pop(rid, None)
             if not finished:
                 await self._abort_on(d, p, rid, tid)
+
+    def _handoff_part(self, tid: str, key: str, value: float) -> None:
+        parts = self._handoff_parts.get(tid)
+        if parts is None or key in parts:
+            return
+        parts[key] = value
+        if {"sent", "first_token", "compute"} <= parts.keys():
+            self.handoff.observe(parts["first_token"] - parts["sent"] - parts["compute"])
+            del self._handoff_parts[tid]
 
     async def _abort_on(self, d: ServerLink, p: ServerLink | None, rid: str, tid: str | None) -> None:
         await d.socket.send(encode(Abort(rid, tid)))
@@ -256,7 +272,14 @@ class ClusterDispatcher(Dispatcher):
                 samples.append((f"duet_server_{key}", labels, float(value)))
         for key, value in self.counters.items():
             samples.append((f"duet_router_requests_{key}_total", {}, float(value)))
-        if self.prefill_compute_s:
-            xs = sorted(self.prefill_compute_s)
-            samples.append(("duet_prefill_compute_seconds_p50", {}, xs[len(xs) // 2]))
+        for h in (self.prefill_compute, self.handoff):
+            samples.extend(_histogram_samples(h))
         return samples
+
+
+def _histogram_samples(h: Histogram) -> list[tuple[str, dict[str, str], float]]:
+    out, cumulative = [], 0
+    for bound, n in zip(h.buckets + (float("inf"),), h.bucket_counts):
+        cumulative += n
+        out.append((f"{h.name}_bucket", {"le": "+Inf" if bound == float("inf") else repr(bound)}, cumulative))
+    return out + [(f"{h.name}_sum", {}, h.sum), (f"{h.name}_count", {}, h.count)]

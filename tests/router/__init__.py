@@ -1,0 +1,1 @@
+"""Router tests: prefix index, scoring, and the routing simulator (CPU only, no I/O)."""
