@@ -1,0 +1,416 @@
+"""The OpenAI-compatible HTTP front end (aiohttp) over any ``Dispatcher``.
+
+A request's path through this module: the body is read (``max_body_bytes``, else 413) and parsed by
+``openai_protocol`` (400/404 on bad input); prompts are tokenized off the event loop (completions with
+``tokenizer.encode``, so the tokenizer's BOS behaviour applies; chat through the chat template); each
+prompt x ``n`` becomes one ``GenerateRequest`` (``<id>-<choice index>``, no stop strings) and one pump task
+iterating ``dispatcher.generate``. The pumps feed one queue; the handler folds the ``TokenDelta``s into
+``ChoiceState``s (detokenization and stop strings happen here) and answers with one JSON body or an SSE
+stream. A choice that hits a stop string has its pump cancelled, which closes the dispatcher's iterator
+and so aborts it downstream. Leaving the handler for any reason (done, error, client gone, deadline,
+shutdown) cancels every pump: nothing outlives the HTTP request.
+
+Errors before the first byte of a stream are JSON errors with their status (``DispatchError`` keeps its
+status; 429 adds ``Retry-After``); after it, one ``data: {"error": ...}`` event and ``data: [DONE]``.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from aiohttp import web
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.router import openai_protocol as proto
+from engine.router.dispatcher import DispatchError, Dispatcher, GenerateRequest, TokenDelta
+from engine.router.metrics import CONTENT_TYPE, Registry, render_samples
+from engine.router.openai_protocol import APIError, ChoiceState, ParsedRequest
+from engine.tokenizer import apply_chat_template
+
+logger = logging.getLogger(__name__)
+
+_DISCONNECTED = object()
+_TIMEOUT = object()
+_DISCONNECT_POLL_S = 0.25
+
+
+class _Metrics:
+    def __init__(self):
+        r = self.registry = Registry()
+        self.requests = r.counter("duet_http_requests_total", "HTTP requests by endpoint and status.",
+                                  ["endpoint", "status"])
+        self.running = r.gauge("duet_requests_running", "Generation requests being served.")
+        self.ttft = r.histogram("duet_time_to_first_token_seconds", "Request arrival to a choice's first token.")
+        self.itl = r.histogram("duet_inter_token_latency_seconds", "Time between tokens of one choice.")
+        self.e2e = r.histogram("duet_e2e_request_latency_seconds", "Request arrival to its last token.")
+        self.prompt_tokens = r.counter("duet_prompt_tokens_total", "Prompt tokens of served requests.")
+        self.generation_tokens = r.counter("duet_generation_tokens_total", "Tokens generated.")
+        self.cached_tokens = r.counter("duet_prefix_cached_tokens_total", "Prompt tokens served from a prefix cache.")
+
+
+@dataclass
+class _Timing:
+    start_s: float
+    last_token_s: dict[int, float] = field(default_factory=dict)
+
+
+class _Run:
+    """The choices of one HTTP request: one pump task per choice, all feeding one queue of (index, event)."""
+
+    def __init__(self, dispatcher: Dispatcher, http_request: web.Request,
+                 jobs: list[GenerateRequest], timeout_s: float):
+        self.dispatcher = dispatcher
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.tasks = {i: asyncio.create_task(self._pump(i, job)) for i, job in enumerate(jobs)}
+        self._watch = asyncio.create_task(self._watch_client(http_request))
+        self._timer = asyncio.get_running_loop().call_later(timeout_s, self.queue.put_nowait, (None, _TIMEOUT))
+
+    async def _pump(self, index: int, job: GenerateRequest) -> None:
+        deltas = None
+        try:
+            deltas = self.dispatcher.generate(job)
+            async for delta in deltas:
+                self.queue.put_nowait((index, delta))
+                if delta.finished:
+                    return
+            self.queue.put_nowait((index, DispatchError("backend ended the stream without finishing", 502)))
+        except DispatchError as e:
+            self.queue.put_nowait((index, e))
+        except Exception as e:  # noqa: BLE001 - reported to the client as a 500, logged here
+            logger.exception("request %s failed in the dispatcher", job.request_id)
+            self.queue.put_nowait((index, e))
+        finally:
+            aclose = getattr(deltas, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def _watch_client(self, http_request: web.Request) -> None:
+        while True:
+            await asyncio.sleep(_DISCONNECT_POLL_S)
+            transport = http_request.transport
+            if transport is None or transport.is_closing():
+                self.queue.put_nowait((None, _DISCONNECTED))
+                return
+
+    async def next(self) -> tuple[int | None, object]:
+        return await self.queue.get()
+
+    def stop(self, index: int) -> None:
+        """Close one choice's iterator (it finished on a stop string); aborts it downstream."""
+        task = self.tasks.get(index)
+        if task is not None and not task.done():
+            task.cancel()
+
+    async def close(self) -> None:
+        self._timer.cancel()
+        self._watch.cancel()
+        for task in self.tasks.values():
+            task.cancel()
+        await asyncio.gather(self._watch, *self.tasks.values(), return_exceptions=True)
+
+
+class _FrontEnd:
+    def __init__(self, dispatcher: Dispatcher, tokenizer, model_name: str, *, max_model_len: int,
+                 api_key: str | None, request_timeout_s: float, max_default_tokens: int,
+                 default_sampling: dict | None):
+        self.dispatcher = dispatcher
+        self.tokenizer = tokenizer
+        self.strings = proto.TokenStrings(tokenizer)
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.vocab_size = getattr(dispatcher, "vocab_size", None) or len(tokenizer)
+        self._auth = f"Bearer {api_key}".encode() if api_key else None
+        self.request_timeout_s = request_timeout_s
+        self.max_default_tokens = max_default_tokens
+        self.default_sampling = default_sampling or {}
+        self.created = int(time.time())
+        self.metrics = _Metrics()
+
+    # ---- middleware: auth, OpenAI-shaped errors, request counting ------------------------------------
+    @web.middleware
+    async def middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        endpoint = resource.canonical if resource is not None else "other"
+        try:
+            if self._auth is not None and request.path != "/health" and not hmac.compare_digest(
+                    request.headers.get("Authorization", "").encode("utf-8", "surrogateescape"), self._auth):
+                raise APIError("invalid or missing API key (Authorization: Bearer <key>)", status=401,
+                               code="invalid_api_key")
+            response = await handler(request)
+        except APIError as e:
+            response = _error_response(e)
+        except web.HTTPException as e:  # unknown route, wrong method
+            response = _error_response(APIError(e.reason or "error", status=e.status, code=e.reason))
+        except Exception:  # noqa: BLE001 - never let one request take the server down
+            logger.exception("unhandled error serving %s %s", request.method, request.path)
+            response = _error_response(APIError("internal server error", status=500))
+        self.metrics.requests.labels(endpoint=endpoint, status=str(response.status)).inc()
+        return response
+
+    async def _read_json(self, request: web.Request):
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise APIError(f"request body exceeds {request.client_max_size} bytes", status=413) from None
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise APIError(f"invalid JSON body: {e}") from None
+
+    # ---- routes --------------------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        if self.dispatcher.healthy():
+            return web.json_response({"status": "ok"})
+        return web.json_response({"status": "unavailable"}, status=503)
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response(proto.models_response(self.model_name, self.created, self.max_model_len))
+
+    async def model(self, request: web.Request) -> web.Response:
+        if request.match_info["model"] != self.model_name:
+            raise APIError(f"The model `{request.match_info['model']}` does not exist.", status=404,
+                           param="model", code="model_not_found")
+        return web.json_response(proto.model_card(self.model_name, self.created, self.max_model_len))
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        text = self.metrics.registry.render()
+        try:
+            text += render_samples(await self.dispatcher.metrics(), skip_names=self.metrics.registry.names())
+        except Exception:  # noqa: BLE001 - a broken backend must not break /metrics
+            logger.exception("dispatcher metrics failed")
+        return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        parsed = proto.parse_completion(await self._read_json(request), model_name=self.model_name,
+                                        defaults=self.default_sampling)
+        prompts = await asyncio.to_thread(
+            lambda: [self.tokenizer.encode(p) if isinstance(p, str) else p for p in parsed.prompts])
+        return await self._generate(request, parsed, prompts)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        parsed = proto.parse_chat(await self._read_json(request), model_name=self.model_name,
+                                  defaults=self.default_sampling)
+        try:
+            ids = await asyncio.to_thread(apply_chat_template, self.tokenizer, parsed.messages)
+        except Exception as e:  # noqa: BLE001 - template errors are the request's fault
+            raise APIError(f"messages: the chat template failed: {e}", param="messages") from None
+        return await self._generate(request, parsed, [ids])
+
+    # ---- generation ----------------------------------------------------------------------------------
+    async def _generate(self, request: web.Request, parsed: ParsedRequest, prompts: list[list[int]]):
+        request_id = f"{'cmpl' if parsed.kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
+        jobs, states = [], []
+        zone = request.headers.get("X-Duet-Zone") or None
+        for p_idx, ids in enumerate(prompts):
+            parsed.check_prompt(ids, self.vocab_size)
+            for j in range(parsed.n):
+                params = parsed.sampling_params(len(ids), j, max_model_len=self.max_model_len,
+                                                max_default_tokens=self.max_default_tokens)
+                index = p_idx * parsed.n + j
+                jobs.append(GenerateRequest(f"{request_id}-{index}", list(ids), params, zone=zone))
+                detok = IncrementalDetokenizer(self.tokenizer, ids, parsed.stop, parsed.include_stop_str_in_output)
+                states.append(ChoiceState(index, parsed.kind, detok, min_tokens=params.min_tokens,
+                                          top_logprobs=params.logprobs, strings=self.strings))
+        timing = _Timing(time.monotonic())
+        run = _Run(self.dispatcher, request, jobs, self.request_timeout_s)
+        self.metrics.running.inc()
+        meta = (request_id, int(time.time()), self.model_name)
+        try:
+            if parsed.stream:
+                return await self._stream(request, parsed, run, states, timing, meta, prompts)
+            return await self._complete(parsed, run, states, timing, meta, prompts)
+        finally:
+            await run.close()
+            self.metrics.running.dec()
+            self.metrics.generation_tokens.inc(sum(s.num_tokens for s in states))
+
+    def _event(self, run: _Run, states: list[ChoiceState], timing: _Timing, index, item) -> ChoiceState | None:
+        """Apply one queue event; raises APIError for failures; None when the client went away."""
+        if item is _DISCONNECTED:
+            return None
+        if item is _TIMEOUT:
+            raise APIError(f"request timed out after {self.request_timeout_s:g} s", status=504, code="timeout")
+        if isinstance(item, DispatchError):
+            headers = {}
+            if item.status == 429 or item.retry_after_s is not None:
+                headers["Retry-After"] = str(max(1, math.ceil(item.retry_after_s or 1)))
+            param = proto.param_of(str(item)) if item.status == 400 else None
+            raise APIError(str(item), status=item.status, param=param, headers=headers)
+        if isinstance(item, BaseException):
+            raise APIError("internal server error", status=500)
+        assert isinstance(item, TokenDelta)
+        state = states[index]
+        now = time.monotonic()
+        if item.token_ids:
+            last = timing.last_token_s.get(index)
+            if last is None:
+                self.metrics.ttft.observe(now - timing.start_s)
+            else:
+                self.metrics.itl.observe((now - last) / len(item.token_ids))
+            timing.last_token_s[index] = now
+        state.add(item)
+        if state.error is not None:
+            raise state.error
+        if state.finished:
+            run.stop(index)
+        return state
+
+    def _usage(self, parsed: ParsedRequest, states: list[ChoiceState], prompts: list[list[int]]) -> dict:
+        cached = sum(max(s.num_cached_tokens for s in states[p * parsed.n:(p + 1) * parsed.n])
+                     for p in range(len(prompts)))
+        usage = proto.usage(sum(len(p) for p in prompts), sum(s.num_tokens for s in states), cached)
+        self.metrics.prompt_tokens.inc(usage["prompt_tokens"])
+        self.metrics.cached_tokens.inc(cached)
+        return usage
+
+    async def _complete(self, parsed, run, states, timing, meta, prompts) -> web.Response:
+        remaining = set(range(len(states)))
+        while remaining:
+            index, item = await run.next()
+            if index is not None and index not in remaining:
+                continue  # a delta that raced with this choice's stop string
+            state = self._event(run, states, timing, index, item)
+            if state is None:
+                logger.info("client went away; aborted %s", meta[0])
+                return web.Response(status=499)
+            if state.finished:
+                remaining.discard(index)
+        self.metrics.e2e.observe(time.monotonic() - timing.start_s)
+        choices = [s.choice(*s.take(), stream=False) for s in states]
+        build = proto.completion_response if parsed.kind == "completion" else proto.chat_response
+        return web.json_response(build(*meta, choices, self._usage(parsed, states, prompts)),
+                                 dumps=_dumps)
+
+    async def _stream(self, request, parsed, run, states, timing, meta, prompts) -> web.StreamResponse:
+        response: web.StreamResponse | None = None
+        remaining = set(range(len(states)))
+        try:
+            while remaining:
+                index, item = await run.next()
+                if index is not None and index not in remaining:
+                    continue
+                try:
+                    state = self._event(run, states, timing, index, item)
+                except APIError as e:
+                    if response is None:
+                        raise
+                    logger.warning("request %s failed mid-stream: %s", meta[0], e.message)
+                    await response.write(proto.sse(e.body()))
+                    await response.write(proto.SSE_DONE)
+                    return response
+                if state is None:
+                    logger.info("client went away; aborted %s", meta[0])
+                    return response or web.Response(status=499)
+                if response is None:
+                    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                           "Cache-Control": "no-cache"})
+                    await response.prepare(request)
+                    if parsed.kind == "chat":
+                        first = [s.choice("", None, stream=True, first=True) for s in states]
+                        await response.write(b"".join(proto.sse(proto.chunk("chat", *meta, [c])) for c in first))
+                text, logprobs = state.take()
+                if state.finished:
+                    remaining.discard(index)
+                if text or state.finished or (logprobs and (logprobs.get("tokens") or logprobs.get("content"))):
+                    entry = state.choice(text, logprobs, stream=True)
+                    await response.write(proto.sse(proto.chunk(parsed.kind, *meta, [entry])))
+            self.metrics.e2e.observe(time.monotonic() - timing.start_s)
+            usage = self._usage(parsed, states, prompts)
+            if parsed.include_usage:
+                await response.write(proto.sse(proto.chunk(parsed.kind, *meta, [], usage)))
+            await response.write(proto.SSE_DONE)
+            await response.write_eof()
+        except ConnectionError:
+            logger.info("client went away mid-stream; aborted %s", meta[0])
+        return response
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _error_response(error: APIError) -> web.Response:
+    return web.json_response(error.body(), status=error.status, headers=error.headers)
+
+
+FRONTEND_KEY = web.AppKey("duet_frontend", _FrontEnd)
+
+
+def create_app(dispatcher: Dispatcher, tokenizer, model_name: str, *, max_model_len: int,
+               api_key: str | None = None, max_body_bytes: int = 8 << 20, request_timeout_s: float = 600.0,
+               max_default_tokens: int = 4096, default_sampling: dict | None = None) -> web.Application:
+    """The OpenAI-compatible app. ``dispatcher.start()`` runs at startup and ``dispatcher.close()`` at cleanup.
+
+    ``max_default_tokens``: cap of ``max_tokens`` when a request omits it (else: the rest of the context).
+    ``default_sampling``: SamplingParams fields used when a request omits them (e.g. the checkpoint's
+    generation_config.json via ``LLMEngine.default_sampling``).
+    """
+    if max_body_bytes < 1 or request_timeout_s <= 0 or max_default_tokens < 1:
+        raise ValueError("max_body_bytes, request_timeout_s and max_default_tokens must be positive")
+    front = _FrontEnd(dispatcher, tokenizer, model_name, max_model_len=max_model_len, api_key=api_key,
+                      request_timeout_s=request_timeout_s, max_default_tokens=max_default_tokens,
+                      default_sampling=default_sampling)
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[front.middleware])
+    app[FRONTEND_KEY] = front
+    app.router.add_post("/v1/completions", front.completions)
+    app.router.add_post("/v1/chat/completions", front.chat)
+    app.router.add_get("/v1/models", front.models)
+    app.router.add_get("/v1/models/{model}", front.model)
+    app.router.add_get("/health", front.health)
+    app.router.add_get("/metrics", front.prometheus)
+
+    async def on_startup(_app: web.Application) -> None:
+        await dispatcher.start()
+
+    async def on_cleanup(_app: web.Application) -> None:
+        await dispatcher.close()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8000, *,
+                shutdown_timeout_s: float = 30.0, stop: asyncio.Event | None = None,
+                on_ready: Callable[[list], None] | None = None) -> None:
+    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives (signals only on the main thread).
+
+    Shutdown: stop accepting, give in-flight requests ``shutdown_timeout_s`` to finish, cancel the rest
+    (which aborts them downstream), then close the dispatcher. ``on_ready(addresses)`` runs once listening.
+    """
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout_s, handle_signals=False)
+    await runner.setup()
+    signals = []
+    try:
+        await web.TCPSite(runner, host, port).start()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+                signals.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread: the caller stops us through ``stop``
+        logger.info("serving on %s", ", ".join(f"http://{a[0]}:{a[1]}" for a in runner.addresses))
+        if on_ready is not None:
+            on_ready(runner.addresses)
+        await stop.wait()
+        logger.info("shutting down")
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+
+
+def run_app(app: web.Application, host: str = "127.0.0.1", port: int = 8000, *,
+            shutdown_timeout_s: float = 30.0) -> None:
+    """Blocking: ``serve`` on a fresh event loop until SIGTERM/SIGINT, then shut down cleanly."""
+    asyncio.run(serve(app, host, port, shutdown_timeout_s=shutdown_timeout_s))

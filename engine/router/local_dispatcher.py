@@ -1,0 +1,128 @@
+"""``LocalDispatcher``: the colocated server's ``Dispatcher``, an in-process ``AsyncEngine``.
+
+Request path: the front end's ``GenerateRequest`` goes to ``AsyncEngine.generate`` (token ids in); each
+``RequestOutput`` that comes back becomes a ``TokenDelta`` carrying only the new tokens and their logprobs.
+Closing the delta iterator early closes the engine's iterator, which queues an abort for the engine thread,
+so the request's KV blocks are freed. ``close()`` aborts whatever is still running, waits for those requests
+to drain (bounded), then stops the engine thread.
+
+The engine runs on its own thread: ``metrics()`` reads its counters and queue lengths without locking,
+which is fine for gauges (a value may be one step stale) and is never used for decisions.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import AsyncIterator
+
+from engine.async_engine import AsyncEngine
+from engine.router.dispatcher import DispatchError, Dispatcher, GenerateRequest, TokenDelta
+
+logger = logging.getLogger(__name__)
+
+
+class LocalDispatcher(Dispatcher):
+    def __init__(self, engine: AsyncEngine, model_name: str | None = None, *, owns_engine: bool = True,
+                 drain_timeout_s: float = 5.0):
+        """``owns_engine``: ``close()`` shuts the engine's thread down. ``drain_timeout_s``: how long
+        ``close()`` waits for aborted requests to report back."""
+        self.engine = engine
+        llm = engine.engine
+        self.model_name = model_name or os.path.basename(os.path.normpath(llm.config.model))
+        self.max_model_len = llm.max_model_len
+        self.vocab_size = llm.model_config.vocab_size
+        self.owns_engine = owns_engine
+        self.drain_timeout_s = drain_timeout_s
+        self._active: set[str] = set()
+        self._closed = False
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        if self._closed:
+            raise DispatchError("server is shutting down", status=503)
+        if not self.healthy():
+            raise DispatchError("engine is not running", status=503)
+        outputs = self.engine.generate(request.prompt_token_ids, request.params, request.request_id)
+        self._active.add(request.request_id)
+        num_sent = 0
+        try:
+            while True:
+                try:
+                    out = await outputs.__anext__()
+                except StopAsyncIteration:
+                    return
+                except ValueError as e:  # rejected by the engine's validation: nothing was allocated
+                    if num_sent:
+                        raise
+                    raise DispatchError(str(e), status=400) from None
+                except RuntimeError as e:  # the engine thread died
+                    logger.error("request %s failed: %s", request.request_id, e)
+                    if num_sent == 0:
+                        raise DispatchError("engine failed", status=503) from None
+                    yield TokenDelta(finished=True, finish_reason="error", error="engine failed", status=503)
+                    return
+                new_ids = list(out.new_token_ids)
+                logprobs = None
+                if out.logprobs is not None:
+                    start = len(out.token_ids) - len(new_ids)
+                    logprobs = list(out.logprobs[start:start + len(new_ids)])
+                num_sent += 1
+                yield TokenDelta(
+                    token_ids=new_ids,
+                    logprobs=logprobs,
+                    finished=out.finished,
+                    finish_reason=out.finish_reason,
+                    stop_reason=out.stop_reason if isinstance(out.stop_reason, int) else None,
+                    num_cached_tokens=out.num_cached_tokens,
+                )
+                if out.finished:
+                    return
+        finally:
+            self._active.discard(request.request_id)
+            await outputs.aclose()  # aborts the request in the engine if it had not finished
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    def healthy(self) -> bool:
+        # AsyncEngine keeps its failure and thread privately; both are only read here.
+        thread = getattr(self.engine, "_thread", None)
+        return getattr(self.engine, "_error", None) is None and (thread is None or thread.is_alive())
+
+    async def metrics(self) -> list[tuple[str, dict[str, str], float]]:
+        llm = self.engine.engine
+        bm, sched = llm.block_manager, llm.scheduler
+        total, free = bm.num_blocks, bm.num_free_blocks
+        stats = bm.stats
+        return [
+            ("duet_kv_num_blocks", {}, total),
+            ("duet_kv_num_free_blocks", {}, free),
+            ("duet_kv_cache_usage_ratio", {}, (total - free) / total if total else 0.0),
+            ("duet_kv_cached_blocks", {}, bm.num_cached_blocks),
+            ("duet_engine_requests_running", {}, len(sched.running)),
+            ("duet_engine_requests_waiting", {}, len(sched.waiting)),
+            ("duet_prefix_cache_queries_total", {}, stats.queries),
+            ("duet_prefix_cache_query_tokens_total", {}, stats.query_tokens),
+            ("duet_prefix_cache_hit_tokens_total", {}, stats.hit_tokens),
+            ("duet_preemptions_total", {}, sched.num_preemptions),
+            ("duet_engine_healthy", {}, 1.0 if self.healthy() else 0.0),
+        ]
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for request_id in list(self._active):
+            await self.engine.abort(request_id)
+        # Aborts queued by closed iterators are applied by the engine thread between steps: let them land
+        # before stopping it, so the KV pool is whole again when close() returns.
+        llm = self.engine.engine
+        deadline = time.monotonic() + self.drain_timeout_s
+        while (self._active or (self.owns_engine and llm.has_unfinished_requests())) and self.healthy():
+            if time.monotonic() > deadline:
+                logger.warning("closing with %d requests still active", len(self._active))
+                break
+            await asyncio.sleep(0.01)
+        if self.owns_engine:
+            await asyncio.to_thread(self.engine.shutdown)

@@ -1,0 +1,495 @@
+"""The OpenAI API wire format: request bodies parsed into ``ParsedRequest``, responses and stream chunks built.
+
+No I/O and no web framework: ``engine.router.app`` reads the body, calls ``parse_completion`` or
+``parse_chat``, tokenizes, asks ``ParsedRequest.sampling_params`` for each choice, feeds every choice's
+``TokenDelta``s to a ``ChoiceState`` (detokenization, stop strings, logprobs) and formats the choices it
+returns with the builders below. Every rejection is an ``APIError``: HTTP status + OpenAI error body
+``{"error": {"message", "type", "param", "code"}}``, where ``param`` names the offending field.
+
+Choice ``index`` follows OpenAI: prompt ``p`` of a completions request with ``n`` choices owns indices
+``p * n .. p * n + n - 1``. Choice ``i`` of ``n`` with a ``seed`` samples with ``seed + i``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from dataclasses import dataclass, field, fields
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.router.dispatcher import TokenDelta
+from engine.sampling_params import SamplingParams
+
+MAX_N = 16
+"""Most choices per prompt (``n``)."""
+MAX_CHOICES = 256
+"""Most choices per request (prompts x n)."""
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+_ERROR_TYPES = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error",
+                504: "timeout_error"}
+
+
+class APIError(Exception):
+    """A request the front end refuses or could not serve; rendered as an OpenAI error body."""
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, status=self.status, param=self.param, code=self.code)
+
+
+def error_body(message: str, *, status: int = 400, param: str | None = None, code: str | None = None) -> dict:
+    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def param_of(message: str, default: str | None = None) -> str | None:
+    """The field a ``ValueError`` message starts with (``"max_tokens must be ..."`` -> ``max_tokens``)."""
+    m = re.match(r"([a-z_]+)\b", message)
+    return m.group(1) if m and (m.group(1) in _SAMPLING_FIELDS or m.group(1) in ("prompt", "messages")) else default
+
+
+# ---- field readers: type errors name the field -------------------------------------------------------------
+def _type_error(name: str, expected: str, value) -> APIError:
+    return APIError(f"{name}: expected {expected}, got {type(value).__name__} {_short(value)}", param=name)
+
+
+def _short(value) -> str:
+    text = json.dumps(value, allow_nan=True, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _int(body: dict, name: str, default=None, lo: int | None = None, hi: int | None = None):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _type_error(name, "an integer", value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise APIError(f"{name}: must be {bounds}, got {value}", param=name)
+    return value
+
+
+def _float(body: dict, name: str, default=None):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _type_error(name, "a number", value)
+    if not math.isfinite(value):
+        raise APIError(f"{name}: must be a finite number, got {value}", param=name)
+    return float(value)
+
+
+def _bool(body: dict, name: str, default=False) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _type_error(name, "a boolean", value)
+    return value
+
+
+def _int_list(value, name: str) -> list[int]:
+    if not isinstance(value, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in value):
+        raise _type_error(name, "a list of integers", value)
+    return value
+
+
+# ---- requests ------------------------------------------------------------------------------------------------
+@dataclass
+class ParsedRequest:
+    """One validated OpenAI request, before tokenization."""
+
+    kind: str
+    """``completion`` or ``chat``."""
+    prompts: list[str | list[int]] = field(default_factory=list)
+    """Completions: text or token-id prompts, one group of ``n`` choices each."""
+    messages: list[dict[str, str]] = field(default_factory=list)
+    """Chat: ``{"role", "content"}`` with content flattened to text."""
+    n: int = 1
+    max_tokens: int | None = None
+    max_tokens_param: str = "max_tokens"
+    """The field ``max_tokens`` came from (chat: ``max_completion_tokens`` when that was used)."""
+    stream: bool = False
+    include_usage: bool = False
+    stop: list[str] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    seed: int | None = None
+    sampling: dict = field(default_factory=dict)
+    """SamplingParams fields other than max_tokens, seed and stop."""
+
+    @property
+    def prompt_param(self) -> str:
+        return "prompt" if self.kind == "completion" else "messages"
+
+    @property
+    def logprobs_param(self) -> str:
+        return "logprobs" if self.kind == "completion" else "top_logprobs"
+
+    def check_prompt(self, token_ids: list[int], vocab_size: int) -> None:
+        if not token_ids:
+            raise APIError(f"{self.prompt_param}: must contain at least one token", param=self.prompt_param)
+        for t in token_ids:
+            if not 0 <= t < vocab_size:
+                raise APIError(f"{self.prompt_param}: token id {t} is outside the vocabulary [0, {vocab_size})",
+                               param=self.prompt_param)
+        for t in self.sampling.get("stop_token_ids", ()):
+            if not 0 <= t < vocab_size:
+                raise APIError(f"stop_token_ids: {t} is outside the vocabulary [0, {vocab_size})",
+                               param="stop_token_ids")
+
+    def sampling_params(self, num_prompt_tokens: int, choice_idx: int, *, max_model_len: int,
+                        max_default_tokens: int) -> SamplingParams:
+        """Params of choice ``choice_idx`` (0..n-1) for a prompt of ``num_prompt_tokens``; no stop strings."""
+        room = max_model_len - num_prompt_tokens
+        if self.max_tokens is None:
+            if room < 1:
+                raise APIError(f"{self.prompt_param}: the prompt has {num_prompt_tokens} tokens, which leaves no "
+                               f"room to generate within the model's context of {max_model_len} tokens",
+                               param=self.prompt_param)
+            max_tokens = min(room, max(max_default_tokens, self.sampling.get("min_tokens", 0)))
+        elif self.max_tokens > room:
+            raise APIError(f"{self.max_tokens_param}: prompt ({num_prompt_tokens} tokens) + {self.max_tokens_param} "
+                           f"({self.max_tokens}) exceeds the model's context of {max_model_len} tokens",
+                           param=self.max_tokens_param)
+        else:
+            max_tokens = self.max_tokens
+        seed = None if self.seed is None else self.seed + choice_idx
+        return self._build(max_tokens=max_tokens, seed=seed, **self.sampling)
+
+    def _build(self, **kwargs) -> SamplingParams:
+        try:
+            return SamplingParams(**kwargs)
+        except ValueError as e:
+            param = param_of(str(e))
+            param = {"max_tokens": self.max_tokens_param, "logprobs": self.logprobs_param}.get(param, param)
+            raise APIError(str(e), param=param) from None
+
+
+def _check_model(body: dict, model_name: str) -> None:
+    model = body.get("model")
+    if model is None:
+        return
+    if not isinstance(model, str):
+        raise _type_error("model", "a string", model)
+    if model != model_name:
+        raise APIError(f"The model `{model}` does not exist; this server serves `{model_name}`.", status=404,
+                       param="model", code="model_not_found")
+
+
+def _parse_common(body: dict, kind: str, defaults: dict | None) -> ParsedRequest:
+    req = ParsedRequest(kind=kind)
+    req.n = _int(body, "n", 1, 1, MAX_N)
+    req.stream = _bool(body, "stream")
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise _type_error("stream_options", "an object", options)
+        req.include_usage = req.stream and _bool(options, "include_usage")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stop, list) or any(not isinstance(s, str) or not s for s in stop):
+        raise APIError("stop: expected a non-empty string or a list of non-empty strings", param="stop")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise APIError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}", param="stop")
+    req.stop = stop
+    req.include_stop_str_in_output = _bool(body, "include_stop_str_in_output")
+    req.seed = _int(body, "seed")
+    if _bool(body, "echo"):
+        raise APIError("echo: echoing the prompt is not supported", param="echo")
+    if body.get("logit_bias"):
+        raise APIError("logit_bias: not supported", param="logit_bias")
+    if _int(body, "best_of", 1) != 1 and body.get("best_of") != req.n:
+        raise APIError("best_of: only best_of == n is supported", param="best_of")
+
+    sampling = {k: v for k, v in (defaults or {}).items() if k in _SAMPLING_FIELDS - {"max_tokens", "seed", "stop"}}
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        value = _float(body, name)
+        if value is not None:
+            sampling[name] = value
+    for name in ("top_k", "min_tokens"):
+        value = _int(body, name)
+        if value is not None:
+            sampling[name] = value
+    if body.get("stop_token_ids") is not None:
+        sampling["stop_token_ids"] = _int_list(body["stop_token_ids"], "stop_token_ids")
+    sampling["ignore_eos"] = _bool(body, "ignore_eos")
+    req.sampling = sampling
+    return req
+
+
+def _finish_parse(req: ParsedRequest, body: dict, max_tokens_name: str) -> ParsedRequest:
+    req.max_tokens_param = max_tokens_name
+    req.max_tokens = _int(body, max_tokens_name, None, 1)
+    # Validate every sampling field now, so errors surface before any tokenization.
+    min_tokens = req.sampling.get("min_tokens", 0)
+    req._build(max_tokens=req.max_tokens if req.max_tokens is not None else max(min_tokens, 1), seed=req.seed,
+               **req.sampling)
+    if req.seed is not None and req.seed + req.n - 1 >= 2**63:
+        raise APIError(f"seed: seed + n - 1 must be < 2**63, got {req.seed}", param="seed")
+    return req
+
+
+def parse_completion(body, *, model_name: str, defaults: dict | None = None) -> ParsedRequest:
+    """Validate a ``POST /v1/completions`` body; raises ``APIError``."""
+    if not isinstance(body, dict):
+        raise APIError("request body must be a JSON object")
+    _check_model(body, model_name)
+    req = _parse_common(body, "completion", defaults)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompts = [list(prompt)]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+        prompts = [_int_list(p, "prompt") for p in prompt]
+    elif prompt is None:
+        raise APIError("prompt: required", param="prompt")
+    else:
+        raise APIError("prompt: expected a string, a list of strings, a list of token ids or a list of lists of "
+                       "token ids", param="prompt")
+    if any(len(p) == 0 for p in prompts):
+        raise APIError("prompt: must not be empty", param="prompt")
+    if len(prompts) * req.n > MAX_CHOICES:
+        raise APIError(f"prompt: {len(prompts)} prompts x n={req.n} exceeds {MAX_CHOICES} choices", param="prompt")
+    req.prompts = prompts
+    logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
+    if logprobs is not None:
+        req.sampling["logprobs"] = logprobs
+    return _finish_parse(req, body, "max_tokens")
+
+
+def _message_text(content, i: int, role: str) -> str:
+    if content is None and role == "assistant":
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(f"messages[{i}].content: only text parts ({{\"type\": \"text\", \"text\": ...}}) are "
+                               "supported", param=f"messages[{i}].content")
+            parts.append(part["text"])
+        return "\n".join(parts)
+    raise APIError(f"messages[{i}].content: expected a string or a non-empty list of text parts",
+                   param=f"messages[{i}].content")
+
+
+def parse_chat(body, *, model_name: str, defaults: dict | None = None) -> ParsedRequest:
+    """Validate a ``POST /v1/chat/completions`` body; raises ``APIError``."""
+    if not isinstance(body, dict):
+        raise APIError("request body must be a JSON object")
+    _check_model(body, model_name)
+    req = _parse_common(body, "chat", defaults)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError("messages: expected a non-empty list of messages", param="messages")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise _type_error(f"messages[{i}]", "an object", msg)
+        role = msg.get("role")
+        if role not in CHAT_ROLES:
+            raise APIError(f"messages[{i}].role: expected one of {sorted(CHAT_ROLES)}, got {_short(role)}",
+                           param=f"messages[{i}].role")
+        req.messages.append({"role": CHAT_ROLES[role], "content": _message_text(msg.get("content"), i, role)})
+    top = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+    if _bool(body, "logprobs"):
+        req.sampling["logprobs"] = top or 0
+    elif top is not None:
+        raise APIError("top_logprobs: requires logprobs to be true", param="top_logprobs")
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    return _finish_parse(req, body, name)
+
+
+# ---- one choice's output -------------------------------------------------------------------------------------
+def _byte_level_decoder() -> dict[str, int]:
+    """Inverse of the byte-level BPE alphabet: printable bytes map to themselves, the rest to U+0100 onwards."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(0x100 + extra)] = b
+            extra += 1
+    return table
+
+
+class TokenStrings:
+    """Display text and UTF-8 bytes of single tokens (for logprobs), cached per token id."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        try:
+            byte_level = type(tokenizer.backend_tokenizer.decoder).__name__ == "ByteLevel"
+        except AttributeError:
+            byte_level = False
+        self._byte_decoder = _byte_level_decoder() if byte_level else None
+        self.text = functools.lru_cache(maxsize=65536)(self._text)
+        self.bytes = functools.lru_cache(maxsize=65536)(self._bytes)
+
+    def _text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _bytes(self, token_id: int) -> list[int]:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str):
+            if self._byte_decoder is not None and piece and all(c in self._byte_decoder for c in piece):
+                return [self._byte_decoder[c] for c in piece]
+            m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)  # SentencePiece byte fallback
+            if m:
+                return [int(m.group(1), 16)]
+        return list(self._text(token_id).encode("utf-8"))
+
+
+def _finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else -9999.0
+
+
+class ChoiceState:
+    """Turns one choice's ``TokenDelta``s into text (stop strings applied here) and OpenAI logprobs.
+
+    A stop string ends the choice once ``min_tokens`` were generated (as the engine does); tokens after the
+    one that completed it are dropped. ``finish_reason`` becomes ``stop``, ``length`` or ``error`` (then
+    ``error`` holds the ``APIError`` to report).
+    """
+
+    def __init__(self, index: int, kind: str, detokenizer: IncrementalDetokenizer, *, min_tokens: int = 0,
+                 top_logprobs: int | None = None, strings: TokenStrings | None = None):
+        self.index = index
+        self.kind = kind
+        self.detok = detokenizer
+        self.min_tokens = min_tokens
+        self.top_logprobs = top_logprobs
+        self.strings = strings
+        self.num_tokens = 0
+        self.num_cached_tokens = 0
+        self.finish_reason: str | None = None
+        self.error: APIError | None = None
+        self._pending: list[tuple[int, float, list[tuple[int, float]]]] = []
+        self._text_offset = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, delta: TokenDelta) -> None:
+        self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
+        for i, token_id in enumerate(delta.token_ids):
+            if self.finished:
+                break
+            self.detok.push(token_id)
+            self.num_tokens += 1
+            if self.top_logprobs is not None:
+                lps = delta.logprobs[i] if delta.logprobs and i < len(delta.logprobs) else {}
+                top = sorted(lps.items(), key=lambda kv: -kv[1])[: self.top_logprobs]
+                self._pending.append((token_id, lps.get(token_id, float("nan")), top))
+            if self.detok.stop_reason is not None and self.num_tokens >= self.min_tokens:
+                self.finish_reason = "stop"
+        if delta.finished and not self.finished:
+            if delta.finish_reason in ("stop", "length"):
+                self.finish_reason = delta.finish_reason
+            else:
+                self.finish_reason = "error"
+                message = delta.error or f"request ended early ({delta.finish_reason})"
+                self.error = APIError(message, status=delta.status if delta.error else 503)
+
+    def take(self) -> tuple[str, dict | None]:
+        """Text and formatted logprobs produced since the previous call (all of it at the first call)."""
+        if self.finished:
+            self.detok.flush()
+        text = self.detok.take_new_text(self.finished)
+        if self.top_logprobs is None:
+            return text, None
+        entries, self._pending = self._pending, []
+        return text, self._format_logprobs(entries)
+
+    def _format_logprobs(self, entries: list[tuple[int, float, list[tuple[int, float]]]]) -> dict:
+        s = self.strings
+        if self.kind == "chat":
+            content = [{"token": s.text(t), "logprob": _finite(lp), "bytes": s.bytes(t),
+                        "top_logprobs": [{"token": s.text(a), "logprob": _finite(alp), "bytes": s.bytes(a)}
+                                         for a, alp in top]}
+                       for t, lp, top in entries]
+            return {"content": content}
+        tokens, offsets = [], []
+        for t, _, _ in entries:
+            tokens.append(s.text(t))
+            offsets.append(self._text_offset)
+            self._text_offset += len(tokens[-1])
+        return {"tokens": tokens, "token_logprobs": [_finite(lp) for _, lp, _ in entries],
+                "top_logprobs": [{s.text(a): _finite(alp) for a, alp in [(t, lp), *top]} for t, lp, top in entries],
+                "text_offset": offsets}
+
+    def choice(self, text: str, logprobs: dict | None, *, stream: bool, first: bool = False) -> dict:
+        """This choice as a response (``stream=False``) or chunk entry; ``first`` adds chat's ``role``."""
+        out: dict = {"index": self.index}
+        if self.kind == "completion":
+            out["text"] = text
+        elif stream:
+            out["delta"] = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+        else:
+            out["message"] = {"role": "assistant", "content": text}
+        out["logprobs"] = logprobs
+        out["finish_reason"] = self.finish_reason if self.finish_reason in ("stop", "length") and not first else None
+        return out
+
+
+# ---- responses -----------------------------------------------------------------------------------------------
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def completion_response(request_id: str, created: int, model: str, choices: list[dict], usage_: dict) -> dict:
+    """``choices``: ``{"index", "text", "logprobs", "finish_reason"}`` each."""
+    return {"id": request_id, "object": "text_completion", "created": created, "model": model,
+            "choices": choices, "usage": usage_}
+
+
+def chat_response(request_id: str, created: int, model: str, choices: list[dict], usage_: dict) -> dict:
+    """``choices``: ``{"index", "message": {"role", "content"}, "logprobs", "finish_reason"}`` each."""
+    return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": choices, "usage": usage_}
+
+
+def chunk(kind: str, request_id: str, created: int, model: str, choices: list[dict],
+          usage_: dict | None = None) -> dict:
+    """One stream event; ``choices`` as in the responses, with ``delta`` instead of ``message`` for chat."""
+    obj = {"id": request_id, "object": "text_completion" if kind == "completion" else "chat.completion.chunk",
+           "created": created, "model": model, "choices": choices}
+    if usage_ is not None:
+        obj["usage"] = usage_
+    return obj
+
+
+def models_response(model_name: str, created: int, max_model_len: int) -> dict:
+    return {"object": "list", "data": [model_card(model_name, created, max_model_len)]}
+
+
+def model_card(model_name: str, created: int, max_model_len: int) -> dict:
+    return {"id": model_name, "object": "model", "created": created, "owned_by": "duet",
+            "max_model_len": max_model_len}
+
+
+def sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
