@@ -79,10 +79,6 @@ class BlockManager:
             if block is None or block.token_ids != tuple(req.token_slice(start, start + self.block_size)):
                 break
             hits.append(block.block_id)
-        self.stats.queries += 1
-        self.stats.query_tokens += req.num_tokens
-        self.stats.hit_blocks += len(hits)
-        self.stats.hit_tokens += len(hits) * self.block_size
         return hits
 
     # ---- allocation ----------------------------------------------------------------------------------
@@ -100,6 +96,11 @@ class BlockManager:
         reclaimed = sum(1 for b in cached_block_ids if self.blocks[b].ref_count == 0)
         if num_new_blocks + reclaimed > len(self._free):
             return False
+        if not req.block_ids and req.num_computed_tokens == 0:  # an admission: count the prefix lookup
+            self.stats.queries += 1
+            self.stats.query_tokens += req.num_tokens
+            self.stats.hit_blocks += len(cached_block_ids)
+            self.stats.hit_tokens += num_cached_tokens
         for b in cached_block_ids:
             self._claim(self.blocks[b])
         req.block_ids.extend(cached_block_ids)

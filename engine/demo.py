@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     common = ("--served-model-name", "duet-demo")
     prefill = ServerProcess("prefill", model, "--kv-transport", kv, *common)
     decode = ServerProcess("decode", model, "--kv-transport", kv, *common)
-    router = ServerProcess("router", model, "--prefill", prefill.address, "--decode", decode.address, *common)
+    router = ServerProcess("router", model, "--prefill", prefill.address, "--decode", decode.address,
+                           "--disagg-threshold-tokens", "0", *common)
     colocated = ServerProcess("serve", model, *common)
     procs = [router, prefill, decode, colocated]
     try:

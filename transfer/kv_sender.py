@@ -213,8 +213,9 @@ class KVSender:
         self._trace(t, "transfer_done" if ok else "transfer_failed")
         request_id = t.prefill.request_id if t.prefill else (t.dest.request_id if t.dest else "")
         nbytes = sum(h.nbytes for h in t.handles)
+        num_tokens = len(t.prefill.prompt_token_ids) - t.num_cached_tokens if t.prefill else 0
         return t.reply_to, PrefillDone(request_id, t.transfer_id, ok, None if ok else t.error, t.compute_s,
-                                       t.num_cached_tokens, nbytes)
+                                       t.num_cached_tokens, nbytes, num_tokens)
 
     def _trace(self, t: OutTransfer, stage: str) -> None:
         rid = t.prefill.request_id if t.prefill else t.transfer_id

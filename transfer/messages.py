@@ -137,6 +137,8 @@ class PrefillDone(Message):
     """From admission to the last layer computed."""
     num_cached_tokens: int = 0
     num_bytes: int = 0
+    num_tokens: int = 0
+    """Prompt tokens the prefill server computed (its own prefix hits excluded)."""
 
 
 @dataclass
@@ -160,6 +162,16 @@ class Abort(Message):
     TYPE = "abort"
     request_id: str
     transfer_id: str | None = None
+
+
+@dataclass
+class KVFailed(Message):
+    """Router -> D: the prefill side of ``transfer_id`` is gone; apply the KV failure policy now."""
+
+    TYPE = "kv_failed"
+    request_id: str
+    transfer_id: str
+    reason: str = ""
 
 
 @dataclass

@@ -13,7 +13,7 @@ import os
 
 from engine.router.app import create_app, serve
 from engine.router.cluster import ClusterDispatcher
-from engine.router.placement import Placement
+from engine.router.scoring import POLICIES, RouterPolicy
 from engine.server.cli import add_logging_args, setup_logging
 from engine.tokenizer import generation_defaults, load_tokenizer
 
@@ -25,13 +25,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", required=True, help="model directory (tokenizer, chat template, defaults)")
     ap.add_argument("--served-model-name")
     ap.add_argument("--prefill", nargs="*", default=[], help="prefill servers' command sockets (tcp://H:P)")
-    ap.add_argument("--decode", nargs="+", required=True, help="decode servers' command sockets (tcp://H:P)")
+    ap.add_argument("--decode", nargs="*", default=[], help="decode servers' command sockets (tcp://H:P)")
+    ap.add_argument("--registry-port", type=int, help="accept servers registering at run time (--router on them)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000, help="HTTP port")
     ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (not on /health)")
-    ap.add_argument("--policy", default="least_loaded", choices=["round_robin", "least_loaded"])
-    ap.add_argument("--min-prefill-tokens", type=int, default=0,
-                    help="prompts shorter than this are prefilled by the decode server itself")
+    ap.add_argument("--policy", default="prefix_aware", choices=list(POLICIES))
+    ap.add_argument("--disagg-threshold-tokens", type=int, default=RouterPolicy.disagg_threshold_tokens,
+                    help="prefill remotely only when more prompt tokens than this are uncached on the decode server")
+    ap.add_argument("--ttft-budget-s", type=float, default=RouterPolicy.default_ttft_budget_s)
+    ap.add_argument("--heartbeat-s", type=float, default=0.2, help="servers' heartbeat period (3 missed = dead)")
+    ap.add_argument("--max-queue", type=int, default=256, help="admission queue bound (then 429)")
+    ap.add_argument("--queue-timeout-s", type=float, default=10.0, help="longest wait in the admission queue")
     ap.add_argument("--kv-timeout-s", type=float, default=30.0)
     ap.add_argument("--connect-timeout-s", type=float, default=120.0)
     ap.add_argument("--request-timeout-s", type=float, default=600.0)
@@ -42,10 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def amain(args: argparse.Namespace) -> None:
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     tokenizer = load_tokenizer(args.model)
+    policy = RouterPolicy(policy=args.policy, disagg_threshold_tokens=args.disagg_threshold_tokens,
+                          default_ttft_budget_s=args.ttft_budget_s)
+    registry = f"tcp://{args.host}:{args.registry_port}" if args.registry_port else None
     dispatcher = ClusterDispatcher(
-        args.prefill, args.decode, name, Placement(args.policy, args.min_prefill_tokens),
-        connect_timeout_s=args.connect_timeout_s, kv_timeout_s=args.kv_timeout_s,
-        request_timeout_s=args.request_timeout_s)
+        args.prefill, args.decode, name, policy, connect_timeout_s=args.connect_timeout_s,
+        kv_timeout_s=args.kv_timeout_s, request_timeout_s=args.request_timeout_s, heartbeat_s=args.heartbeat_s,
+        max_queue=args.max_queue, queue_timeout_s=args.queue_timeout_s, registry_address=registry)
     try:
         await dispatcher.start()
     except Exception:

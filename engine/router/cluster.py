@@ -1,20 +1,24 @@
 """``ClusterDispatcher``: drives prefill and decode server processes over ZeroMQ.
 
-For each request it picks a decode server and, when the prompt is worth it, a prefill server
-(``engine.router.placement``), then sends ``Generate`` (with the prefill reference) to D and ``Prefill`` to P
-concurrently. Tokens stream back from D; P reports ``PrefillDone`` (its compute time feeds the hand-off
-metric). One DEALER per server, with a receive task per socket that routes replies to per-request queues.
-Servers are greeted with ``Hello`` at start-up; prefill and decode servers whose KV layouts differ are
-refused right there, before any request.
+A request's path: tokens -> block hashes -> prefix match per server (``PrefixIndex``, fed by KV events) ->
+``Scorer.choose`` (fit, load, cached prefix; conditional disaggregation; TTFT admission) -> ``Generate`` to
+the decode server D (with the prefill reference when disaggregated) and, concurrently, ``Prefill`` to the
+prefill server P -> tokens stream back from D.
+
+When no server can take a request now (retryable rejection), it waits in a bounded admission queue that is
+re-scored on every load report; a full queue or a wait past ``queue_timeout_s`` gives 429 + Retry-After.
+When D dies mid-request (missed heartbeats), the request migrates: the prompt plus the tokens generated so
+far go to another decode server, so the client's stream continues with no token lost or repeated. When P
+dies mid-transfer, D is told the KV will not come and applies its failure policy.
 """
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections import Counter as CountMap
+from dataclasses import replace
 from typing import AsyncIterator
 
 import zmq
@@ -22,151 +26,112 @@ import zmq.asyncio
 
 from engine.router.dispatcher import DispatchError, Dispatcher, GenerateRequest, TokenDelta
 from engine.router.metrics import Histogram
-from engine.router.placement import Placement, ServerView
-from transfer.messages import (Abort, Generate, Hello, LoadReport, Prefill, PrefillDone, RemotePrefill, ServerInfo,
-                               Stats, StatsRequest, Tokens, Welcome)
-from transfer.wire import Message, ProtocolError, decode, encode
+from engine.router.scoring import RequestInfo, RouterPolicy, Scorer
+from engine.router.server_registry import ServerLink, ServerRegistry
+from transfer.messages import (Abort, Generate, Hello, KVFailed, Prefill, PrefillDone, RemotePrefill, ServerInfo,
+                               Stats, StatsRequest, Tokens)
+from transfer.wire import Message, encode
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class ServerLink:
-    address: str
-    kind: str  # "prefill" or "decode" (how the router uses it)
-    socket: zmq.asyncio.Socket
-    info: ServerInfo | None = None
-    view: ServerView = field(default_factory=lambda: ServerView("", "decode"))
-    last_seen: float = 0.0
-    task: asyncio.Task | None = None
-    events: zmq.asyncio.Socket | None = None
-    events_task: asyncio.Task | None = None
+_SERVER_GONE = object()  # queued to a request whose decode server died
 
 
 class ClusterDispatcher(Dispatcher):
-    def __init__(self, prefill: list[str], decode: list[str], model_name: str, placement: Placement | None = None,
-                 connect_timeout_s: float = 120.0, kv_timeout_s: float = 30.0, request_timeout_s: float = 600.0):
-        if not decode:
-            raise ValueError("decode: at least one decode server address is required")
+    def __init__(self, prefill: list[str], decode: list[str], model_name: str, policy: RouterPolicy | None = None, *,
+                 connect_timeout_s: float = 120.0, kv_timeout_s: float = 30.0, request_timeout_s: float = 600.0,
+                 heartbeat_s: float = 0.2, max_queue: int = 256, queue_timeout_s: float = 10.0,
+                 registry_address: str | None = None, max_migrations: int = 2):
+        if not decode and registry_address is None:
+            raise ValueError("decode: at least one decode server (or a registry address) is required")
         self.ctx = zmq.asyncio.Context.instance()
         self.model_name = model_name
-        self.placement = placement or Placement()
+        self.scorer = Scorer(policy or RouterPolicy())
+        self.registry = ServerRegistry(self.ctx, self._on_message, self._on_dead, heartbeat_s)
+        self.addresses = [(a, "prefill") for a in prefill] + [(a, "decode") for a in decode]
+        self.registry_address = registry_address
         self.connect_timeout_s = connect_timeout_s
         self.kv_timeout_s = kv_timeout_s
         self.request_timeout_s = request_timeout_s
-        self.links = [self._link(a, "prefill") for a in prefill] + [self._link(a, "decode") for a in decode]
-        self._queues: dict[str, asyncio.Queue] = {}
-        self._stats_waiters: dict[int, asyncio.Future] = {}
-        self._tokens = itertools.count(1)
+        self.max_queue = max_queue
+        self.queue_timeout_s = queue_timeout_s
+        self.max_migrations = max_migrations
         self.max_model_len = 0
         self.vocab_size = 0
-        self.counters = {"disaggregated": 0, "local_prefill": 0, "prefill_failed": 0}
+        self.block_size = 16
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._placement: dict[str, tuple[ServerLink, ServerLink | None, str | None]] = {}
+        self._stats_waiters: dict[int, asyncio.Future] = {}
+        self._next_token = 0
+        self._capacity_changed = asyncio.Event()
+        self._num_queued = 0
+        self._watch_task: asyncio.Task | None = None
+        self.decisions: CountMap[str] = CountMap()
+        self.counters: CountMap[str] = CountMap()
         self.prefill_compute = Histogram("duet_prefill_compute_seconds", "prefill server compute per request")
         self.handoff = Histogram("duet_handoff_seconds", "disaggregated TTFT minus prefill compute")
-        self._handoff_parts: dict[str, dict[str, float]] = {}  # transfer id -> sent / first_token / compute
-
-    def _link(self, address: str, kind: str) -> ServerLink:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(address)
-        return ServerLink(address, kind, sock, view=ServerView(address, kind))
+        self._handoff_parts: dict[str, dict[str, float]] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Greet every server (bounded by ``connect_timeout_s``) and check their layouts. Idempotent."""
-        if self.max_model_len:
+        """Greet the listed servers (bounded by ``connect_timeout_s``), check layouts. Idempotent."""
+        if self._watch_task is not None:
             return
         hello = Hello(ServerInfo(f"router-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex, "router", self.model_name))
-        await asyncio.gather(*(self._greet(link, hello) for link in self.links))
-        self._check_layouts()
-        d = [lk.info for lk in self.links if lk.kind == "decode"]
-        self.max_model_len = min(i.max_model_len for i in d)
-        self.vocab_size = d[0].vocab_size
-        for link in self.links:
-            link.task = asyncio.create_task(self._receive(link))
-            link.events = self.ctx.socket(zmq.SUB)
-            link.events.setsockopt(zmq.LINGER, 0)
-            link.events.setsockopt(zmq.SUBSCRIBE, b"")
-            link.events.connect(link.info.event_address)
-            link.events_task = asyncio.create_task(self._receive_events(link))
+        try:
+            infos = await asyncio.gather(*(self.registry.greet(a, hello, self.connect_timeout_s)
+                                           for a, _ in self.addresses))
+        except (TimeoutError, ValueError) as e:
+            raise DispatchError(str(e)) from e
+        for (address, kind), info in zip(self.addresses, infos):
+            ok = ("prefill", "both") if kind == "prefill" else ("decode", "both")
+            if info.role not in ok:
+                raise DispatchError(f"{address} is a {info.role} server, not a {kind} server")
+        if infos:
+            first = next((i for i in infos if i.role != "prefill"), infos[0])
+            for (address, kind), info in zip(self.addresses, infos):
+                if info.compat_hash != first.compat_hash:
+                    a, b = first.layout.canonical(), info.layout.canonical()
+                    diff = {k: (v, b.get(k)) for k, v in a.items() if b.get(k) != v}
+                    raise DispatchError(f"{kind} server {address} is incompatible with server {first.address}: "
+                                        f"KV layouts differ in {diff}")
+            self.registry.compat_hash = first.compat_hash
+        for info in infos:
+            self.registry.add(info)
+        if self.registry_address:
+            self.registry.listen(self.registry_address)
+        self._watch_task = asyncio.create_task(self.registry.watch())
+        self._refresh_limits()
 
-    async def _greet(self, link: ServerLink, hello: Hello) -> None:
-        deadline = time.monotonic() + self.connect_timeout_s
-        await link.socket.send(encode(hello))
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not await link.socket.poll(int(min(left, 1.0) * 1000)):
-                if left <= 0:
-                    raise DispatchError(f"{link.kind} server {link.address} did not answer within "
-                                        f"{self.connect_timeout_s}s")
-                continue
-            msg = decode(await link.socket.recv())
-            if isinstance(msg, Welcome):
-                break
-            raise DispatchError(f"{link.kind} server {link.address} refused the router: {msg}")
-        info = msg.info
-        if link.kind == "prefill" and info.role not in ("prefill", "both"):
-            raise DispatchError(f"{link.address} is a {info.role} server, not a prefill server")
-        if link.kind == "decode" and info.role not in ("decode", "both"):
-            raise DispatchError(f"{link.address} is a {info.role} server, not a decode server")
-        link.info, link.last_seen = info, time.monotonic()
-        link.view = ServerView(info.engine_id, link.kind, zone=info.zone, total_blocks=info.num_total_blocks,
-                               free_blocks=info.num_total_blocks)
-
-    def _check_layouts(self) -> None:
-        first = next(lk for lk in self.links if lk.kind == "decode")
-        for link in self.links:
-            if link.info.compat_hash != first.info.compat_hash:
-                a, b = first.info.layout, link.info.layout
-                diff = {k: (v, b.canonical().get(k)) for k, v in a.canonical().items() if b.canonical().get(k) != v}
-                raise DispatchError(f"{link.kind} server {link.address} is incompatible with decode server "
-                                    f"{first.address}: KV layouts differ in {diff}")
+    def _refresh_limits(self) -> None:
+        infos = [lk.info for lk in self.registry.links.values() if lk.info.role != "prefill"]
+        if infos:
+            self.max_model_len = min(i.max_model_len for i in infos)
+            self.vocab_size = infos[0].vocab_size
+            self.block_size = infos[0].layout.block_size
 
     async def close(self) -> None:
-        for link in self.links:
-            for task in (link.task, link.events_task):
-                if task is not None:
-                    task.cancel()
-            if link.events is not None:
-                link.events.close(0)
+        if self._watch_task is not None:
+            self._watch_task.cancel()
         for q in self._queues.values():
             q.put_nowait(Tokens("", [], finished=True, finish_reason="abort"))
-        for link in self.links:
-            link.socket.close(0)
+        self.registry.close()
 
     def healthy(self) -> bool:
-        return any(lk.kind == "decode" and lk.info is not None and lk.view.healthy for lk in self.links)
+        return any(lk.state.healthy and lk.info.role != "prefill" for lk in self.registry.links.values())
 
-    # ---- receiving ---------------------------------------------------------------------------------
-    async def _receive(self, link: ServerLink) -> None:
-        while True:
-            raw = await link.socket.recv()
-            link.last_seen = time.monotonic()
-            try:
-                msg = decode(raw)
-            except ProtocolError as e:
-                logger.warning("bad message from %s: %s", link.address, e)
-                continue
-            self._dispatch(link, msg)
-
-    async def _receive_events(self, link: ServerLink) -> None:
-        while True:
-            raw = await link.events.recv()
-            try:
-                msg = decode(raw)
-            except ProtocolError:
-                continue
-            link.last_seen = time.monotonic()
-            self._dispatch(link, msg)
-
-    def _dispatch(self, link: ServerLink, msg: Message) -> None:
+    # ---- messages from servers ---------------------------------------------------------------------
+    def _on_message(self, link: ServerLink, msg: Message) -> None:
         if isinstance(msg, Tokens):
             q = self._queues.get(msg.request_id)
             if q is not None:
                 q.put_nowait(msg)
+            if msg.finished:
+                self._capacity_changed.set()
         elif isinstance(msg, PrefillDone):
             if msg.ok:
                 self.prefill_compute.observe(msg.compute_s)
+                self.scorer.observe_prefill(link.engine_id, max(1, msg.num_tokens), msg.compute_s)
                 self._handoff_part(msg.transfer_id, "compute", msg.compute_s)
             else:
                 self.counters["prefill_failed"] += 1
@@ -175,44 +140,129 @@ class ClusterDispatcher(Dispatcher):
             fut = self._stats_waiters.pop(msg.token, None)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
-        elif isinstance(msg, LoadReport):
-            link.view.update_load(msg)
+
+    def _on_dead(self, link: ServerLink) -> None:
+        self.counters["server_deaths"] += 1
+        for rid, (d, p, tid) in list(self._placement.items()):
+            if d is link and rid in self._queues:
+                self._queues[rid].put_nowait(_SERVER_GONE)
+            elif p is link and tid is not None:  # the KV will never come: let decode apply its policy now
+                asyncio.create_task(d.socket.send(encode(KVFailed(rid, tid, f"prefill server {link.address} died"))))
+
+    # ---- placement ---------------------------------------------------------------------------------
+    def _decide(self, request: GenerateRequest, prompt: list[int], max_tokens: int, exclude: set[str]):
+        info = RequestInfo.from_tokens(prompt, max_tokens, self.block_size, zone=request.zone,
+                                       request_id=request.request_id)
+        links = [lk for lk in self.registry.links.values() if lk.engine_id not in exclude]
+        match = self.registry.prefix_index.match(info.block_hashes)
+        return self.scorer.choose(info, [lk.state for lk in links], match), info
+
+    async def _place(self, request: GenerateRequest, prompt: list[int], max_tokens: int, exclude: set[str]):
+        decision, info = self._decide(request, prompt, max_tokens, exclude)
+        if not decision.accepted and decision.retryable:
+            if self._num_queued >= self.max_queue:
+                self.counters["rejected_queue_full"] += 1
+                raise DispatchError(f"server overloaded ({decision.detail}); admission queue full", 429,
+                                    decision.retry_after_s or 1.0)
+            self._num_queued += 1
+            self.counters["queued"] += 1
+            deadline = time.monotonic() + self.queue_timeout_s
+            try:
+                while not decision.accepted and decision.retryable:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self.counters["rejected_queue_timeout"] += 1
+                        raise DispatchError(f"server overloaded ({decision.detail}); waited {self.queue_timeout_s}s",
+                                            429, decision.retry_after_s or 1.0)
+                    self._capacity_changed.clear()
+                    try:
+                        await asyncio.wait_for(self._capacity_changed.wait(), min(left, 0.1))
+                    except asyncio.TimeoutError:
+                        pass
+                    decision, info = self._decide(request, prompt, max_tokens, exclude)
+            finally:
+                self._num_queued -= 1
+        self.decisions[decision.reason] += 1
+        if not decision.accepted:
+            self.counters["rejected_" + decision.reason] += 1
+            status = 400 if decision.reason == "request_too_large" else 503
+            raise DispatchError(decision.detail or decision.reason, status)
+        d = self.registry.links[decision.decode_id]
+        p = self.registry.links[decision.prefill_id] if decision.prefill_id else None
+        # Count this placement until the next load report says it (bursts must not all pile on one server).
+        d.state.running_requests += 1
+        d.state.running_tokens += info.num_prompt_tokens
+        d.state.free_blocks = max(0, d.state.free_blocks - -(-(info.num_prompt_tokens + max_tokens) // self.block_size))
+        if p is not None:
+            p.state.queued_requests += 1
+            p.state.queued_prefill_tokens += info.num_prompt_tokens
+        self.counters["prefix_hit_tokens_predicted"] += decision.decode_cached_tokens
+        return d, p
 
     # ---- requests ----------------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
-        decode_links = [lk for lk in self.links if lk.kind == "decode"]
-        prefill_links = [lk for lk in self.links if lk.kind == "prefill"]
-        choice = self.placement.choose(request, [lk.view for lk in decode_links], [lk.view for lk in prefill_links])
-        d = decode_links[choice.decode_index]
-        p = prefill_links[choice.prefill_index] if choice.prefill_index is not None else None
         rid = request.request_id
+        prompt = list(request.prompt_token_ids)
+        params = request.params
+        generated: list[int] = []
+        excluded: set[str] = set()
+        migrations = 0
+        deadline = time.monotonic() + self.request_timeout_s
+        while True:
+            d, p = await self._place(request, prompt + generated, params.max_tokens - len(generated), excluded)
+            attempt_params = params
+            if generated:  # migration: continue after the tokens the client already has
+                attempt_params = replace(params, max_tokens=params.max_tokens - len(generated),
+                                         min_tokens=max(0, params.min_tokens - len(generated)))
+            gone = False
+            async for delta in self._run_on(rid, prompt + generated, attempt_params, d, p, deadline):
+                if delta is _SERVER_GONE:
+                    gone = True
+                    break
+                generated.extend(delta.token_ids)
+                yield delta
+                if delta.finished:
+                    return
+            if not gone:
+                return
+            migrations += 1
+            self.counters["migrations"] += 1
+            excluded.add(d.engine_id)
+            if migrations > self.max_migrations:
+                yield TokenDelta(finished=True, finish_reason="error", status=503,
+                                 error=f"decode servers kept failing ({migrations} attempts)")
+                return
+            logger.warning("request %s: decode server %s died after %d tokens; migrating", rid, d.address,
+                           len(generated))
+
+    async def _run_on(self, rid: str, prompt: list[int], params, d: ServerLink, p: ServerLink | None,
+                      deadline: float) -> AsyncIterator:
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = queue
-        sampling = request.params.to_dict()
-        remote = None
-        tid = None
-        if p is not None:
-            tid = uuid.uuid4().hex
-            remote = RemotePrefill(p.info.engine_id, p.info.address, tid, self.kv_timeout_s)
-            self._handoff_parts[tid] = {"sent": time.monotonic()}
-            while len(self._handoff_parts) > 10_000:  # parts of failed transfers never complete
-                self._handoff_parts.pop(next(iter(self._handoff_parts)))
-            self.counters["disaggregated"] += 1
-        else:
-            self.counters["local_prefill"] += 1
+        tid = uuid.uuid4().hex if p is not None else None
+        self._placement[rid] = (d, p, tid)
+        sampling = params.to_dict()
         finished = False
         try:
-            await d.socket.send(encode(Generate(rid, list(request.prompt_token_ids), sampling, remote)))
+            remote = None
             if p is not None:
-                await p.socket.send(encode(Prefill(rid, tid, list(request.prompt_token_ids), sampling,
-                                                   d.info.engine_id, self.kv_timeout_s)))
-            deadline = time.monotonic() + self.request_timeout_s
+                remote = RemotePrefill(p.info.engine_id, p.info.address, tid, self.kv_timeout_s)
+                self._handoff_parts[tid] = {"sent": time.monotonic()}
+                while len(self._handoff_parts) > 10_000:  # parts of failed transfers never complete
+                    self._handoff_parts.pop(next(iter(self._handoff_parts)))
+            await d.socket.send(encode(Generate(rid, prompt, sampling, remote)))
+            if p is not None:
+                await p.socket.send(encode(Prefill(rid, tid, prompt, sampling, d.info.engine_id, self.kv_timeout_s)))
             while not finished:
                 try:
-                    msg: Tokens = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
+                    msg = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
-                    yield TokenDelta(finished=True, finish_reason="error",
-                                     error=f"request timed out after {self.request_timeout_s}s", status=504)
+                    yield TokenDelta(finished=True, finish_reason="error", status=504,
+                                     error=f"request timed out after {self.request_timeout_s}s")
+                    return
+                if msg is _SERVER_GONE:
+                    finished = True  # nothing to abort there
+                    yield msg
                     return
                 finished = msg.finished
                 if tid is not None and msg.token_ids:
@@ -223,8 +273,11 @@ class ClusterDispatcher(Dispatcher):
                                  msg.num_cached_tokens, msg.error, msg.status)
         finally:
             self._queues.pop(rid, None)
+            self._placement.pop(rid, None)
             if not finished:
-                await self._abort_on(d, p, rid, tid)
+                for link in (d, p):
+                    if link is not None:
+                        await link.socket.send(encode(Abort(rid, tid)))
 
     def _handoff_part(self, tid: str, key: str, value: float) -> None:
         parts = self._handoff_parts.get(tid)
@@ -235,26 +288,21 @@ class ClusterDispatcher(Dispatcher):
             self.handoff.observe(parts["first_token"] - parts["sent"] - parts["compute"])
             del self._handoff_parts[tid]
 
-    async def _abort_on(self, d: ServerLink, p: ServerLink | None, rid: str, tid: str | None) -> None:
-        await d.socket.send(encode(Abort(rid, tid)))
-        if p is not None:
-            await p.socket.send(encode(Abort(rid, tid)))
-
     async def abort(self, request_id: str) -> None:
-        for link in self.links:
+        for link in self.registry.links.values():
             await link.socket.send(encode(Abort(request_id)))
 
     # ---- metrics -----------------------------------------------------------------------------------
     async def server_stats(self, timeout_s: float = 2.0) -> dict[str, Stats]:
-        """``Stats`` of every server that answers within ``timeout_s`` (by address)."""
+        """``Stats`` of every server that answers within ``timeout_s``, by address."""
         loop = asyncio.get_running_loop()
         waiting = {}
-        for link in self.links:
-            token = next(self._tokens)
+        for link in list(self.registry.links.values()):
+            self._next_token += 1
             fut = loop.create_future()
-            self._stats_waiters[token] = fut
-            waiting[link.address] = (token, fut)
-            await link.socket.send(encode(StatsRequest(token)))
+            self._stats_waiters[self._next_token] = fut
+            waiting[link.address] = (self._next_token, fut)
+            await link.socket.send(encode(StatsRequest(self._next_token)))
         out = {}
         for address, (token, fut) in waiting.items():
             try:
@@ -264,16 +312,23 @@ class ClusterDispatcher(Dispatcher):
         return out
 
     async def metrics(self) -> list[tuple[str, dict[str, str], float]]:
-        samples = []
-        by_address = {lk.address: lk for lk in self.links}
+        samples: list[tuple[str, dict[str, str], float]] = []
+        roles = {lk.address: lk.info.role for lk in self.registry.links.values()}
         for address, stats in (await self.server_stats()).items():
-            labels = {"server": address, "role": by_address[address].kind}
-            for key, value in stats.values.items():
-                samples.append((f"duet_server_{key}", labels, float(value)))
-        for key, value in self.counters.items():
-            samples.append((f"duet_router_requests_{key}_total", {}, float(value)))
+            labels = {"server": address, "role": roles.get(address, "")}
+            samples += [(f"duet_server_{k}", labels, float(v)) for k, v in stats.values.items()]
+        for lk in self.registry.links.values():
+            labels = {"server": lk.address, "role": lk.info.role}
+            s = lk.state
+            samples += [("duet_router_server_healthy", labels, float(s.healthy)),
+                        ("duet_router_server_running_requests", labels, float(s.running_requests)),
+                        ("duet_router_server_queued_prefill_tokens", labels, float(s.queued_prefill_tokens)),
+                        ("duet_router_server_free_blocks", labels, float(s.free_blocks))]
+        samples += [("duet_router_decisions_total", {"reason": r}, float(n)) for r, n in self.decisions.items()]
+        samples += [(f"duet_router_{k}_total", {}, float(v)) for k, v in self.counters.items()]
+        samples.append(("duet_router_queue_length", {}, float(self._num_queued)))
         for h in (self.prefill_compute, self.handoff):
-            samples.extend(_histogram_samples(h))
+            samples += _histogram_samples(h)
         return samples
 
 

@@ -83,6 +83,10 @@ def server_main(role: str, argv: list[str] | None = None) -> None:
     ap.add_argument("--zone")
     ap.add_argument("--staging-mib", type=int, default=64, help="registered staging memory for KV slabs")
     ap.add_argument("--kv-timeout-s", type=float, default=30.0, help="how long KV may take to arrive")
+    ap.add_argument("--kv-failure-policy", default="recompute", choices=["recompute", "fail"],
+                    help="when KV does not arrive: prefill locally (recompute) or fail the request")
+    ap.add_argument("--heartbeat-s", type=float, default=0.2, help="load report / heartbeat period")
+    ap.add_argument("--router", help="register with this router at run time (its --registry-port)")
     ap.add_argument("--debug-layer-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     setup_logging(args)
@@ -93,6 +97,7 @@ def server_main(role: str, argv: list[str] | None = None) -> None:
         engine_config(args), role, host=args.host, port=args.port, event_port=args.event_port,
         kv_transport=args.kv_transport, zone=args.zone, staging_bytes=args.staging_mib << 20,
         kv_timeout_s=args.kv_timeout_s, debug_layer_delay_s=args.debug_layer_delay_s,
-        model_name=args.served_model_name)
+        model_name=args.served_model_name, kv_failure_policy=args.kv_failure_policy, heartbeat_s=args.heartbeat_s,
+        router_address=args.router)
     print(f"DUET_READY {role} {server.address} {server.event_address}", flush=True)
     server.serve_forever()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 import uuid
 from dataclasses import replace
@@ -25,8 +26,8 @@ from transfer.compat import IncompatiblePeer, KVLayout, check_compatible
 from transfer.factory import make_transport
 from transfer.kv_receiver import KVReceiver
 from transfer.kv_sender import KVSender
-from transfer.messages import (Abort, Drain, Generate, Hello, KVDest, KVEvents, LoadReport, Prefill, PrefillDone,
-                               Refused, ServerInfo, Stats, StatsRequest, Tokens, Welcome)
+from transfer.messages import (Abort, Drain, Generate, Hello, KVDest, KVEvents, KVFailed, LoadReport, Prefill,
+                               PrefillDone, Refused, ServerInfo, Stats, StatsRequest, Tokens, Welcome)
 from transfer.staging import StagingPool
 from transfer.wire import Message, ProtocolError, decode, encode
 
@@ -38,9 +39,16 @@ class EngineServer:
     def __init__(self, config: EngineConfig, role: str, host: str = "127.0.0.1", port: int = 0,
                  event_port: int | None = None, kv_transport: str = "auto", zone: str | None = None,
                  staging_bytes: int = 64 << 20, kv_timeout_s: float = 30.0, debug_layer_delay_s: float = 0.0,
-                 model_name: str | None = None):
+                 model_name: str | None = None, kv_failure_policy: str = "recompute", heartbeat_s: float = 0.2,
+                 router_address: str | None = None):
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if kv_failure_policy not in ("recompute", "fail"):
+            raise ValueError(f"kv_failure_policy must be recompute or fail, got {kv_failure_policy!r}")
+        if not heartbeat_s > 0:
+            raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s}")
+        self.kv_failure_policy = kv_failure_policy
+        self.heartbeat_s = heartbeat_s
         self.role = role
         self.engine = LLMEngine(config, load_tokenizer_=False)
         self.engine_id = f"{role}-{uuid.uuid4().hex[:8]}"
@@ -80,9 +88,19 @@ class EngineServer:
         self.awaiting_link: dict[str, tuple[str, str]] = {}  # transfer id -> (request id, prefill address)
         self.transfer_of: dict[str, str] = {}  # request id -> transfer id (decode side)
         self.num_kv_fallbacks = 0
+        self.num_kv_failed_requests = 0
+        self.router_link = None
+        if router_address:  # run-time registration: our Hello doubles as a heartbeat to the router
+            self.router_link = self.ctx.socket(zmq.DEALER)
+            self.router_link.setsockopt(zmq.LINGER, 0)
+            self.router_link.connect(router_address)
         self.stopping = False
         self.draining = False
-        self._last_load = 0.0
+        self._pub_lock = threading.Lock()
+        self._load: LoadReport = self._load_report()
+        # Heartbeats come from their own thread: a long prefill step must not look like a dead server.
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="duet-heartbeat", daemon=True)
+        self._heartbeat.start()
         logger.info("%s serving %s on %s (events %s, KV transport %s)", self.engine_id, self.model_name,
                     self.address, self.event_address, self.transport.backend)
 
@@ -232,10 +250,27 @@ class EngineServer:
                     self.peers.send(address, dest)
 
     def _fallback(self, request_id: str, reason: str) -> None:
-        """Recompute policy: the prompt's KV will not come; prefill it here."""
+        """The prompt's KV will not come: prefill it here (policy ``recompute``) or fail the request."""
+        if self.kv_failure_policy == "fail":
+            logger.warning("request %s: KV transfer failed (%s); failing it", request_id, reason)
+            self.num_kv_failed_requests += 1
+            ident = self.clients.pop(request_id, None)
+            self.engine.abort_request(request_id)  # its abort output finds no client: dropped
+            if ident is not None:
+                self._reply(ident, Tokens(request_id, [], finished=True, finish_reason="error", status=503,
+                                          error=f"KV transfer failed: {reason}"))
+            return
         logger.warning("request %s: prefilling locally (%s)", request_id, reason)
         self.num_kv_fallbacks += 1
         self.engine.fail_remote_request(request_id)
+
+    def _on_kvfailed(self, ident: bytes, msg: KVFailed) -> None:
+        pending = self.awaiting_link.pop(msg.transfer_id, None) is not None
+        if msg.transfer_id in self.receiver.transfers:
+            self.receiver.cancel(msg.transfer_id)
+            pending = True
+        if pending:
+            self._fallback(msg.request_id, msg.reason or "prefill server failed")
 
     def _advance_receiver(self) -> None:
         completed, failed = self.receiver.poll()
@@ -304,7 +339,8 @@ class EngineServer:
             "kv_bytes_sent": self.sender.num_bytes_sent, "kv_descriptors_sent": self.sender.num_descriptors,
             "kv_transfers_failed_send": self.sender.num_failed, "kv_bytes_received": self.receiver.num_bytes_received,
             "kv_transfers_received": self.receiver.num_completed, "kv_transfers_failed": self.receiver.num_failed,
-            "kv_fallbacks": self.num_kv_fallbacks, "handshakes_refused": self.peers.num_refused,
+            "kv_fallbacks": self.num_kv_fallbacks, "kv_failed_requests": self.num_kv_failed_requests,
+            "handshakes_refused": self.peers.num_refused,
         }
 
     # ---- outputs and events ------------------------------------------------------------------------
@@ -327,18 +363,41 @@ class EngineServer:
     def _publish(self) -> None:
         events = self.engine.block_manager.drain_events()
         if events:
-            self.pub.send(encode(KVEvents(self.engine_id, self.epoch, [event_to_dict(e) for e in events])))
-        now = time.monotonic()
-        if now - self._last_load >= 0.05:
-            self._last_load = now
-            s = self.engine.scheduler
-            self.pub.send(encode(LoadReport(
-                self.engine_id, self.epoch, self.role, len(s.waiting), len(s.running), len(s.waiting_for_kv),
-                self.engine.num_free_blocks, self.engine.num_total_blocks,
-                sum(r.num_tokens - r.num_computed_tokens for r in s.waiting),
-                sum(r.num_tokens for r in s.running), self.draining)))
+            msg = encode(KVEvents(self.engine_id, self.epoch, [event_to_dict(e) for e in events]))
+            with self._pub_lock:
+                self.pub.send(msg)
+        self._load = self._load_report()
+
+    def _load_report(self) -> LoadReport:
+        s = self.engine.scheduler
+        return LoadReport(
+            self.engine_id, self.epoch, self.role, len(s.waiting), len(s.running), len(s.waiting_for_kv),
+            self.engine.num_free_blocks, self.engine.num_total_blocks,
+            sum(r.num_tokens - r.num_computed_tokens for r in s.waiting),
+            sum(r.num_tokens for r in s.running), self.draining)
+
+    def _heartbeat_loop(self) -> None:
+        """Publish the latest load report (and re-register with the router) every ``heartbeat_s``."""
+        hello = encode(Hello(self.info))
+        while not self.stopping:
+            msg = encode(self._load)
+            with self._pub_lock:
+                if self.stopping:
+                    return
+                self.pub.send(msg)
+                if self.router_link is not None:
+                    try:
+                        self.router_link.send(hello, zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass  # router not reachable yet: the next heartbeat tries again
+            time.sleep(self.heartbeat_s)
 
     def close(self) -> None:
+        with self._pub_lock:
+            self.stopping = True
+        self._heartbeat.join(timeout=5)
+        if self.router_link is not None:
+            self.router_link.close(0)
         self.peers.close()
         self.transport.close()
         self.cmd.close(0)

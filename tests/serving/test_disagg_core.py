@@ -8,10 +8,12 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.router.cluster import ClusterDispatcher
 from engine.router.dispatcher import DispatchError, GenerateRequest
+from engine.router.scoring import RouterPolicy
 from engine.launcher import ServerProcess, query_server
 from transfer.messages import Generate, Hello, RemotePrefill, ServerInfo, StatsRequest, Tokens, Welcome
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+ALWAYS_DISAGG = RouterPolicy(disagg_threshold_tokens=0)
 
 
 async def _collect(disp, rid, prompt, params=GREEDY):
@@ -34,7 +36,7 @@ def test_layers_stream_while_prefill_still_computes(four_layer_model):
     prompt = list(range(5, 45))
 
     async def main():
-        disp = ClusterDispatcher([p.address], [d.address], "m", connect_timeout_s=60)
+        disp = ClusterDispatcher([p.address], [d.address], "m", ALWAYS_DISAGG, connect_timeout_s=60)
         await disp.start()
         try:
             toks = await _collect(disp, "stream-1", prompt)
@@ -64,7 +66,7 @@ def test_incompatible_peers_are_refused_and_nothing_hangs(tiny_model):
     d = ServerProcess("decode", model, "--kv-transport", "zmq", "--num-kv-blocks", "32")
     try:
         async def router_start():
-            disp = ClusterDispatcher([p.address], [d.address], "m", connect_timeout_s=60)
+            disp = ClusterDispatcher([p.address], [d.address], "m", ALWAYS_DISAGG, connect_timeout_s=60)
             try:
                 await disp.start()
             finally:

@@ -45,7 +45,8 @@ def cluster(request, model):
     kind = request.param
     p = ServerProcess("prefill", model, "--kv-transport", kind, "--num-kv-blocks", NUM_BLOCKS)
     d = ServerProcess("decode", model, "--kv-transport", kind, "--num-kv-blocks", NUM_BLOCKS)
-    r = ServerProcess("router", model, "--prefill", p.address, "--decode", d.address, "--served-model-name", "llama")
+    r = ServerProcess("router", model, "--prefill", p.address, "--decode", d.address, "--served-model-name", "llama",
+                      "--disagg-threshold-tokens", "0")
     try:
         r.wait_ready()
         yield kind, p, d, r

@@ -1,0 +1,213 @@
+"""The router's live set of servers: links, heartbeats, epochs, load and the prefix index.
+
+Servers enter the registry two ways: listed on the router's command line (greeted with ``Hello`` at start),
+or registering themselves at run time (a server started with ``--router tcp://H:P`` sends its ``Hello``
+to the router's registry socket every heartbeat). Every server publishes ``LoadReport`` (a heartbeat) and
+``KVEvents`` on its PUB socket; the registry subscribes to all of them. A server that misses
+``missed_heartbeats`` heartbeats is marked unhealthy and gets no new request; the dispatcher is told so it
+can rescue the requests that were running there. A server seen again with a new epoch is a new server: its
+prefix-index entries and cost model are dropped.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import zmq
+import zmq.asyncio
+
+from engine.kv_events import event_from_dict
+from engine.router.prefix_index import PrefixIndex
+from engine.router.scoring import ServerState
+from transfer.messages import Hello, KVEvents, LoadReport, ServerInfo, Welcome
+from transfer.wire import Message, ProtocolError, decode, encode
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerLink:
+    info: ServerInfo
+    socket: zmq.asyncio.Socket  # DEALER to the server's command socket
+    events: zmq.asyncio.Socket  # SUB to its event socket
+    state: ServerState
+    last_seen: float
+    tasks: tuple[asyncio.Task, ...] = ()
+
+    @property
+    def address(self) -> str:
+        return self.info.address
+
+    @property
+    def engine_id(self) -> str:
+        return self.info.engine_id
+
+
+class ServerRegistry:
+    def __init__(self, ctx: zmq.asyncio.Context, on_message: Callable[[ServerLink, Message], None],
+                 on_dead: Callable[[ServerLink], None], heartbeat_s: float = 0.2, missed_heartbeats: int = 3):
+        self.ctx = ctx
+        self.on_message = on_message
+        self.on_dead = on_dead
+        self.heartbeat_s = heartbeat_s
+        self.missed_heartbeats = missed_heartbeats
+        self.links: dict[str, ServerLink] = {}  # engine id -> link
+        self.prefix_index = PrefixIndex()
+        self._epochs: dict[str, str] = {}  # address -> epoch last seen there
+        self._tasks: list[asyncio.Task] = []
+        self.registry_socket: zmq.asyncio.Socket | None = None
+        self.compat_hash: str | None = None
+        """KV layout every server must have (set from the first server); others are refused."""
+
+    async def greet(self, address: str, hello: Hello, timeout_s: float) -> ServerInfo:
+        """Hello to a server listed on the command line; its Welcome, or TimeoutError / ValueError."""
+        sock = self._dealer(address)
+        await sock.send(encode(hello))
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"server {address} did not answer within {timeout_s}s")
+                if await sock.poll(int(min(left, 1.0) * 1000)):
+                    msg = decode(await sock.recv())
+                    if isinstance(msg, Welcome):
+                        return msg.info
+                    raise ValueError(f"server {address} refused the router: {msg}")
+        finally:
+            sock.close(0)
+
+    def _dealer(self, address: str) -> zmq.asyncio.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address)
+        return sock
+
+    def add(self, info: ServerInfo) -> ServerLink:
+        """Start routing to a server (replacing an older life of it at the same address)."""
+        old = next((lk for lk in self.links.values() if lk.address == info.address), None)
+        if old is not None:
+            if old.info.epoch == info.epoch:
+                return old
+            logger.warning("server at %s restarted (new epoch): treating it as a new server", info.address)
+            self.remove(old)
+        sock = self._dealer(info.address)
+        events = self.ctx.socket(zmq.SUB)
+        events.setsockopt(zmq.LINGER, 0)
+        events.setsockopt(zmq.SUBSCRIBE, b"")
+        events.connect(info.event_address)
+        state = ServerState(info.engine_id, role=info.role, zone=info.zone, block_size=info.layout.block_size,
+                            total_blocks=info.num_total_blocks, free_blocks=info.num_total_blocks)
+        link = ServerLink(info, sock, events, state, time.monotonic())
+        link.tasks = (asyncio.create_task(self._receive(link, sock)), asyncio.create_task(self._receive(link, events)))
+        self.links[info.engine_id] = link
+        self._epochs[info.address] = info.epoch
+        logger.info("routing to %s server %s at %s (zone %s)", info.role, info.engine_id, info.address, info.zone)
+        return link
+
+    def remove(self, link: ServerLink) -> None:
+        for t in link.tasks:
+            t.cancel()
+        link.socket.close(0)
+        link.events.close(0)
+        self.links.pop(link.engine_id, None)
+        self.prefix_index.drop_server(link.engine_id)
+
+    async def _receive(self, link: ServerLink, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            try:
+                raw = await sock.recv()
+                msg = decode(raw)
+            except ProtocolError as e:
+                logger.warning("bad message from %s: %s", link.address, e)
+                continue
+            except zmq.ZMQError:
+                return
+            if isinstance(msg, LoadReport):
+                if msg.epoch != link.info.epoch:
+                    continue  # a new life of this server: it must register again
+                self._apply_load(link, msg)
+            elif isinstance(msg, KVEvents):
+                if msg.epoch == link.info.epoch:
+                    self._apply_kv_events(link, msg)
+            else:
+                self.on_message(link, msg)
+
+    def _apply_load(self, link: ServerLink, msg: LoadReport) -> None:
+        s = link.state
+        s.queued_requests = msg.waiting + msg.waiting_for_kv
+        s.queued_prefill_tokens = msg.queued_prefill_tokens
+        s.running_requests, s.running_tokens = msg.running, msg.running_tokens
+        s.total_blocks, s.free_blocks = msg.total_blocks, min(msg.free_blocks, msg.total_blocks)
+        link.last_seen = time.monotonic()
+        if not s.healthy and not msg.draining:
+            logger.info("server %s is back", link.address)
+        s.healthy = not msg.draining
+
+    def _apply_kv_events(self, link: ServerLink, msg: KVEvents) -> None:
+        link.last_seen = time.monotonic()
+        for raw in msg.events:
+            try:
+                event = event_from_dict(raw)
+            except (TypeError, ValueError):
+                continue
+            if event.kind == "stored":
+                self.prefix_index.stored(link.engine_id, event.block_hashes)
+            elif event.kind == "removed":
+                self.prefix_index.removed(link.engine_id, event.block_hashes)
+            else:
+                self.prefix_index.cleared(link.engine_id)
+
+    async def watch(self) -> None:
+        """Mark servers that missed their heartbeats unhealthy (runs until cancelled)."""
+        limit = self.heartbeat_s * self.missed_heartbeats
+        while True:
+            await asyncio.sleep(self.heartbeat_s / 2)
+            now = time.monotonic()
+            for link in list(self.links.values()):
+                if link.state.healthy and now - link.last_seen > limit:
+                    logger.warning("server %s missed %d heartbeats: no longer routing to it", link.address,
+                                   self.missed_heartbeats)
+                    link.state.healthy = False
+                    self.prefix_index.cleared(link.engine_id)
+                    self.on_dead(link)
+
+    def listen(self, address: str) -> None:
+        """Accept run-time registrations (servers started with ``--router``) on ``address``."""
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(address)
+        self.registry_socket = sock
+        self._tasks.append(asyncio.create_task(self._accept(sock)))
+
+    async def _accept(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            try:
+                ident, raw = await sock.recv_multipart()
+                msg = decode(raw)
+            except (ValueError, ProtocolError):
+                continue
+            except zmq.ZMQError:
+                return
+            if isinstance(msg, Hello) and msg.info.role in ("prefill", "decode", "both") and msg.info.layout:
+                if self.compat_hash is not None and msg.info.compat_hash != self.compat_hash:
+                    logger.error("refusing server %s: its KV layout %s differs from the cluster's",
+                                 msg.info.address, msg.info.layout)
+                    continue
+                self.compat_hash = self.compat_hash or msg.info.compat_hash
+                link = self.links.get(msg.info.engine_id)
+                if link is None or link.info.epoch != msg.info.epoch:
+                    self.add(msg.info)
+                else:
+                    link.last_seen = time.monotonic()
+
+    def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for link in list(self.links.values()):
+            self.remove(link)
+        if self.registry_socket is not None:
+            self.registry_socket.close(0)
