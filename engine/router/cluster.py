@@ -100,6 +100,11 @@ class ClusterDispatcher(Dispatcher):
             self.registry.add(info)
         if self.registry_address:
             self.registry.listen(self.registry_address)
+            deadline = time.monotonic() + self.connect_timeout_s
+            while not self.healthy():  # no decode server listed: wait for one to register
+                if time.monotonic() > deadline:
+                    raise DispatchError(f"no decode server registered within {self.connect_timeout_s}s")
+                await asyncio.sleep(0.05)
         self._watch_task = asyncio.create_task(self.registry.watch())
         self._refresh_limits()
 
@@ -151,6 +156,7 @@ class ClusterDispatcher(Dispatcher):
 
     # ---- placement ---------------------------------------------------------------------------------
     def _decide(self, request: GenerateRequest, prompt: list[int], max_tokens: int, exclude: set[str]):
+        self._refresh_limits()
         info = RequestInfo.from_tokens(prompt, max_tokens, self.block_size, zone=request.zone,
                                        request_id=request.request_id)
         links = [lk for lk in self.registry.links.values() if lk.engine_id not in exclude]
