@@ -39,3 +39,13 @@ def torch_threads() -> int:
 def triton_interpret() -> bool:
     """TRITON_INTERPRET=1 (Triton's own variable): kernels run on CPU tensors through the interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fault_fail_write_p() -> float:
+    """DUET_FAULT_FAIL_WRITE_P (tests only): probability that posting a KV write fails on the prefill side."""
+    return float(_get("DUET_FAULT_FAIL_WRITE_P", "0"))
+
+
+def fault_drop_notif_p() -> float:
+    """DUET_FAULT_DROP_NOTIF_P (tests only): probability that the decode side drops an arrived KV notification."""
+    return float(_get("DUET_FAULT_DROP_NOTIF_P", "0"))

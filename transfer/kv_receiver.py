@@ -10,11 +10,13 @@ slab) and the caller applies its failure policy.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass
 
 import torch
 
+from engine import envs
 from engine.request import Request
 from engine.sampler import SampleResult
 from kernels.kv_blocks import scatter_kv_blocks
@@ -50,6 +52,7 @@ class KVReceiver:
         self.num_layers = kv_cache.shape[0]
         self.transfers: dict[str, InTransfer] = {}
         self.traces: dict[str, dict[str, float]] = {}
+        self.fault_drop_notif_p = envs.fault_drop_notif_p()
         self.num_bytes_received = 0
         self.num_completed = 0
         self.num_failed = 0
@@ -75,6 +78,9 @@ class KVReceiver:
     def poll(self) -> tuple[list[tuple[Request, SampleResult]], list[tuple[Request, str]]]:
         """Apply arrived notifications. Returns (completed: request + first token, failed: request + why)."""
         for peer, raw in self.transport.notifications():
+            if self.fault_drop_notif_p and random.random() < self.fault_drop_notif_p:
+                logger.warning("dropping a notification from %s (DUET_FAULT_DROP_NOTIF_P)", peer)
+                continue
             try:
                 msg = decode(raw)
             except ProtocolError as e:

@@ -12,11 +12,13 @@ States: PENDING (one message missing) -> ADMITTED -> STREAMING (in the final ste
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from engine import envs
 from kernels.kv_blocks import gather_kv_blocks
 from transfer.messages import KVDest, KVLayers, Prefill, PrefillDone
 from transfer.staging import StagingPool
@@ -61,6 +63,7 @@ class KVSender:
         self._by_engine_id: dict[str, OutTransfer] = {}
         self._streaming: list[tuple[OutTransfer, torch.Tensor]] = []
         self.traces: dict[str, dict[str, float]] = {}
+        self.fault_fail_write_p = envs.fault_fail_write_p()
         self.num_bytes_sent = 0
         self.num_descriptors = 0
         self.num_failed = 0
@@ -155,6 +158,8 @@ class KVSender:
             return
         lb = t.layer_bytes
         try:
+            if self.fault_fail_write_p and random.random() < self.fault_fail_write_p:
+                raise TransferError("injected write failure (DUET_FAULT_FAIL_WRITE_P)")
             h = self.transport.write(self.staging_handle, t.local_offset + l0 * lb, (l1 - l0) * lb, t.dest.region,
                                      t.dest.offset + l0 * lb, encode(notif))
         except (TransferError, ValueError) as e:

@@ -155,6 +155,8 @@ class Tokens(Message):
     num_cached_tokens: int = 0
     error: str | None = None
     status: int = 500
+    retryable: bool = False
+    """The error says nothing about the request (e.g. the server is draining): another server may take it."""
 
 
 @dataclass

@@ -24,8 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m engine.router", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="model directory (tokenizer, chat template, defaults)")
     ap.add_argument("--served-model-name")
-    ap.add_argument("--prefill", nargs="*", default=[], help="prefill servers' command sockets (tcp://H:P)")
-    ap.add_argument("--decode", nargs="*", default=[], help="decode servers' command sockets (tcp://H:P)")
+    ap.add_argument("--prefill", nargs="+", action="extend", default=[],
+                    help="prefill servers' command sockets (tcp://H:P)")
+    ap.add_argument("--decode", nargs="+", action="extend", default=[], help="decode servers' command sockets (tcp://H:P)")
     ap.add_argument("--registry-port", type=int, help="accept servers registering at run time (--router on them)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000, help="HTTP port")

@@ -165,6 +165,8 @@ class ClusterDispatcher(Dispatcher):
 
     async def _place(self, request: GenerateRequest, prompt: list[int], max_tokens: int, exclude: set[str]):
         decision, info = self._decide(request, prompt, max_tokens, exclude)
+        if not decision.accepted and exclude and decision.reason == "no_healthy_server":
+            raise DispatchError("no other healthy decode server to move the request to", 503)
         if not decision.accepted and decision.retryable:
             if self._num_queued >= self.max_queue:
                 self.counters["rejected_queue_full"] += 1
@@ -212,34 +214,43 @@ class ClusterDispatcher(Dispatcher):
         params = request.params
         generated: list[int] = []
         excluded: set[str] = set()
-        migrations = 0
+        attempts = 0
         deadline = time.monotonic() + self.request_timeout_s
         while True:
+            attempts += 1
             d, p = await self._place(request, prompt + generated, params.max_tokens - len(generated), excluded)
             attempt_params = params
             if generated:  # migration: continue after the tokens the client already has
                 attempt_params = replace(params, max_tokens=params.max_tokens - len(generated),
                                          min_tokens=max(0, params.min_tokens - len(generated)))
-            gone = False
-            async for delta in self._run_on(rid, prompt + generated, attempt_params, d, p, deadline):
-                if delta is _SERVER_GONE:
-                    gone = True
-                    break
-                generated.extend(delta.token_ids)
-                yield delta
-                if delta.finished:
-                    return
-            if not gone:
+            failure = None
+            try:
+                async for delta in self._run_on(rid, prompt + generated, attempt_params, d, p, deadline):
+                    if delta is _SERVER_GONE:
+                        failure = f"decode server {d.address} died"
+                        break
+                    generated.extend(delta.token_ids)
+                    self.registry.succeeded(d)
+                    yield delta
+                    if delta.finished:
+                        return
+            except DispatchError as e:
+                # Refused before its first token (draining, overloaded, broken): another server may take it.
+                if generated or not getattr(e, "retryable", False) or attempts > self.max_migrations:
+                    raise
+                failure = str(e)
+            if failure is None:
                 return
-            migrations += 1
-            self.counters["migrations"] += 1
+            self.registry.failed(d)
             excluded.add(d.engine_id)
-            if migrations > self.max_migrations:
+            if attempts > self.max_migrations:
                 yield TokenDelta(finished=True, finish_reason="error", status=503,
-                                 error=f"decode servers kept failing ({migrations} attempts)")
+                                 error=f"request failed on {attempts} servers; last: {failure}")
                 return
-            logger.warning("request %s: decode server %s died after %d tokens; migrating", rid, d.address,
+            self.counters["migrations" if generated else "retries"] += 1
+            logger.warning("request %s: %s after %d tokens; moving it to another decode server", rid, failure,
                            len(generated))
+            await asyncio.sleep(0.05 * 2 ** (attempts - 1))  # backoff
 
     async def _run_on(self, rid: str, prompt: list[int], params, d: ServerLink, p: ServerLink | None,
                       deadline: float) -> AsyncIterator:
@@ -274,7 +285,9 @@ class ClusterDispatcher(Dispatcher):
                 if tid is not None and msg.token_ids:
                     self._handoff_part(tid, "first_token", time.monotonic())
                 if msg.error and not msg.token_ids and msg.finish_reason == "error":
-                    raise DispatchError(msg.error, status=msg.status)
+                    err = DispatchError(msg.error, status=msg.status)
+                    err.retryable = msg.retryable
+                    raise err
                 yield TokenDelta(msg.token_ids, msg.logprobs, msg.finished, msg.finish_reason, msg.stop_reason,
                                  msg.num_cached_tokens, msg.error, msg.status)
         finally:

@@ -36,6 +36,9 @@ class ServerLink:
     state: ServerState
     last_seen: float
     tasks: tuple[asyncio.Task, ...] = ()
+    failures: int = 0
+    """Consecutive failed requests (the circuit breaker opens at ``breaker_failures``)."""
+    breaker_until: float = 0.0
 
     @property
     def address(self) -> str:
@@ -48,12 +51,15 @@ class ServerLink:
 
 class ServerRegistry:
     def __init__(self, ctx: zmq.asyncio.Context, on_message: Callable[[ServerLink, Message], None],
-                 on_dead: Callable[[ServerLink], None], heartbeat_s: float = 0.2, missed_heartbeats: int = 3):
+                 on_dead: Callable[[ServerLink], None], heartbeat_s: float = 0.2, missed_heartbeats: int = 3,
+                 breaker_failures: int = 3, breaker_cooldown_s: float = 5.0):
         self.ctx = ctx
         self.on_message = on_message
         self.on_dead = on_dead
         self.heartbeat_s = heartbeat_s
         self.missed_heartbeats = missed_heartbeats
+        self.breaker_failures = breaker_failures
+        self.breaker_cooldown_s = breaker_cooldown_s
         self.links: dict[str, ServerLink] = {}  # engine id -> link
         self.prefix_index = PrefixIndex()
         self._epochs: dict[str, str] = {}  # address -> epoch last seen there
@@ -142,10 +148,23 @@ class ServerRegistry:
         s.queued_prefill_tokens = msg.queued_prefill_tokens
         s.running_requests, s.running_tokens = msg.running, msg.running_tokens
         s.total_blocks, s.free_blocks = msg.total_blocks, min(msg.free_blocks, msg.total_blocks)
-        link.last_seen = time.monotonic()
-        if not s.healthy and not msg.draining:
+        link.last_seen = now = time.monotonic()
+        healthy = not msg.draining and now >= link.breaker_until
+        if healthy and not s.healthy:
             logger.info("server %s is back", link.address)
-        s.healthy = not msg.draining
+        s.healthy = healthy
+
+    def failed(self, link: ServerLink) -> None:
+        """A request failed on ``link``: after ``breaker_failures`` in a row, stop routing there for a while."""
+        link.failures += 1
+        if link.failures >= self.breaker_failures:
+            logger.warning("circuit breaker open for %s (%d failures in a row)", link.address, link.failures)
+            link.breaker_until = time.monotonic() + self.breaker_cooldown_s
+            link.state.healthy = False
+            link.failures = self.breaker_failures - 1  # half-open after the cool-down: one more failure reopens
+
+    def succeeded(self, link: ServerLink) -> None:
+        link.failures = 0
 
     def _apply_kv_events(self, link: ServerLink, msg: KVEvents) -> None:
         link.last_seen = time.monotonic()

@@ -87,7 +87,10 @@ def server_main(role: str, argv: list[str] | None = None) -> None:
                     help="when KV does not arrive: prefill locally (recompute) or fail the request")
     ap.add_argument("--heartbeat-s", type=float, default=0.2, help="load report / heartbeat period")
     ap.add_argument("--router", help="register with this router at run time (its --registry-port)")
+    ap.add_argument("--drain-timeout-s", type=float, default=30.0,
+                    help="on SIGTERM: stop admitting, finish in-flight requests for up to this long, exit")
     ap.add_argument("--debug-layer-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--debug-step-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     setup_logging(args)
     apply_threads(args)
@@ -98,6 +101,7 @@ def server_main(role: str, argv: list[str] | None = None) -> None:
         kv_transport=args.kv_transport, zone=args.zone, staging_bytes=args.staging_mib << 20,
         kv_timeout_s=args.kv_timeout_s, debug_layer_delay_s=args.debug_layer_delay_s,
         model_name=args.served_model_name, kv_failure_policy=args.kv_failure_policy, heartbeat_s=args.heartbeat_s,
-        router_address=args.router)
+        router_address=args.router, drain_timeout_s=args.drain_timeout_s,
+        debug_step_delay_s=args.debug_step_delay_s)
     print(f"DUET_READY {role} {server.address} {server.event_address}", flush=True)
     server.serve_forever()

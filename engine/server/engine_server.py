@@ -40,7 +40,8 @@ class EngineServer:
                  event_port: int | None = None, kv_transport: str = "auto", zone: str | None = None,
                  staging_bytes: int = 64 << 20, kv_timeout_s: float = 30.0, debug_layer_delay_s: float = 0.0,
                  model_name: str | None = None, kv_failure_policy: str = "recompute", heartbeat_s: float = 0.2,
-                 router_address: str | None = None):
+                 router_address: str | None = None, drain_timeout_s: float = 30.0,
+                 debug_step_delay_s: float = 0.0):
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         if kv_failure_policy not in ("recompute", "fail"):
@@ -49,6 +50,9 @@ class EngineServer:
             raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s}")
         self.kv_failure_policy = kv_failure_policy
         self.heartbeat_s = heartbeat_s
+        self.drain_timeout_s = drain_timeout_s
+        self.debug_step_delay_s = debug_step_delay_s
+        self._drain_deadline = 0.0
         self.role = role
         self.engine = LLMEngine(config, load_tokenizer_=False)
         self.engine_id = f"{role}-{uuid.uuid4().hex[:8]}"
@@ -122,7 +126,26 @@ class EngineServer:
             self.close()
 
     def stop(self) -> None:
-        self.stopping = True
+        """First call (SIGTERM): drain — admit nothing new, finish what runs (bounded by drain_timeout_s), exit.
+        A second call exits now."""
+        if self.draining:
+            self.stopping = True
+            return
+        logger.info("%s draining (up to %.0fs)", self.engine_id, self.drain_timeout_s)
+        self.draining = True
+        self._drain_deadline = time.monotonic() + self.drain_timeout_s
+
+    def _drained(self) -> bool:
+        busy = (self.engine.has_unfinished_requests() or self.sender.transfers or self.receiver.transfers
+                or self.awaiting_link)
+        if busy and time.monotonic() < self._drain_deadline:
+            return False
+        if busy:
+            logger.warning("drain deadline passed with work left: aborting it")
+            for rid in list(self.clients):
+                self.engine.abort_request(rid)
+            self._route_outputs(self.engine.step())
+        return True
 
     def run_once(self) -> None:
         busy = self.engine.has_runnable_work()
@@ -140,10 +163,14 @@ class EngineServer:
             outputs = self.engine.step(on_schedule=self.sender.on_schedule)
             self.sender.after_step(outputs)
             self._route_outputs(outputs)
+            if self.debug_step_delay_s:
+                time.sleep(self.debug_step_delay_s)  # test hook: a slow model
         for reply_to, done in self.sender.poll():
             if reply_to is not None:
                 self._reply(reply_to, done)
         self._publish()
+        if self.draining and self._drained():
+            self.stopping = True
 
     # ---- commands ----------------------------------------------------------------------------------
     def _drain_commands(self) -> None:
@@ -201,7 +228,8 @@ class EngineServer:
         rid = msg.request_id
         if self.role == "prefill" or self.draining:
             why = "server is draining" if self.draining else "a prefill server does not generate"
-            self._reply(ident, Tokens(rid, [], finished=True, finish_reason="error", error=why, status=503))
+            self._reply(ident, Tokens(rid, [], finished=True, finish_reason="error", error=why, status=503,
+                                      retryable=True))
             return
         params = self._params(ident, rid, msg.sampling)
         if params is None:
@@ -226,7 +254,7 @@ class EngineServer:
             return
         self.transfer_of[msg.request_id] = remote.transfer_id
         self.awaiting_link[remote.transfer_id] = (msg.request_id, remote.prefill_address)
-        self.peers.get(remote.prefill_address)
+        self.peers.get(remote.prefill_address, remote.prefill_engine_id)
         self._advance_links()
 
     def _advance_links(self) -> None:

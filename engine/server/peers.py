@@ -38,9 +38,13 @@ class PeerLinks:
         self.links: dict[str, PeerLink] = {}
         self.num_refused = 0
 
-    def get(self, address: str) -> PeerLink:
+    def get(self, address: str, engine_id: str | None = None) -> PeerLink:
+        """The link to ``address``, opened if needed. A link to another life of the peer (its engine id
+        changed: it restarted) or refused more than 5 s ago is replaced by a fresh handshake."""
         link = self.links.get(address)
-        if link is None or link.state == "REFUSED" and time.monotonic() > link.deadline + 5.0:
+        stale = (link is not None and link.state == "READY" and engine_id is not None
+                 and link.info.engine_id != engine_id)
+        if link is None or stale or link.state == "REFUSED" and time.monotonic() > link.deadline + 5.0:
             if link is not None:
                 self._close(link)
             sock = self.ctx.socket(zmq.DEALER)
