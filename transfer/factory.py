@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from transfer.transport import KVTransport
+
+if TYPE_CHECKING:
+    from engine.security import ZmqKeys
 
 logger = logging.getLogger(__name__)
 
@@ -20,11 +23,12 @@ def nixl_importable() -> bool:
 
 
 def make_transport(kind: TransportKind = "auto", name: str = "duet", *, host: str = "127.0.0.1",
-                   **kwargs) -> KVTransport:
+                   keys: ZmqKeys | None = None, **kwargs) -> KVTransport:
     """A new transport named ``name`` + a random suffix.
 
     ``kind``: ``nixl`` (fails if NIXL is missing), ``zmq``, or ``auto`` (NIXL if importable and its agent
     starts, else ZMQ). ``host`` is where the ZMQ backend binds (NIXL/UCX picks its own interfaces);
+    ``keys`` turns on CURVE for the ZMQ backend (NIXL's UCX data path is not covered by them);
     other keyword arguments go to the backend's constructor.
     """
     if kind not in ("nixl", "zmq", "auto"):
@@ -33,11 +37,14 @@ def make_transport(kind: TransportKind = "auto", name: str = "duet", *, host: st
         from transfer.nixl_transport import NixlTransport
 
         try:
-            return NixlTransport(name, **kwargs)
+            transport = NixlTransport(name, **kwargs)
+            if keys is not None:
+                logger.warning("CURVE keys protect the control plane but not NIXL/UCX KV transfers")
+            return transport
         except Exception as exc:  # noqa: BLE001 - no UCX plugin, no usable device...
             if kind == "nixl":
                 raise
             logger.warning("NIXL is installed but its agent failed to start (%s); using ZMQ", exc)
     from transfer.zmq_transport import ZmqTransport
 
-    return ZmqTransport(name, host=host, **kwargs)
+    return ZmqTransport(name, host=host, keys=keys, **kwargs)

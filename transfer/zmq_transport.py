@@ -9,6 +9,11 @@ receiver refused the write or the TCP connection to the peer dropped (socket mon
 never leaves a handle pending forever. Peers are not reconnected: a restarted peer has a new name and
 new metadata, and the writer connects to it afresh.
 
+With ``keys`` (:class:`engine.security.ZmqKeys`) the ROUTER is a CURVE server, every DEALER a CURVE client,
+and the transport runs its own ZAP authenticator thread on its own ``zmq.Context`` (the process's
+authenticator on ``zmq.Context.instance()`` does not cover it): a writer without authorized keys fails
+its handshake, so ``connect()`` raises and nothing it sends reaches the ROUTER.
+
 Payloads leave CPU tensors without a copy (zero-copy frames); CUDA tensors go through host memory.
 """
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from engine.security import ZmqKeys, secure_client, secure_server, start_authenticator
 from transfer.transport import (
     DONE,
     ERROR,
@@ -82,6 +88,9 @@ class ZmqAck(Message):
 
 
 _DEAD_EVENTS = {zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED, zmq.EVENT_MONITOR_STOPPED}
+_HANDSHAKE_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed",
+                     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake failed (protocol; CURVE keys on one side only?)",
+                     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "handshake refused (CURVE key not authorized)"}
 
 
 @dataclass(eq=False)
@@ -99,16 +108,26 @@ class ZmqTransport(KVTransport):
     backend = "zmq"
 
     def __init__(self, name: str = "duet", *, host: str = "127.0.0.1", port: int = 0,
-                 advertise_host: str | None = None, connect_timeout_s: float = 5.0, unique: bool = True):
+                 advertise_host: str | None = None, connect_timeout_s: float = 5.0, unique: bool = True,
+                 keys: ZmqKeys | None = None):
         self.name = f"{name}-{secrets.token_hex(4)}" if unique else name
         self._connect_timeout_s = connect_timeout_s
+        self._keys = keys
         self._ctx = zmq.Context(io_threads=1)
+        self._auth = start_authenticator(self._ctx, keys)  # None without keys
         self._router = self._ctx.socket(zmq.ROUTER)
+        secure_server(self._router, keys)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.SNDHWM, 0)
         self._router.setsockopt(zmq.RCVHWM, 0)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an ACK to a vanished writer raises, not blocks
-        self._router.bind(f"tcp://{host}:{port or '*'}")
+        try:
+            self._router.bind(f"tcp://{host}:{port or '*'}")
+        except zmq.ZMQError:
+            if self._auth is not None:
+                self._auth.stop()
+            self._ctx.destroy(linger=0)
+            raise
         bound = self._router.getsockopt_string(zmq.LAST_ENDPOINT)  # tcp://ip:port
         bound_port = bound.rsplit(":", 1)[1]
         if advertise_host is None:
@@ -152,7 +171,10 @@ class ZmqTransport(KVTransport):
         return encode(ZmqPeerInfo(name=self.name, endpoint=self.endpoint))
 
     def connect(self, peer_name: str, peer_metadata: bytes) -> None:
-        """Connect a DEALER to the peer; blocks until the TCP connection is up, TransferError after the timeout."""
+        """Connect a DEALER to the peer; blocks until the ZMTP handshake (CURVE with keys) succeeded.
+
+        TransferError after the timeout, or as soon as the peer refuses the handshake.
+        """
         try:
             info = decode(peer_metadata)
         except ProtocolError as exc:
@@ -161,28 +183,32 @@ class ZmqTransport(KVTransport):
             raise ValueError(f"metadata is for {getattr(info, 'name', info)!r}, not {peer_name!r}")
         self.disconnect(peer_name)
         dealer = self._ctx.socket(zmq.DEALER)
+        secure_client(dealer, self._keys)
         for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.RECONNECT_IVL, -1),
                            (zmq.HEARTBEAT_IVL, 1000), (zmq.HEARTBEAT_TIMEOUT, 5000)):
             dealer.setsockopt(opt, value)  # heartbeats catch a peer host that vanished without closing TCP
-        monitor = dealer.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
-                                            | zmq.EVENT_MONITOR_STOPPED)
+        # Wait for the handshake, not just TCP: with CURVE a refused key only shows up there.
+        monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+                                            | zmq.EVENT_MONITOR_STOPPED | sum(_HANDSHAKE_FAILED))
         dealer.connect(info.endpoint)
         give_up = time.monotonic() + self._connect_timeout_s
-        connected = False
+        connected, why = False, f"cannot reach it within {self._connect_timeout_s}s"
         while not connected:
             remaining_ms = int((give_up - time.monotonic()) * 1000)
             if remaining_ms <= 0 or not monitor.poll(remaining_ms):
                 break
             event = recv_monitor_message(monitor)["event"]
-            connected = event == zmq.EVENT_CONNECTED
+            connected = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            if event in _HANDSHAKE_FAILED:
+                why = _HANDSHAKE_FAILED[event]
+                break
             if event in _DEAD_EVENTS:
                 break
         if not connected:
             dealer.disable_monitor()
             monitor.close(linger=0)
             dealer.close(linger=0)
-            raise TransferError(f"{self.name}: cannot reach {peer_name} at {info.endpoint} "
-                                f"within {self._connect_timeout_s}s")
+            raise TransferError(f"{self.name}: {peer_name} at {info.endpoint}: {why}")
         peer = _Peer(peer_name, info.endpoint, dealer, monitor)
         self._peers[peer_name] = peer
         self._by_socket[dealer] = self._by_socket[monitor] = peer
@@ -279,6 +305,9 @@ class ZmqTransport(KVTransport):
             self.disconnect(name)
         self._pending.clear()
         self._regions.clear()
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         self._ctx.destroy(linger=0)  # closes the router too; never waits on unsent messages
         self._ctx = None
 
