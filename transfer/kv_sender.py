@@ -1,13 +1,16 @@
 """Prefill side of a KV hand-off: stream each remote request's KV to its decode server, layer by layer.
 
-A transfer needs two messages, in either order: ``Prefill`` from the router and ``KVDest`` from the decode
-server. With both, the server admits the prompt into its engine (``ready()``). During the step that computes
-the prompt's last chunk, the layer hook packs layer l's blocks into a local staging slab (one gather) and
-posts one WRITE of it while layer l+1 computes. The last layer's WRITE waits for the sampled first token,
-which rides in its notification. Blocks are released by the engine as soon as the step ends (the slab
-holds the bytes); the slab is freed when every WRITE is DONE.
+A transfer needs two messages: ``Prefill`` from the router and ``KVDest`` from the decode server (where to
+write, and how many leading blocks decode already caches). The prompt is admitted as soon as ``Prefill``
+arrives (``ready()``), so computing overlaps the decode side's admission. During the step that computes the
+prompt's last chunk, the layer hook packs layer l's blocks into a local staging slab (one gather) and, once
+the destination is known, posts one WRITE of layer l while layer l+1 computes; layers packed before
+``KVDest`` arrived are posted when it does. The last layer's WRITE waits for the sampled first token, which
+rides in its notification. Blocks are released by the engine as soon as the step ends (the slab holds the
+bytes); the slab is freed when every WRITE is DONE.
 
-States: PENDING (one message missing) -> ADMITTED -> STREAMING (in the final step) -> SENT -> DONE | FAILED.
+States: PENDING (no Prefill yet) -> ADMITTED -> STREAMING (in the final step) -> PACKED (all layers packed,
+first token known) -> SENT (every WRITE posted) -> DONE | FAILED.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -38,16 +42,33 @@ class OutTransfer:
     state: str = "PENDING"
     engine_request_id: str = ""
     local_offset: int = -1
-    slab: torch.Tensor | None = None  # [layers, 2, n, block_size, heads, head_dim] view of the staging slab
+    slab: torch.Tensor | None = None  # [layers, 2, prompt_blocks, block_size, heads, head_dim] staging view
     handles: list[TransferHandle] = field(default_factory=list)
+    layers_packed: int = 0
+    layers_posted: int = 0
+    last_notif: KVLayers | None = None
+    """The last layer's notification (with the first token), once the step sampled it."""
     admitted_at: float = 0.0
     compute_s: float = 0.0
     num_cached_tokens: int = 0
     error: str | None = None
 
-    @property
-    def layer_bytes(self) -> int:
-        return self.slab[0].numel() * self.slab.element_size()
+    def ranges(self, l0: int, l1: int) -> list[tuple[int, int, int]]:
+        """(local offset, remote offset, bytes) of layers [l0, l1): decode holds the first ``num_skip_blocks``
+        blocks already, so each layer's K and V runs start past them (2 descriptors, 1 when nothing is skipped)."""
+        _, _, n_local, *rest = self.slab.shape
+        block_bytes = self.slab[0, 0, 0].numel() * self.slab.element_size()
+        skip, n = self.dest.num_skip_blocks, self.dest.num_blocks
+        out = []
+        for layer in range(l0, l1):
+            for kv in range(2):
+                local = self.local_offset + ((layer * 2 + kv) * n_local + skip) * block_bytes
+                remote = self.dest.offset + (layer * 2 + kv) * n * block_bytes
+                if out and out[-1][0] + out[-1][2] == local and out[-1][1] + out[-1][2] == remote:
+                    out[-1] = (out[-1][0], out[-1][1], out[-1][2] + n * block_bytes)
+                else:
+                    out.append((local, remote, n * block_bytes))
+        return out
 
 
 class KVSender:
@@ -62,6 +83,8 @@ class KVSender:
         self.transfers: dict[str, OutTransfer] = {}
         self._by_engine_id: dict[str, OutTransfer] = {}
         self._streaming: list[tuple[OutTransfer, torch.Tensor]] = []
+        self.receive_destinations: Callable[[], None] = lambda: None
+        """Set by the server: apply ``KVDest``s that arrived while a step runs."""
         self.traces: dict[str, dict[str, float]] = {}
         self.fault_fail_write_p = envs.fault_fail_write_p()
         self.num_bytes_sent = 0
@@ -83,14 +106,19 @@ class KVSender:
     def on_dest(self, msg: KVDest, timeout_s: float = 30.0) -> OutTransfer:
         t = self._get(msg.transfer_id, timeout_s)
         t.dest = msg
+        if t.slab is not None and t.dest.num_skip_blocks + t.dest.num_blocks != t.slab.shape[2]:
+            t.state, t.error = "FAILED", f"decode asked for {msg.num_skip_blocks}+{msg.num_blocks} blocks of a " \
+                                         f"{t.slab.shape[2]}-block prompt"
+        self._flush(t)
         return t
 
     def ready(self, t: OutTransfer) -> bool:
-        return t.state == "PENDING" and t.prefill is not None and t.dest is not None
+        return t.state == "PENDING" and t.prefill is not None
 
     def admitted(self, t: OutTransfer, engine_request_id: str) -> str | None:
         """The prompt is in the engine: reserve the local slab. Returns an error string if impossible."""
-        n = t.dest.num_blocks
+        bs = self.kv_cache.shape[3]
+        n = -(-len(t.prefill.prompt_token_ids) // bs)
         shape = (self.num_layers, 2, n, *self.kv_cache.shape[3:])
         nbytes = self.num_layers * 2 * n * self.kv_cache[0, 0, 0].numel() * self.kv_cache.element_size()
         offset = self.staging.alloc(nbytes)
@@ -113,8 +141,7 @@ class KVSender:
             t = self._by_engine_id.get(chunk.request.request_id)
             if t is not None and t.state == "ADMITTED" and chunk.samples:
                 req = chunk.request
-                skip, n = t.dest.num_skip_blocks, t.dest.num_blocks
-                ids = torch.tensor(req.block_ids[skip:skip + n], dtype=torch.int64, device=self.kv_cache.device)
+                ids = torch.tensor(req.block_ids, dtype=torch.int64, device=self.kv_cache.device)
                 t.num_cached_tokens = req.num_cached_tokens
                 t.state = "STREAMING"
                 self._streaming.append((t, ids))
@@ -125,20 +152,25 @@ class KVSender:
             gather_kv_blocks(self.kv_cache, ids, layer, layer + 1, out=t.slab[layer:layer + 1])
         if self.kv_cache.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # the WRITE must see the finished gather
+        if any(t.dest is None for t, _ in self._streaming):
+            self.receive_destinations()
         for t, _ in self._streaming:
             self._trace(t, f"layer_{layer}_computed")
-            if layer < self.num_layers - 1:
-                self._post(t, layer, layer + 1, KVLayers(t.transfer_id, layer, layer + 1))
+            # The last layer waits for the first token (after_step); earlier ones go now if we know where.
+            t.layers_packed = min(layer + 1, self.num_layers - 1)
+            self._flush(t)
         self.progress()
         if self.debug_layer_delay_s > 0:
             # Test hook: a slow layer; keep driving transfers meanwhile, as a GPU-bound step would.
             until = time.monotonic() + self.debug_layer_delay_s
             while time.monotonic() < until:
                 self.progress()
+                if any(t.dest is None for t, _ in self._streaming):
+                    self.receive_destinations()
                 time.sleep(0.002)
 
     def after_step(self, outputs) -> None:
-        """The step sampled the first tokens: post each streaming transfer's last layer with its token."""
+        """The step sampled the first tokens: queue each streaming transfer's last layer with its token."""
         by_id = {o.request_id: o for o in outputs}
         for t, _ in self._streaming:
             out = by_id.get(t.engine_request_id)
@@ -148,27 +180,41 @@ class KVSender:
             t.compute_s = time.monotonic() - t.admitted_at
             logprobs = out.logprobs[0] if out.logprobs else None
             last = self.num_layers - 1
-            self._post(t, last, last + 1, KVLayers(t.transfer_id, last, last + 1, out.token_ids[0], logprobs))
-            t.state = "SENT" if t.state == "STREAMING" else t.state
-            self._trace(t, "last_layer_sent")
+            t.last_notif = KVLayers(t.transfer_id, last, last + 1, out.token_ids[0], logprobs)
+            t.layers_packed = self.num_layers
+            if t.state == "STREAMING":
+                t.state = "PACKED"
+            self._flush(t)
         self._streaming = []
 
-    def _post(self, t: OutTransfer, l0: int, l1: int, notif: KVLayers) -> None:
+    def _flush(self, t: OutTransfer) -> None:
+        """Post every packed layer not posted yet, once the destination is known."""
+        if t.dest is None or t.state in ("FAILED", "PENDING") or t.layers_posted >= t.layers_packed:
+            return
+        for layer in range(t.layers_posted, t.layers_packed):
+            last = layer == self.num_layers - 1
+            notif = t.last_notif if last else KVLayers(t.transfer_id, layer, layer + 1)
+            self._post(t, layer, notif)
+            t.layers_posted = layer + 1
+        if t.layers_posted == self.num_layers and t.state == "PACKED":
+            t.state = "SENT"
+            self._trace(t, "last_layer_sent")
+
+    def _post(self, t: OutTransfer, layer: int, notif: KVLayers) -> None:
         if t.state == "FAILED":
             return
-        lb = t.layer_bytes
+        ranges = t.ranges(layer, layer + 1)
         try:
             if self.fault_fail_write_p and random.random() < self.fault_fail_write_p:
                 raise TransferError("injected write failure (DUET_FAULT_FAIL_WRITE_P)")
-            h = self.transport.write(self.staging_handle, t.local_offset + l0 * lb, (l1 - l0) * lb, t.dest.region,
-                                     t.dest.offset + l0 * lb, encode(notif))
+            h = self.transport.write_many(self.staging_handle, t.dest.region, ranges, encode(notif))
         except (TransferError, ValueError) as e:
             t.state, t.error = "FAILED", f"KV write to {t.dest.decode_engine_id} failed: {e}"
             return
         t.handles.append(h)
-        self.num_bytes_sent += (l1 - l0) * lb
-        self.num_descriptors += 1
-        self._trace(t, f"layer_{l0}_sent")
+        self.num_bytes_sent += sum(r[2] for r in ranges)
+        self.num_descriptors += len(ranges)
+        self._trace(t, f"layer_{layer}_sent")
 
     # ---- progress, completion, failure -------------------------------------------------------------
     def progress(self) -> None:

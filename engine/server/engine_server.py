@@ -89,6 +89,8 @@ class EngineServer:
         self.poller.register(self.cmd, zmq.POLLIN)
         self.peers = PeerLinks(self.ctx, self.poller, self.info)
         self.clients: dict[str, bytes] = {}  # request id -> router identity (for Tokens)
+        self._deferred: list[tuple[bytes, Message]] = []  # commands that arrived mid-step
+        self.sender.receive_destinations = self._receive_destinations
         self.awaiting_link: dict[str, tuple[str, str]] = {}  # transfer id -> (request id, prefill address)
         self.transfer_of: dict[str, str] = {}  # request id -> transfer id (decode side)
         self.num_kv_fallbacks = 0
@@ -150,8 +152,13 @@ class EngineServer:
     def run_once(self) -> None:
         busy = self.engine.has_runnable_work()
         active = bool(self.sender.transfers or self.receiver.transfers or self.awaiting_link)
-        timeout_ms = 0 if busy else (1 if active else 20)
-        for sock, _ in self.poller.poll(timeout_ms):
+        timeout_ms = 0 if (busy or active) else 20
+        events = self.poller.poll(timeout_ms)
+        if active and not busy and not events:
+            time.sleep(100e-6)  # transfers progress only when polled: stay close without spinning a core
+        if self._deferred and not any(sock is self.cmd for sock, _ in events):
+            self._drain_commands()
+        for sock, _ in events:
             if sock is self.cmd:
                 self._drain_commands()
             else:
@@ -174,6 +181,9 @@ class EngineServer:
 
     # ---- commands ----------------------------------------------------------------------------------
     def _drain_commands(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for ident, msg in deferred:
+            self._handle(ident, msg)
         while True:
             try:
                 ident, raw = self.cmd.recv_multipart(zmq.NOBLOCK)
@@ -187,11 +197,31 @@ class EngineServer:
                 logger.warning("dropping malformed command: %s", e)
                 self._reply(ident, Refused(f"malformed message: {e}"))
                 continue
-            handler = getattr(self, f"_on_{type(msg).__name__.lower()}", None)
-            if handler is None:
-                self._reply(ident, Refused(f"{type(msg).__name__} is not a command for a {self.role} server"))
+            self._handle(ident, msg)
+
+    def _receive_destinations(self) -> None:
+        """Mid-step (from the KV sender's layer hook): apply ``KVDest``s so streaming can start, and answer
+        handshakes (a first request's decode side is waiting for one). Every other command waits for the loop,
+        since it could change engine state under the running step."""
+        while True:
+            try:
+                ident, raw = self.cmd.recv_multipart(zmq.NOBLOCK)
+                msg = decode(raw)
+            except zmq.Again:
+                return
+            except (ValueError, ProtocolError):
+                continue
+            if isinstance(msg, (KVDest, Hello)):
+                self._handle(ident, msg)
             else:
-                handler(ident, msg)
+                self._deferred.append((ident, msg))
+
+    def _handle(self, ident: bytes, msg: Message) -> None:
+        handler = getattr(self, f"_on_{type(msg).__name__.lower()}", None)
+        if handler is None:
+            self._reply(ident, Refused(f"{type(msg).__name__} is not a command for a {self.role} server"))
+        else:
+            handler(ident, msg)
 
     def _reply(self, ident: bytes, msg: Message) -> None:
         try:
@@ -317,7 +347,7 @@ class EngineServer:
         self._maybe_admit_prefill(self.sender.on_prefill(msg, ident))
 
     def _on_kvdest(self, ident: bytes, msg: KVDest) -> None:
-        self._maybe_admit_prefill(self.sender.on_dest(msg, self.kv_timeout_s))
+        self.sender.on_dest(msg, self.kv_timeout_s)
 
     def _maybe_admit_prefill(self, t) -> None:
         if not self.sender.ready(t):
