@@ -40,6 +40,14 @@ class EngineConfig:
     """``auto`` (Triton on CUDA, torch on CPU), ``triton`` or ``torch``."""
     show_progress: bool = True
     """tqdm progress bar while weights load."""
+    tensor_parallel_size: int = 1
+    """Ranks each layer is split over (attention by heads, MLPs by columns); > 1 starts worker processes."""
+    pipeline_parallel_size: int = 1
+    """Stages the layers are split over, one after the other; > 1 starts worker processes."""
+    expert_parallel: bool = False
+    """MoE models: give each tensor-parallel rank whole experts instead of a slice of every expert."""
+    distributed_timeout_s: float = 300.0
+    """Deadline of the workers' start-up and of every collective between ranks, in seconds."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -65,8 +73,21 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.expert_parallel, bool):
+            raise ValueError(f"expert_parallel must be a bool, got {self.expert_parallel!r}")
+        if not self.distributed_timeout_s > 0:
+            raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
         if self.attention_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"attention_backend must be auto, triton or torch, got {self.attention_backend!r}")
+
+    @property
+    def world_size(self) -> int:
+        """Processes one engine runs on: tensor_parallel_size x pipeline_parallel_size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

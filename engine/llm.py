@@ -3,6 +3,9 @@
     from engine import LLM, SamplingParams
     llm = LLM(model="/path/to/hf-dir")
     outs = llm.generate(["Hello", [1, 2, 3]], SamplingParams(max_tokens=32, temperature=0))
+
+With ``tensor_parallel_size`` / ``pipeline_parallel_size`` > 1 it starts worker processes: call ``close()``
+(or use ``with LLM(...) as llm``) to stop them; interpreter exit stops them too.
 """
 from __future__ import annotations
 
@@ -22,6 +25,15 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, **config_kwargs))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(
         self,

@@ -18,6 +18,7 @@ from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner
 from engine.models.decoder import LayerHook
 from engine.outputs import RequestOutput
+from engine.parallel.layout import validate_parallel
 from engine.request import Request, RequestStatus
 from engine.sampler import SampleResult
 from engine.sampling_params import SamplingParams
@@ -45,10 +46,16 @@ class LLMEngine:
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's limit of {limit} tokens")
         self.max_model_len = config.max_model_len or limit
+        validate_parallel(config.tensor_parallel_size, config.pipeline_parallel_size, config.expert_parallel, mc)
         self.tokenizer = load_tokenizer(config.model) if load_tokenizer_ else None
         self.eos_token_ids = tuple(dict.fromkeys(mc.eos_token_ids + generation_eos_ids(config.model)))
         self.default_sampling = generation_defaults(config.model)
-        self.runner = ModelRunner(config, mc, self.max_model_len)
+        if config.world_size > 1:
+            from engine.parallel.workers import start_parallel_runner  # starts worker processes
+
+            self.runner = start_parallel_runner(config, mc, self.max_model_len)
+        else:
+            self.runner = ModelRunner(config, mc, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         self._tracked: dict[str, _Tracked] = {}
@@ -56,6 +63,10 @@ class LLMEngine:
         self.num_prompt_tokens_computed = 0
         """Prompt tokens this engine ran through the model (prefix hits and remote KV excluded)."""
         self.num_generated_tokens = 0
+
+    def close(self) -> None:
+        """Stop the model-parallel worker processes, if any; the engine cannot step afterwards. Idempotent."""
+        self.runner.close()
 
     # ---- requests ------------------------------------------------------------------------------------
     def default_sampling_params(self, **overrides) -> SamplingParams:

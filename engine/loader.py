@@ -2,6 +2,10 @@
 
 Reads ``model.safetensors`` or the shards listed in ``model.safetensors.index.json``. Every parameter of
 the model must be found once with the expected shape; errors name the file and the tensor.
+
+A model built for one rank of a parallel layout holds slices: parameters marked by ``mark_shard`` are read
+with safetensors' ``get_slice`` (only the rank's rows or columns leave the file), experts another rank
+holds and layers another pipeline stage runs are skipped without being read.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from tqdm import tqdm
 
 from engine.model_config import ModelConfig
 from engine.models.decoder import DecoderForCausalLM
+from engine.models.layers import TPGroup
+from engine.parallel.layout import ParallelLayout
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +71,12 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def build_model(
-    cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int, show_progress: bool = True
+    cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int, show_progress: bool = True,
+    layout: ParallelLayout = ParallelLayout(), tp_group: TPGroup | None = None,
 ) -> DecoderForCausalLM:
-    """Instantiate the model on ``device`` in ``dtype`` and fill it from the checkpoint files."""
+    """Instantiate the model (this rank's share of it) on ``device`` in ``dtype``, fill it from the checkpoint."""
     with _default_dtype(dtype), torch.device(device):
-        model = DecoderForCausalLM(cfg, max_positions)
+        model = DecoderForCausalLM(cfg, max_positions, layout, tp_group)
     load_weights(model, Path(cfg.path), show_progress)
     return model.eval()
 
@@ -77,10 +84,13 @@ def build_model(
 def load_weights(model: DecoderForCausalLM, model_dir: Path, show_progress: bool = True) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = model.config.tie_word_embeddings
+    # A last pipeline stage without the embedding reads its tied lm_head from the embedding's tensor.
+    embed_into_lm_head = tied and "lm_head.weight" in params and "model.embed_tokens.weight" not in params
+    absent = model.absent_prefixes()
     # Expected (name, expert) slots; a tied lm_head is satisfied by the embedding.
     pending: set[tuple[str, int]] = set()
     for name, p in params.items():
-        if tied and name == "lm_head.weight":
+        if tied and name == "lm_head.weight" and not embed_into_lm_head:
             continue
         if name.endswith((".w_gate", ".w_up", ".w_down")):
             pending.update((name, e) for e in range(p.shape[0]))
@@ -94,7 +104,13 @@ def load_weights(model: DecoderForCausalLM, model_dir: Path, show_progress: bool
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for key in f.keys():
                     total += 1
-                    for target, expert, tensor in _targets(key, f, params, tied, path):
+                    if embed_into_lm_head and key == "model.embed_tokens.weight":
+                        targets = [("lm_head.weight", -1, f.get_tensor(key))]
+                    elif key.startswith(absent):
+                        continue
+                    else:
+                        targets = _targets(key, f, params, tied, path)
+                    for target, expert, tensor in targets:
                         param = params[target]
                         dest = param.data[expert] if expert >= 0 else param.data
                         if tuple(tensor.shape) != tuple(dest.shape):
@@ -106,7 +122,9 @@ def load_weights(model: DecoderForCausalLM, model_dir: Path, show_progress: bool
                         pending.discard((target, expert))
             bar.update(1)
     if pending:
-        missing = sorted(f"{n}" + (f"[expert {e}]" if e >= 0 else "") for n, e in pending)
+        missing = sorted(
+            f"{n}" + (f"[expert {e + params[n].expert_start}]" if e >= 0 else "") for n, e in pending
+        )
         raise ValueError(
             f"{model_dir}: checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:5]} "
             f"(searched {', '.join(p.name for p in files)})"
@@ -114,12 +132,30 @@ def load_weights(model: DecoderForCausalLM, model_dir: Path, show_progress: bool
     logger.info("loaded %d tensors from %d file(s) in %s", total, len(files), model_dir)
 
 
+def _read(f, key: str, param: torch.Tensor, path: Path) -> torch.Tensor:
+    """The tensor ``key``, or only the slice of it ``param`` holds (``mark_shard``)."""
+    shard = getattr(param, "tp_shard", None)
+    if shard is None:
+        return f.get_tensor(key)
+    dim, start, full_size = shard
+    view = f.get_slice(key)
+    shape = view.get_shape()
+    if dim >= len(shape) or shape[dim] != full_size:
+        raise ValueError(
+            f"{path.name}: tensor {key!r} has shape {tuple(shape)}, expected {full_size} along dim {dim}"
+        )
+    size = param.shape[dim + 1] if hasattr(param, "expert_start") else param.shape[dim]
+    index = [slice(None)] * len(shape)
+    index[dim] = slice(start, start + size)
+    return view[tuple(index)]
+
+
 def _targets(key: str, f, params: dict, tied: bool, path: Path):
-    """Yield (parameter name, expert index or -1, tensor) for one checkpoint tensor."""
+    """Yield (parameter name, local expert index or -1, tensor) for one checkpoint tensor."""
     if key in params:
         if tied and key == "lm_head.weight":
             return
-        yield key, -1, f.get_tensor(key)
+        yield key, -1, _read(f, key, params[key], path)
         return
     m = _EXPERT_RE.match(key)
     if m:
@@ -127,21 +163,45 @@ def _targets(key: str, f, params: dict, tied: bool, path: Path):
         target = f"{prefix}.{block}.{_EXPERT_PARAM[kind]}"
         if target not in params:
             raise ValueError(f"{path.name}: tensor {key!r} has no matching MoE parameter in the model")
-        yield target, int(expert), f.get_tensor(key)
+        param = params[target]
+        local = int(expert) - param.expert_start
+        if 0 <= local < param.shape[0]:  # else another rank holds this expert
+            yield target, local, _read(f, key, param, path)
         return
     m = _FUSED_RE.match(key)
     if m:
         prefix, block, kind = m.groups()
-        tensor = f.get_tensor(key)  # gate_up_proj: [E, 2 * I, H]; down_proj: [E, H, I]
-        if kind == "gate_up_proj":
-            gate, up = tensor.chunk(2, dim=1)
-            for e in range(tensor.shape[0]):
-                yield f"{prefix}.{block}.w_gate", e, gate[e]
-                yield f"{prefix}.{block}.w_up", e, up[e]
-        else:
-            for e in range(tensor.shape[0]):
-                yield f"{prefix}.{block}.w_down", e, tensor[e]
+        yield from _fused_targets(f, key, f"{prefix}.{block}", kind, params, path)
         return
     if tied and key == "lm_head.weight" or _IGNORED.search(key):
         return
     raise ValueError(f"{path.name}: unexpected tensor {key!r}: the model has no such parameter")
+
+
+def _fused_targets(f, key: str, moe: str, kind: str, params: dict, path: Path):
+    """Per-expert slices of a fused tensor: gate_up_proj [E, 2 * I, H] or down_proj [E, H, I]."""
+    view = f.get_slice(key)
+    shape = view.get_shape()
+    if len(shape) != 3:
+        raise ValueError(f"{path.name}: tensor {key!r} has shape {tuple(shape)}, expected 3 dimensions")
+    if kind == "gate_up_proj":
+        # Rows [0, I) are the gate, [I, 2I) the up projection; dim 1 of the file is dim 0 of one expert.
+        parts = (("w_gate", 0), ("w_up", shape[1] // 2))
+    else:
+        parts = (("w_down", 0),)
+    for name, offset in parts:
+        target = f"{moe}.{name}"
+        if target not in params:
+            raise ValueError(f"{path.name}: tensor {key!r} has no matching MoE parameter in the model")
+        param = params[target]
+        first, count = param.expert_start, param.shape[0]
+        index = [slice(first, first + count), slice(None), slice(None)]
+        shard = getattr(param, "tp_shard", None)
+        if shard is not None:
+            dim, start, _ = shard
+            index[dim + 1] = slice(offset + start, offset + start + param.shape[dim + 1])
+        elif kind == "gate_up_proj":
+            index[1] = slice(offset, offset + shape[1] // 2)
+        tensor = view[tuple(index)]
+        for e in range(tensor.shape[0]):
+            yield target, e, tensor[e]

@@ -2,10 +2,14 @@
 
 Owns the weights and the KV pool. The pool is one tensor (layout in ``kernels/__init__.py``) so transfer
 backends register a single region and pack/unpack ops index it directly.
+
+Under model parallelism (``engine.parallel``) every rank runs a subclass holding its share of the weights
+and a KV pool of the same layout with fewer layers (pipeline) or KV heads (tensor): ``layout`` says which.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -14,6 +18,8 @@ from engine.config import EngineConfig
 from engine.loader import build_model
 from engine.model_config import ModelConfig
 from engine.models.decoder import LayerHook
+from engine.models.layers import TPGroup
+from engine.parallel.layout import ParallelLayout
 from engine.request import Request
 from engine.sampler import SampleResult, Sampler
 from engine.scheduler import SchedulerOutput
@@ -23,21 +29,74 @@ logger = logging.getLogger(__name__)
 CPU_DEFAULT_KV_BYTES = 256 << 20
 
 
+@dataclass
+class StepInputs:
+    """One step's flat model inputs, on the CPU. Under model parallelism rank 0 broadcasts exactly this."""
+
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot of each new token (-1 = padding)
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
+    cu_seqlens_q: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32
+    sample_rows: torch.Tensor  # [num_samples] int64: token rows whose logits are wanted
+    max_seqlen_q: int
+    decode_only: bool
+    scratch_blocks: int = 0
+    """> 0: attend over a zeroed scratch cache of this many blocks instead of the pool (``prompt_logits``)."""
+
+    def metadata(self, device: torch.device) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping.to(device),
+            block_tables=self.block_tables.to(device),
+            cu_seqlens_q=self.cu_seqlens_q.to(device),
+            seq_lens=self.seq_lens.to(device),
+            max_seqlen_q=self.max_seqlen_q,
+            decode_only=self.decode_only,
+        )
+
+
+@dataclass(frozen=True)
+class KVShard:
+    """Which part of the model's KV this runner's pool holds (what a per-rank transfer layout needs)."""
+
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    layer_start: int
+    """Pool layer 0 is model layer ``layer_start``; the pool holds [layer_start, layer_end)."""
+    layer_end: int
+    kv_head_start: int
+    """Pool head 0 is the model's KV head ``kv_head_start``."""
+    num_kv_heads: int
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int):
+    def __init__(
+        self, config: EngineConfig, model_config: ModelConfig, max_model_len: int,
+        layout: ParallelLayout = ParallelLayout(), tp_group: TPGroup | None = None,
+        device: torch.device | None = None,
+    ):
         self.config = config
         self.model_config = model_config
-        self.device = config.torch_device()
+        self.layout = layout
+        self.device = device if device is not None else config.torch_device()
         self.dtype = config.torch_dtype(model_config.dtype)
         self.block_size = config.block_size
-        self.model = build_model(model_config, self.dtype, self.device, max_model_len, config.show_progress)
-        self.backend = AttentionBackend(config.attention_backend, self.device)
-        self.num_blocks = self._choose_num_blocks()
         mc = model_config
-        # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+        self.layer_start, self.layer_end = layout.layer_range(mc.num_layers)
+        self.kv_head_start, self.num_local_kv_heads = layout.kv_head_range(mc.num_kv_heads)
+        self.model = build_model(
+            model_config, self.dtype, self.device, max_model_len, config.show_progress and layout.rank == 0,
+            layout, tp_group,
+        )
+        self.backend = AttentionBackend(config.attention_backend, self.device)
+        self.num_blocks = self._agree_num_blocks(self._choose_num_blocks())
+        # [num_local_layers, 2, num_blocks, block_size, num_local_kv_heads, head_dim]
         self.kv_cache = torch.zeros(
-            mc.num_layers, 2, self.num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim,
-            dtype=self.dtype, device=self.device,
+            self.layer_end - self.layer_start, 2, self.num_blocks, self.block_size, self.num_local_kv_heads,
+            mc.head_dim, dtype=self.dtype, device=self.device,
         )
         self.sampler = Sampler(config.seed)
         logger.info(
@@ -48,9 +107,34 @@ class ModelRunner:
 
     @property
     def bytes_per_block(self) -> int:
+        """KV bytes of one block in this runner's pool (its layers and KV heads only)."""
         mc = self.model_config
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return mc.num_layers * 2 * self.block_size * mc.num_kv_heads * mc.head_dim * elem
+        num_layers = self.layer_end - self.layer_start
+        return num_layers * 2 * self.block_size * self.num_local_kv_heads * mc.head_dim * elem
+
+    @property
+    def tp_rank(self) -> int:
+        return self.layout.tp_rank
+
+    @property
+    def tp_size(self) -> int:
+        return self.layout.tp_size
+
+    def kv_shard(self) -> KVShard:
+        """What ``kv_cache`` holds, for building a transfer KV layout of this rank."""
+        L = self.layout
+        return KVShard(
+            L.tp_rank, L.tp_size, L.pp_rank, L.pp_size, self.layer_start, self.layer_end,
+            self.kv_head_start, self.num_local_kv_heads,
+        )
+
+    def close(self) -> None:
+        """Release what the runner started (worker processes under model parallelism); idempotent."""
+
+    def _agree_num_blocks(self, num_blocks: int) -> int:
+        """Every rank's pool must have the same number of blocks; one process needs no agreement."""
+        return num_blocks
 
     def _choose_num_blocks(self) -> int:
         cfg = self.config
@@ -98,29 +182,39 @@ class ModelRunner:
                 sample_reqs.append(req)
         if not input_ids:
             return {}
-        dev = self.device
         width = max(len(t) for t in tables)
         table = torch.zeros(len(tables), width, dtype=torch.int32)
         for i, t in enumerate(tables):
             table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=table.to(dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+        step = StepInputs(
+            input_ids=torch.tensor(input_ids, dtype=torch.int64),
+            positions=torch.tensor(positions, dtype=torch.int64),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            block_tables=table,
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            sample_rows=torch.tensor(sample_rows, dtype=torch.int64),
             max_seqlen_q=max(c.num_tokens for c in sched.chunks),
             decode_only=all(c.num_tokens == 1 for c in sched.chunks),
         )
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            torch.tensor(positions, dtype=torch.int64, device=dev),
-            self.kv_cache, meta, self.backend, layer_hook,
-        )
+        logits = self.run(step, layer_hook)
         if not sample_reqs:
             return {}
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
         results = self.sampler(logits, sample_reqs)
         return {req.request_id: r for req, r in zip(sample_reqs, results)}
+
+    def run(self, step: StepInputs, layer_hook: LayerHook | None = None) -> torch.Tensor | None:
+        """Run the model on one step; logits [num_samples, vocab] float32 of ``sample_rows`` (None if none)."""
+        dev = self.device
+        kv = self.kv_cache
+        if step.scratch_blocks:
+            kv = torch.zeros_like(kv[:, :, :step.scratch_blocks])
+        hidden = self.model(
+            step.input_ids.to(dev), step.positions.to(dev), kv, step.metadata(dev), self.backend, layer_hook
+        )
+        if not len(step.sample_rows):
+            return None
+        return self.model.compute_logits(hidden[step.sample_rows.to(dev)])
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:  # [num_tokens, vocab] float32
@@ -129,16 +223,18 @@ class ModelRunner:
         num_blocks = -(-n // self.block_size)
         if num_blocks > self.num_blocks:
             raise ValueError(f"prompt of {n} tokens does not fit the KV pool")
-        dev = self.device
-        pos = torch.arange(n, device=dev)
-        blocks = torch.arange(num_blocks, dtype=torch.int32, device=dev)
-        meta = AttentionMetadata(
-            slot_mapping=(blocks.long()[pos // self.block_size] * self.block_size + pos % self.block_size),
+        pos = torch.arange(n)
+        blocks = torch.arange(num_blocks, dtype=torch.int32)
+        step = StepInputs(
+            input_ids=torch.tensor(token_ids, dtype=torch.int64),
+            positions=pos,
+            slot_mapping=blocks.long()[pos // self.block_size] * self.block_size + pos % self.block_size,
             block_tables=blocks.unsqueeze(0),
-            cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
-            max_seqlen_q=n, decode_only=n == 1,
+            cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32),
+            seq_lens=torch.tensor([n], dtype=torch.int32),
+            sample_rows=pos,
+            max_seqlen_q=n,
+            decode_only=n == 1,
+            scratch_blocks=num_blocks,
         )
-        scratch = torch.zeros_like(self.kv_cache[:, :, :num_blocks])
-        hidden = self.model(torch.tensor(token_ids, device=dev), pos, scratch, meta, self.backend)
-        return self.model.compute_logits(hidden)
+        return self.run(step)

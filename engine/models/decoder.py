@@ -5,6 +5,12 @@ RMSNorm (Qwen3), Llama-3 RoPE scaling, tied embeddings, and a sparse MoE MLP (Mi
 names follow the Hugging Face checkpoints so the loader maps tensors by name.
 
 Inputs are flat: all tokens of all sequences of a step, packed (no padding, no batch dimension).
+
+A ``ParallelLayout`` shrinks the model to one rank's share: fewer heads and columns per layer under
+tensor parallelism (all-reduce after o_proj and after the MLP), only the stage's layers under pipeline
+parallelism (other layers are parameterless placeholders, so names keep their global layer index, and the
+embedding / final norm / lm_head exist only on the first / last stage). Embedding and lm_head are
+replicated across TP ranks.
 """
 from __future__ import annotations
 
@@ -15,22 +21,37 @@ from torch import nn
 
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.model_config import ModelConfig
-from engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, TPGroup, mark_shard
 from engine.models.moe import SparseMoE
+from engine.parallel.layout import ParallelLayout
 
 LayerHook = Callable[[int], None]
 """Called with the layer index after that layer's K/V are in the cache (used to stream KV out)."""
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(
+        self, cfg: ModelConfig, rotary: RotaryEmbedding,
+        layout: ParallelLayout = ParallelLayout(), tp_group: TPGroup | None = None,
+    ):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        d = cfg.head_dim
+        head_start, self.num_heads = layout.head_range(cfg.num_heads)
+        kv_start, self.num_kv_heads = layout.kv_head_range(cfg.num_kv_heads)
+        self.head_dim = d
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * d, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * d, cfg.hidden_size, bias=False)
+        if layout.tp_size > 1:
+            # q/k/v are column-parallel by head (biases with them), o_proj row-parallel over the same heads.
+            for p in self.q_proj.parameters():
+                mark_shard(p, 0, head_start * d, cfg.num_heads * d)
+            for p in (*self.k_proj.parameters(), *self.v_proj.parameters()):
+                mark_shard(p, 0, kv_start * d, cfg.num_kv_heads * d)
+            mark_shard(self.o_proj.weight, 1, head_start * d, cfg.num_heads * d)
+        self.tp_group = tp_group if layout.tp_size > 1 else None
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -55,19 +76,25 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+        out = self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+        if self.tp_group is not None:
+            self.tp_group.all_reduce(out)
+        return out
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding):
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding,
+        layout: ParallelLayout = ParallelLayout(), tp_group: TPGroup | None = None,
+    ):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rotary)
+        self.self_attn = Attention(cfg, rotary, layout, tp_group)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.is_moe and cfg.moe_layers[layer_idx]:
             moe = SparseMoE(
                 cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
-                cfg.norm_topk_prob,
+                cfg.norm_topk_prob, layout, tp_group,
             )
         else:
             moe = None
@@ -76,7 +103,7 @@ class DecoderLayer(nn.Module):
             self.block_sparse_moe = moe
             self.mlp = None
         else:
-            self.mlp = moe if moe is not None else GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+            self.mlp = moe if moe is not None else GatedMLP(cfg.hidden_size, cfg.intermediate_size, layout, tp_group)
 
     def forward(self, x, positions, kv_cache, meta, backend):
         h = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta, backend)
@@ -84,25 +111,52 @@ class DecoderLayer(nn.Module):
         return h + mlp(self.post_attention_layernorm(h))
 
 
+class AbsentLayer(nn.Module):
+    """Placeholder for a decoder layer another pipeline stage runs; holds nothing."""
+
+
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int):
+    def __init__(self, cfg: ModelConfig, max_positions: int, layout: ParallelLayout, tp_group: TPGroup | None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        start, end = layout.layer_range(cfg.num_layers)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if layout.is_first_stage else None
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, i, rotary) for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList([
+            DecoderLayer(cfg, i, rotary, layout, tp_group) if start <= i < end else AbsentLayer()
+            for i in range(cfg.num_layers)
+        ])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if layout.is_last_stage else None
 
 
 class DecoderForCausalLM(nn.Module):
-    """``forward`` returns final hidden states; ``compute_logits`` projects the ones that get sampled."""
+    """``forward`` returns final hidden states; ``compute_logits`` projects the ones that get sampled.
 
-    def __init__(self, cfg: ModelConfig, max_positions: int):
+    A pipeline stage runs ``embed`` (first stage), ``run_layers`` and ``model.norm`` + ``compute_logits``
+    (last stage) itself; ``forward`` is all three for a model that holds every layer.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, max_positions: int,
+        layout: ParallelLayout = ParallelLayout(), tp_group: TPGroup | None = None,
+    ):
         super().__init__()
         self.config = cfg
-        self.model = Backbone(cfg, max_positions)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
+        self.layout = layout
+        self.layer_start, self.layer_end = layout.layer_range(cfg.num_layers)
+        self.model = Backbone(cfg, max_positions, layout, tp_group)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if layout.is_last_stage else None
+        if cfg.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def absent_prefixes(self) -> tuple[str, ...]:
+        """Checkpoint name prefixes of weights other pipeline stages hold (the loader skips them)."""
+        out = [f"model.layers.{i}." for i in range(self.config.num_layers)
+               if not self.layer_start <= i < self.layer_end]
+        if self.model.embed_tokens is None:
+            out.append("model.embed_tokens.")
+        if self.lm_head is None:
+            out += ["model.norm.", "lm_head."]
+        return tuple(out)
 
     def forward(
         self,
@@ -114,11 +168,28 @@ class DecoderForCausalLM(nn.Module):
         layer_hook: Optional[LayerHook] = None,
     ) -> torch.Tensor:  # [num_tokens, hidden]
         x = self.model.embed_tokens(input_ids)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, positions, kv_caches[i], meta, backend)
+        x = self.run_layers(x, positions, kv_caches, meta, backend, layer_hook)
+        return self.model.norm(x)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [num_tokens] -> [num_tokens, hidden]
+        return self.model.embed_tokens(input_ids)
+
+    def run_layers(
+        self,
+        x: torch.Tensor,  # [num_tokens, hidden]: residual stream entering layer ``layer_start``
+        positions: torch.Tensor,  # [num_tokens] int64
+        kv_caches: torch.Tensor,  # [num_local_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+        layer_hook: Optional[LayerHook] = None,
+    ) -> torch.Tensor:  # [num_tokens, hidden]: residual stream leaving layer ``layer_end - 1``
+        """This stage's layers; ``layer_hook`` gets global layer indices."""
+        start = self.layer_start
+        for i in range(start, self.layer_end):
+            x = self.model.layers[i](x, positions, kv_caches[i - start], meta, backend)
             if layer_hook is not None:
                 layer_hook(i)
-        return self.model.norm(x)
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab] float32
         return self.lm_head(hidden).float()

@@ -1,13 +1,32 @@
-"""Building blocks shared by the decoder models: RMSNorm, rotary embeddings, gated MLP."""
+"""Building blocks shared by the decoder models: RMSNorm, rotary embeddings, gated MLP.
+
+Under tensor parallelism a projection holds a slice of the checkpoint tensor; ``mark_shard`` records which,
+so the loader reads only that slice. ``TPGroup`` is what the models need from a process group.
+"""
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from engine.model_config import RopeConfig
+from engine.parallel.layout import ParallelLayout
+
+
+class TPGroup(Protocol):
+    def all_reduce(self, x: torch.Tensor) -> None:
+        """Sum ``x`` over the tensor-parallel ranks, in place; blocks until done (deadline: the group's)."""
+
+
+def mark_shard(param: nn.Parameter, dim: int, start: int, full_size: int) -> None:
+    """``param`` holds [start, start + its size) along ``dim`` of a checkpoint tensor ``full_size`` long there.
+
+    For stacked expert parameters ``dim`` counts within one expert's tensor.
+    """
+    param.tp_shard = (dim, start, full_size)
 
 
 class RMSNorm(nn.Module):
@@ -70,11 +89,24 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class GatedMLP(nn.Module):
     """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(
+        self, hidden_size: int, intermediate_size: int,
+        layout: ParallelLayout = ParallelLayout(), tp_group: TPGroup | None = None,
+    ):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        # Column-parallel gate/up, row-parallel down: each rank's partial down output is summed across ranks.
+        start, width = layout.tp_split(intermediate_size)
+        self.gate_proj = nn.Linear(hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden_size, bias=False)
+        if width != intermediate_size:
+            mark_shard(self.gate_proj.weight, 0, start, intermediate_size)
+            mark_shard(self.up_proj.weight, 0, start, intermediate_size)
+            mark_shard(self.down_proj.weight, 1, start, intermediate_size)
+        self.tp_group = tp_group if layout.tp_size > 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.tp_group is not None:
+            self.tp_group.all_reduce(out)
+        return out
