@@ -132,6 +132,7 @@ setup(
             "pytest",
             "pytest-timeout",
             "openai>=1.0",
+            "hypothesis",
             "matplotlib",
             "triton",
             "nixl-cu13==1.5.1",

@@ -27,21 +27,25 @@ def main(argv: list[str] | None = None) -> None:
     add_logging_args(ap)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000, help="HTTP port")
-    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (not on /health)")
+    from engine.router.app import add_http_args, create_app, http_options, run_app
+
+    add_http_args(ap)
     args = ap.parse_args(argv)
+    http_kwargs, ssl_context = http_options(ap, args)
     setup_logging(args)
     apply_threads(args)
 
     from engine.async_engine import AsyncEngine
-    from engine.router.app import create_app, run_app
     from engine.router.local_dispatcher import LocalDispatcher
 
     engine = AsyncEngine(engine_config(args))
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(LocalDispatcher(engine, name), engine.tokenizer, name, max_model_len=engine.engine.max_model_len,
-                     api_key=args.api_key, default_sampling=engine.engine.default_sampling)
-    print(f"DUET_READY both http://{args.host}:{args.port}", flush=True)
-    run_app(app, args.host, args.port)
+                     api_key=args.api_key, default_sampling=engine.engine.default_sampling, **http_kwargs)
+    scheme = "https" if ssl_context is not None else "http"
+    print(f"DUET_READY both {scheme}://{args.host}:{args.port}", flush=True)
+    run_app(app, args.host, args.port, ssl_context=ssl_context)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 
-from engine.router.app import create_app, serve
+from engine.router.app import add_http_args, create_app, http_options, serve
 from engine.router.cluster import ClusterDispatcher
 from engine.router.scoring import POLICIES, RouterPolicy
 from engine.server.cli import add_logging_args, setup_logging
@@ -41,8 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kv-timeout-s", type=float, default=30.0)
     ap.add_argument("--connect-timeout-s", type=float, default=120.0)
     ap.add_argument("--request-timeout-s", type=float, default=600.0)
+    add_http_args(ap)
     add_logging_args(ap)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.http_kwargs, args.ssl_context = http_options(ap, args)
+    return args
 
 
 async def amain(args: argparse.Namespace) -> None:
@@ -61,9 +64,11 @@ async def amain(args: argparse.Namespace) -> None:
         await dispatcher.close()
         raise
     app = create_app(dispatcher, tokenizer, name, max_model_len=dispatcher.max_model_len, api_key=args.api_key,
-                     request_timeout_s=args.request_timeout_s, default_sampling=generation_defaults(args.model))
-    await serve(app, args.host, args.port,
-                on_ready=lambda addrs: print(f"DUET_READY router http://{args.host}:{args.port}", flush=True))
+                     request_timeout_s=args.request_timeout_s, default_sampling=generation_defaults(args.model),
+                     **args.http_kwargs)
+    scheme = "https" if args.ssl_context is not None else "http"
+    await serve(app, args.host, args.port, ssl_context=args.ssl_context,
+                on_ready=lambda addrs: print(f"DUET_READY router {scheme}://{args.host}:{args.port}", flush=True))
 
 
 def main(argv: list[str] | None = None) -> None:

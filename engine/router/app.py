@@ -1,26 +1,39 @@
 """The OpenAI-compatible HTTP front end (aiohttp) over any ``Dispatcher``.
 
-A request's path through this module: the body is read (``max_body_bytes``, else 413) and parsed by
-``openai_protocol`` (400/404 on bad input); prompts are tokenized off the event loop (completions with
-``tokenizer.encode``, so the tokenizer's BOS behaviour applies; chat through the chat template); each
-prompt x ``n`` becomes one ``GenerateRequest`` (``<id>-<choice index>``, no stop strings) and one pump task
-iterating ``dispatcher.generate``. The pumps feed one queue; the handler folds the ``TokenDelta``s into
-``ChoiceState``s (detokenization and stop strings happen here) and answers with one JSON body or an SSE
-stream. A choice that hits a stop string has its pump cancelled, which closes the dispatcher's iterator
-and so aborts it downstream. Leaving the handler for any reason (done, error, client gone, deadline,
-shutdown) cancels every pump: nothing outlives the HTTP request.
+A request's path through this module: the API key is checked (every route but ``/health``; unknown routes
+too, so they answer 401 before 404); the body is read (``max_body_bytes``, else 413; its Content-Type is not
+checked, as clients often omit it), decoded and parsed by ``openai_protocol`` (400/404 on bad input, within
+``RequestLimits``); prompts are tokenized off the event loop (completions with ``tokenizer.encode``, so the
+tokenizer's BOS behaviour applies; chat through the chat template), a text far over ``max_prompt_tokens``
+being refused after tokenizing only a prefix; each prompt x ``n`` becomes one ``GenerateRequest``
+(``<id>-<choice index>``, no stop strings) and one pump task iterating ``dispatcher.generate``. The pumps
+feed one queue; the handler folds the ``TokenDelta``s into ``ChoiceState``s (detokenization and stop
+strings happen here) and answers with one JSON body or an SSE stream. A choice that hits a stop string has
+its pump cancelled, which closes the dispatcher's iterator and so aborts it downstream. Leaving the handler
+for any reason (done, error, client gone, deadline, shutdown) cancels every pump: nothing outlives the HTTP
+request.
 
 Errors before the first byte of a stream are JSON errors with their status (``DispatchError`` keeps its
 status; 429 adds ``Retry-After``); after it, one ``data: {"error": ...}`` event and ``data: [DONE]``.
+One exception: HTTP that aiohttp cannot parse (a request or header line over ``max_header_bytes``, more
+than 128 headers, a malformed request line) is answered by aiohttp itself, before any handler or
+middleware runs, with a ``text/plain`` 400 and a closed connection; making that JSON would mean
+subclassing aiohttp's private ``RequestHandler``/``Server`` plumbing.
+
+TLS: ``serve(ssl_context=make_ssl_context(cert, key))``; the CLIs' ``--ssl-certfile/--ssl-keyfile``.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
+import dataclasses
+import hashlib
 import hmac
 import json
 import logging
 import math
 import signal
+import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -32,7 +45,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.router import openai_protocol as proto
 from engine.router.dispatcher import DispatchError, Dispatcher, GenerateRequest, TokenDelta
 from engine.router.metrics import CONTENT_TYPE, Registry, render_samples
-from engine.router.openai_protocol import APIError, ChoiceState, ParsedRequest
+from engine.router.openai_protocol import APIError, ChoiceState, ParsedRequest, RequestLimits
 from engine.tokenizer import apply_chat_template
 
 logger = logging.getLogger(__name__)
@@ -40,6 +53,13 @@ logger = logging.getLogger(__name__)
 _DISCONNECTED = object()
 _TIMEOUT = object()
 _DISCONNECT_POLL_S = 0.25
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+DEFAULT_MAX_HEADER_BYTES = 8190  # aiohttp's own default
+# A text prompt longer than max_prompt_tokens x this many characters is first tokenized only up to there:
+# ordinary text has 3-5 characters per token, so a prompt far over the limit is refused in bounded time.
+_PROBE_CHARS_PER_TOKEN = 8
+# Tokens the cut can add at the end of the probed prefix (a word split in two), not held against the prompt.
+_PROBE_SLACK_TOKENS = 64
 
 
 class _Metrics:
@@ -120,14 +140,16 @@ class _Run:
 class _FrontEnd:
     def __init__(self, dispatcher: Dispatcher, tokenizer, model_name: str, *, max_model_len: int,
                  api_key: str | None, request_timeout_s: float, max_default_tokens: int,
-                 default_sampling: dict | None):
+                 default_sampling: dict | None, limits: RequestLimits):
         self.dispatcher = dispatcher
         self.tokenizer = tokenizer
         self.strings = proto.TokenStrings(tokenizer)
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.vocab_size = getattr(dispatcher, "vocab_size", None) or len(tokenizer)
-        self._auth = f"Bearer {api_key}".encode() if api_key else None
+        # Compared as digests: compare_digest is constant-time only between equal lengths.
+        self._auth_digest = hashlib.sha256(f"Bearer {api_key}".encode()).digest() if api_key else None
+        self.limits = limits
         self.request_timeout_s = request_timeout_s
         self.max_default_tokens = max_default_tokens
         self.default_sampling = default_sampling or {}
@@ -140,8 +162,7 @@ class _FrontEnd:
         resource = request.match_info.route.resource
         endpoint = resource.canonical if resource is not None else "other"
         try:
-            if self._auth is not None and request.path != "/health" and not hmac.compare_digest(
-                    request.headers.get("Authorization", "").encode("utf-8", "surrogateescape"), self._auth):
+            if not self._authorized(request):
                 raise APIError("invalid or missing API key (Authorization: Bearer <key>)", status=401,
                                code="invalid_api_key")
             response = await handler(request)
@@ -155,15 +176,53 @@ class _FrontEnd:
         self.metrics.requests.labels(endpoint=endpoint, status=str(response.status)).inc()
         return response
 
+    def _authorized(self, request: web.Request) -> bool:
+        if self._auth_digest is None or request.path == "/health":
+            return True
+        sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        return hmac.compare_digest(hashlib.sha256(sent).digest(), self._auth_digest)
+
     async def _read_json(self, request: web.Request):
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise APIError(f"request body exceeds {request.client_max_size} bytes", status=413) from None
+        except web.RequestPayloadError as e:  # bad chunked encoding, undecodable Content-Encoding
+            raise APIError(f"could not read the request body: {' '.join(str(e).split())}") from None
+        except ConnectionError:
+            raise APIError("client closed the connection", status=499) from None
+        return proto.decode_body(raw, self.limits)
+
+    # ---- tokenization (worker threads) ---------------------------------------------------------------
+    async def _tokenize(self, param: str, fn: Callable[[], list[list[int]]]) -> list[list[int]]:
         try:
-            return json.loads(raw)
-        except (ValueError, RecursionError) as e:
-            raise APIError(f"invalid JSON body: {e}") from None
+            return await asyncio.to_thread(fn)
+        except APIError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the tokenizer or chat template refused the request's text
+            raise APIError(f"{param}: could not be tokenized: {e}", param=param) from None
+
+    def _probe(self, text: str, param: str) -> None:
+        """Refuse a text far over ``max_prompt_tokens`` after tokenizing only a prefix of it (tokenizing a
+        whole 8 MiB body holds a thread for seconds); the exact count is checked after tokenization."""
+        limit = self.limits.max_prompt_tokens
+        probe_chars = limit * _PROBE_CHARS_PER_TOKEN
+        if len(text) <= probe_chars:
+            return
+        num_tokens = len(self.tokenizer.encode(text[:probe_chars], add_special_tokens=False))
+        if num_tokens > limit + _PROBE_SLACK_TOKENS:
+            raise APIError(f"{param}: over the limit of {limit} prompt tokens (its first {probe_chars} characters "
+                           f"alone are {num_tokens} tokens)", param=param)
+
+    def _encode_prompts(self, parsed: ParsedRequest) -> list[list[int]]:
+        for p in parsed.prompts:
+            if isinstance(p, str):
+                self._probe(p, "prompt")
+        return [self.tokenizer.encode(p) if isinstance(p, str) else p for p in parsed.prompts]
+
+    def _encode_chat(self, parsed: ParsedRequest) -> list[list[int]]:
+        self._probe("\n".join(m["content"] for m in parsed.messages), "messages")
+        return [apply_chat_template(self.tokenizer, parsed.messages)]
 
     # ---- routes --------------------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
@@ -190,19 +249,15 @@ class _FrontEnd:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         parsed = proto.parse_completion(await self._read_json(request), model_name=self.model_name,
-                                        defaults=self.default_sampling)
-        prompts = await asyncio.to_thread(
-            lambda: [self.tokenizer.encode(p) if isinstance(p, str) else p for p in parsed.prompts])
+                                        defaults=self.default_sampling, limits=self.limits)
+        prompts = await self._tokenize("prompt", lambda: self._encode_prompts(parsed))
         return await self._generate(request, parsed, prompts)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         parsed = proto.parse_chat(await self._read_json(request), model_name=self.model_name,
-                                  defaults=self.default_sampling)
-        try:
-            ids = await asyncio.to_thread(apply_chat_template, self.tokenizer, parsed.messages)
-        except Exception as e:  # noqa: BLE001 - template errors are the request's fault
-            raise APIError(f"messages: the chat template failed: {e}", param="messages") from None
-        return await self._generate(request, parsed, [ids])
+                                  defaults=self.default_sampling, limits=self.limits)
+        prompts = await self._tokenize("messages", lambda: self._encode_chat(parsed))
+        return await self._generate(request, parsed, prompts)
 
     # ---- generation ----------------------------------------------------------------------------------
     async def _generate(self, request: web.Request, parsed: ParsedRequest, prompts: list[list[int]]):
@@ -345,20 +400,30 @@ FRONTEND_KEY = web.AppKey("duet_frontend", _FrontEnd)
 
 
 def create_app(dispatcher: Dispatcher, tokenizer, model_name: str, *, max_model_len: int,
-               api_key: str | None = None, max_body_bytes: int = 8 << 20, request_timeout_s: float = 600.0,
-               max_default_tokens: int = 4096, default_sampling: dict | None = None) -> web.Application:
+               api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, limits: RequestLimits | None = None,
+               request_timeout_s: float = 600.0, max_default_tokens: int = 4096,
+               default_sampling: dict | None = None) -> web.Application:
     """The OpenAI-compatible app. ``dispatcher.start()`` runs at startup and ``dispatcher.close()`` at cleanup.
 
+    ``api_key``: every route but ``/health`` requires ``Authorization: Bearer <api_key>`` (else 401).
+    ``max_body_bytes``: larger bodies get 413. ``max_header_bytes``: longest request line or header line;
+    aiohttp answers a longer one with its own plain-text 400. ``limits``: per-request caps (400 naming the
+    field); ``max_prompt_tokens=None`` becomes ``max_model_len``.
     ``max_default_tokens``: cap of ``max_tokens`` when a request omits it (else: the rest of the context).
     ``default_sampling``: SamplingParams fields used when a request omits them (e.g. the checkpoint's
     generation_config.json via ``LLMEngine.default_sampling``).
     """
-    if max_body_bytes < 1 or request_timeout_s <= 0 or max_default_tokens < 1:
-        raise ValueError("max_body_bytes, request_timeout_s and max_default_tokens must be positive")
+    if min(max_body_bytes, max_header_bytes, max_default_tokens) < 1 or request_timeout_s <= 0:
+        raise ValueError("max_body_bytes, max_header_bytes, request_timeout_s and max_default_tokens must be positive")
+    limits = limits or RequestLimits()
+    if limits.max_prompt_tokens is None:
+        limits = dataclasses.replace(limits, max_prompt_tokens=max_model_len)
     front = _FrontEnd(dispatcher, tokenizer, model_name, max_model_len=max_model_len, api_key=api_key,
                       request_timeout_s=request_timeout_s, max_default_tokens=max_default_tokens,
-                      default_sampling=default_sampling)
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[front.middleware])
+                      default_sampling=default_sampling, limits=limits)
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[front.middleware],
+                          handler_args={"max_line_size": max_header_bytes, "max_field_size": max_header_bytes})
     app[FRONTEND_KEY] = front
     app.router.add_post("/v1/completions", front.completions)
     app.router.add_post("/v1/chat/completions", front.chat)
@@ -378,13 +443,22 @@ def create_app(dispatcher: Dispatcher, tokenizer, model_name: str, *, max_model_
     return app
 
 
+def make_ssl_context(certfile: str, keyfile: str | None = None) -> ssl.SSLContext:
+    """A server-side TLS context (TLS 1.2+) from a PEM certificate chain and its key (``None``: in certfile)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile, keyfile)
+    return context
+
+
 async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8000, *,
                 shutdown_timeout_s: float = 30.0, stop: asyncio.Event | None = None,
-                on_ready: Callable[[list], None] | None = None) -> None:
+                on_ready: Callable[[list], None] | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives (signals only on the main thread).
 
     Shutdown: stop accepting, give in-flight requests ``shutdown_timeout_s`` to finish, cancel the rest
     (which aborts them downstream), then close the dispatcher. ``on_ready(addresses)`` runs once listening.
+    ``ssl_context``: serve HTTPS only (``make_ssl_context``).
     """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -392,14 +466,15 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8000,
     await runner.setup()
     signals = []
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 loop.add_signal_handler(sig, stop.set)
                 signals.append(sig)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass  # not the main thread: the caller stops us through ``stop``
-        logger.info("serving on %s", ", ".join(f"http://{a[0]}:{a[1]}" for a in runner.addresses))
+        scheme = "https" if ssl_context is not None else "http"
+        logger.info("serving on %s", ", ".join(f"{scheme}://{a[0]}:{a[1]}" for a in runner.addresses))
         if on_ready is not None:
             on_ready(runner.addresses)
         await stop.wait()
@@ -411,6 +486,40 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8000,
 
 
 def run_app(app: web.Application, host: str = "127.0.0.1", port: int = 8000, *,
-            shutdown_timeout_s: float = 30.0) -> None:
+            shutdown_timeout_s: float = 30.0, ssl_context: ssl.SSLContext | None = None) -> None:
     """Blocking: ``serve`` on a fresh event loop until SIGTERM/SIGINT, then shut down cleanly."""
-    asyncio.run(serve(app, host, port, shutdown_timeout_s=shutdown_timeout_s))
+    asyncio.run(serve(app, host, port, shutdown_timeout_s=shutdown_timeout_s, ssl_context=ssl_context))
+
+
+# ---- CLI flags shared by ``engine.serve --role both`` and ``engine.router`` -----------------------------------
+def add_http_args(ap: argparse.ArgumentParser) -> None:
+    """Request limits and TLS flags; ``http_options`` turns them into ``create_app`` and ``serve`` arguments."""
+    group = ap.add_argument_group("HTTP limits (violations get a 4xx) and TLS")
+    group.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger bodies get 413")
+    group.add_argument("--max-header-bytes", type=int, default=DEFAULT_MAX_HEADER_BYTES,
+                       help="longest request line or header line (aiohttp answers a plain 400)")
+    for f in dataclasses.fields(RequestLimits):
+        default = "the model's context" if f.default is None else "%(default)s"
+        group.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default,
+                           help=f"RequestLimits.{f.name} (default: {default})")
+    group.add_argument("--ssl-certfile", help="serve HTTPS with this PEM certificate (chain)")
+    group.add_argument("--ssl-keyfile", help="the certificate's PEM private key (default: inside --ssl-certfile)")
+
+
+def http_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[dict, ssl.SSLContext | None]:
+    """(``create_app`` keyword arguments, ``serve``'s ssl_context) from ``add_http_args`` flags; bad values
+    end the CLI through ``ap.error``."""
+    try:
+        if args.max_body_bytes < 1 or args.max_header_bytes < 1:
+            raise ValueError("--max-body-bytes and --max-header-bytes must be positive")
+        limits = RequestLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RequestLimits)})
+        if args.ssl_keyfile and not args.ssl_certfile:
+            raise ValueError("--ssl-keyfile needs --ssl-certfile")
+    except ValueError as e:
+        ap.error(str(e))
+    try:
+        context = make_ssl_context(args.ssl_certfile, args.ssl_keyfile) if args.ssl_certfile else None
+    except OSError as e:  # ssl.SSLError is an OSError
+        ap.error(f"--ssl-certfile {args.ssl_certfile} / --ssl-keyfile {args.ssl_keyfile}: {e}")
+    return {"max_body_bytes": args.max_body_bytes, "max_header_bytes": args.max_header_bytes,
+            "limits": limits}, context

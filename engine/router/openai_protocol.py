@@ -1,10 +1,17 @@
 """The OpenAI API wire format: request bodies parsed into ``ParsedRequest``, responses and stream chunks built.
 
-No I/O and no web framework: ``engine.router.app`` reads the body, calls ``parse_completion`` or
-``parse_chat``, tokenizes, asks ``ParsedRequest.sampling_params`` for each choice, feeds every choice's
-``TokenDelta``s to a ``ChoiceState`` (detokenization, stop strings, logprobs) and formats the choices it
-returns with the builders below. Every rejection is an ``APIError``: HTTP status + OpenAI error body
-``{"error": {"message", "type", "param", "code"}}``, where ``param`` names the offending field.
+No I/O and no web framework: ``engine.router.app`` reads the body, decodes it with ``decode_body`` (strict
+UTF-8 JSON, finite numbers, bounded nesting), calls ``parse_completion`` or ``parse_chat``, tokenizes, asks
+``ParsedRequest.sampling_params`` for each choice, feeds every choice's ``TokenDelta``s to a ``ChoiceState``
+(detokenization, stop strings, logprobs) and formats the choices it returns with the builders below. Every
+rejection is an ``APIError``: HTTP status + OpenAI error body ``{"error": {"message", "type", "param",
+"code"}}``, where ``param`` names the offending field.
+
+Hostile input: every size that costs the server work is capped by ``RequestLimits`` and checked before that
+work (a list's length before its elements' types, a token-id prompt's length before the vocabulary scan);
+integers must fit in int64 and floats must be finite; strings must be valid Unicode (no lone surrogates,
+which the tokenizers reject). Sampling values the engine's float32 sampler cannot survive (a temperature
+of 1e-40 turns its logits into inf/NaN and fails the whole batch's step) are refused here.
 
 Choice ``index`` follows OpenAI: prompt ``p`` of a completions request with ``n`` choices owns indices
 ``p * n .. p * n + n - 1``. Choice ``i`` of ``n`` with a ``seed`` samples with ``seed + i``.
@@ -26,7 +33,12 @@ MAX_N = 16
 MAX_CHOICES = 256
 """Most choices per request (prompts x n)."""
 MAX_LOGPROBS = 20
+"""The engine's own cap on ``logprobs`` (SamplingParams)."""
 MAX_STOP_STRINGS = 16
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+SAFE_SCALE_RANGE = (1e-5, 1e5)
+"""Where ``temperature`` (when not 0), ``repetition_penalty`` and ``top_p`` (upper bound 1) must lie: the
+sampler divides or multiplies float32 logits by them, and values far outside overflow to inf/NaN."""
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 _ERROR_TYPES = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error",
@@ -49,6 +61,44 @@ class APIError(Exception):
         return error_body(self.message, status=self.status, param=self.param, code=self.code)
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """Caps on what one OpenAI request may ask for; a request over any of them gets a 400 naming the field.
+
+    Body and header sizes are HTTP limits and live on ``engine.router.app.create_app``."""
+
+    max_n: int = MAX_N
+    """Most choices per prompt (``n``)."""
+    max_choices: int = MAX_CHOICES
+    """Most choices per request: number of prompts x ``n``."""
+    max_prompt_tokens: int | None = None
+    """Most tokens in one prompt (after the chat template); ``None``: the model's context (set by the app)."""
+    max_messages: int = 4096
+    """Most chat ``messages`` (each costs chat-template work before any token count is known)."""
+    max_stop_strings: int = MAX_STOP_STRINGS
+    """Most ``stop`` strings."""
+    max_stop_chars: int = 1024
+    """Longest ``stop`` string, in characters (streaming holds back that much text)."""
+    max_stop_token_ids: int = 256
+    """Most ``stop_token_ids``."""
+    max_logprobs: int = MAX_LOGPROBS
+    """Most ``logprobs`` (completions) / ``top_logprobs`` (chat) alternatives per token; at most 20."""
+    max_json_depth: int = 32
+    """Deepest nesting of arrays and objects in the body (the body object itself is depth 1)."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.name == "max_prompt_tokens":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
+        if self.max_logprobs > MAX_LOGPROBS:
+            raise ValueError(f"max_logprobs must be <= {MAX_LOGPROBS} (the engine's cap), got {self.max_logprobs}")
+        if self.max_choices < self.max_n:
+            raise ValueError(f"max_choices ({self.max_choices}) must be >= max_n ({self.max_n})")
+
+
 def error_body(message: str, *, status: int = 400, param: str | None = None, code: str | None = None) -> dict:
     kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -66,19 +116,31 @@ def _type_error(name: str, expected: str, value) -> APIError:
 
 
 def _short(value) -> str:
-    text = json.dumps(value, allow_nan=True, default=str)
+    """A bounded description of a client's value: never serializes a whole (possibly huge) container."""
+    if isinstance(value, list):
+        return f"array of {len(value)} items"
+    if isinstance(value, dict):
+        return f"object with {len(value)} keys"
+    if isinstance(value, str) and len(value) > 40:
+        value = value[:37]
+    text = json.dumps(value, allow_nan=True)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _int(body: dict, name: str, default=None, lo: int | None = None, hi: int | None = None):
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(body: dict, name: str, default=None, lo: int = INT64_MIN, hi: int = INT64_MAX):
+    """``body[name]`` as an int in [lo, hi] (by default: int64, so it survives msgpack and torch)."""
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not _is_int(value):
         raise _type_error(name, "an integer", value)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise APIError(f"{name}: must be {bounds}, got {value}", param=name)
+    if not lo <= value <= hi:
+        bounds = f">= {lo}" if hi == INT64_MAX else f"in [{lo}, {hi}]"
+        raise APIError(f"{name}: must be {bounds}, got {_short(value)}", param=name)
     return value
 
 
@@ -88,9 +150,23 @@ def _float(body: dict, name: str, default=None):
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _type_error(name, "a number", value)
-    if not math.isfinite(value):
-        raise APIError(f"{name}: must be a finite number, got {value}", param=name)
-    return float(value)
+    try:
+        number = float(value)  # an int beyond 1.8e308 overflows
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise APIError(f"{name}: must be a finite number, got {_short(value)}", param=name)
+    return number
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _text(value: str, name: str) -> str:
+    """A client string the tokenizer will see: JSON's ``\\ud800`` escapes can smuggle in lone surrogates."""
+    if _SURROGATE.search(value):
+        raise APIError(f"{name}: contains a lone UTF-16 surrogate (not valid Unicode)", param=name)
+    return value
 
 
 def _bool(body: dict, name: str, default=False) -> bool:
@@ -102,10 +178,54 @@ def _bool(body: dict, name: str, default=False) -> bool:
     return value
 
 
-def _int_list(value, name: str) -> list[int]:
-    if not isinstance(value, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in value):
+def _int_list(value, name: str, max_len: int | None = None, what: str = "items") -> list[int]:
+    if not isinstance(value, list):
+        raise _type_error(name, "a list of integers", value)
+    if max_len is not None and len(value) > max_len:  # before the element scan: 10**6 ids are rejected fast
+        raise APIError(f"{name}: {len(value)} {what} exceeds the limit of {max_len}", param=name)
+    if not all(_is_int(t) for t in value):
         raise _type_error(name, "a list of integers", value)
     return value
+
+
+# ---- the body ------------------------------------------------------------------------------------------------
+def decode_body(raw: bytes, limits: RequestLimits) -> object:
+    """The JSON value of a request body; raises ``APIError`` (400) for anything but strict UTF-8 JSON with
+    finite numbers nested at most ``limits.max_json_depth`` deep. The error's ``param`` is the top-level
+    field that holds the offending value."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(f"request body is not valid UTF-8 (byte {e.start})") from None
+    try:
+        # NaN / Infinity are not JSON; parsed as floats here so the walk below names their field.
+        body = json.loads(text, parse_constant=float)
+    except RecursionError:
+        raise APIError(f"request body: JSON nested deeper than {limits.max_json_depth} levels") from None
+    except ValueError as e:  # JSONDecodeError, or an integer over Python's 4300-digit limit
+        raise APIError(f"invalid JSON body: {e}") from None
+    _check_tree(body, limits.max_json_depth)
+    return body
+
+
+def _check_tree(body, max_depth: int) -> None:
+    """Depth and finiteness of every value, without recursion (one pass; 10**6 ints take ~0.1 s)."""
+    if not isinstance(body, (float, list, dict)):
+        return
+    stack: list[tuple[object, int, str | None]] = [(body, 1, None)]
+    while stack:
+        value, depth, name = stack.pop()
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise APIError(f"{name or 'request body'}: {value} is not a finite number (NaN, Infinity and "
+                               "numbers beyond the range of a double are refused)", param=name)
+            continue
+        if depth > max_depth:
+            raise APIError(f"{name or 'request body'}: JSON nested deeper than {max_depth} levels", param=name)
+        top = depth == 1 and isinstance(value, dict)
+        for key, child in (value.items() if isinstance(value, dict) else enumerate(value)):
+            if isinstance(child, (float, list, dict)):
+                stack.append((child, depth + 1, key if top else name))
 
 
 # ---- requests ------------------------------------------------------------------------------------------------
@@ -130,6 +250,8 @@ class ParsedRequest:
     seed: int | None = None
     sampling: dict = field(default_factory=dict)
     """SamplingParams fields other than max_tokens, seed and stop."""
+    max_prompt_tokens: int | None = None
+    """``RequestLimits.max_prompt_tokens``, checked by ``check_prompt`` on the tokenized prompt."""
 
     @property
     def prompt_param(self) -> str:
@@ -142,6 +264,9 @@ class ParsedRequest:
     def check_prompt(self, token_ids: list[int], vocab_size: int) -> None:
         if not token_ids:
             raise APIError(f"{self.prompt_param}: must contain at least one token", param=self.prompt_param)
+        if self.max_prompt_tokens is not None and len(token_ids) > self.max_prompt_tokens:
+            raise APIError(f"{self.prompt_param}: {len(token_ids)} tokens exceeds the limit of "
+                           f"{self.max_prompt_tokens} prompt tokens", param=self.prompt_param)
         for t in token_ids:
             if not 0 <= t < vocab_size:
                 raise APIError(f"{self.prompt_param}: token id {t} is outside the vocabulary [0, {vocab_size})",
@@ -190,22 +315,16 @@ def _check_model(body: dict, model_name: str) -> None:
                        param="model", code="model_not_found")
 
 
-def _parse_common(body: dict, kind: str, defaults: dict | None) -> ParsedRequest:
-    req = ParsedRequest(kind=kind)
-    req.n = _int(body, "n", 1, 1, MAX_N)
+def _parse_common(body: dict, kind: str, defaults: dict | None, limits: RequestLimits) -> ParsedRequest:
+    req = ParsedRequest(kind=kind, max_prompt_tokens=limits.max_prompt_tokens)
+    req.n = _int(body, "n", 1, 1, limits.max_n)
     req.stream = _bool(body, "stream")
     options = body.get("stream_options")
     if options is not None:
         if not isinstance(options, dict):
             raise _type_error("stream_options", "an object", options)
         req.include_usage = req.stream and _bool(options, "include_usage")
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
-    if not isinstance(stop, list) or any(not isinstance(s, str) or not s for s in stop):
-        raise APIError("stop: expected a non-empty string or a list of non-empty strings", param="stop")
-    if len(stop) > MAX_STOP_STRINGS:
-        raise APIError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}", param="stop")
-    req.stop = stop
+    req.stop = _stop_strings(body.get("stop"), limits)
     req.include_stop_str_in_output = _bool(body, "include_stop_str_in_output")
     req.seed = _int(body, "seed")
     if _bool(body, "echo"):
@@ -216,19 +335,47 @@ def _parse_common(body: dict, kind: str, defaults: dict | None) -> ParsedRequest
         raise APIError("best_of: only best_of == n is supported", param="best_of")
 
     sampling = {k: v for k, v in (defaults or {}).items() if k in _SAMPLING_FIELDS - {"max_tokens", "seed", "stop"}}
-    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
-        value = _float(body, name)
-        if value is not None:
-            sampling[name] = value
+    floats = {name: _float(body, name) for name in ("temperature", "top_p", "min_p", "presence_penalty",
+                                                     "frequency_penalty", "repetition_penalty")}
+    floats = {name: value for name, value in floats.items() if value is not None}
+    _check_scales(floats)
+    sampling.update(floats)
     for name in ("top_k", "min_tokens"):
         value = _int(body, name)
         if value is not None:
             sampling[name] = value
     if body.get("stop_token_ids") is not None:
-        sampling["stop_token_ids"] = _int_list(body["stop_token_ids"], "stop_token_ids")
+        sampling["stop_token_ids"] = _int_list(body["stop_token_ids"], "stop_token_ids", limits.max_stop_token_ids,
+                                               "stop token ids")
     sampling["ignore_eos"] = _bool(body, "ignore_eos")
     req.sampling = sampling
     return req
+
+
+def _stop_strings(stop, limits: RequestLimits) -> list[str]:
+    stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stop, list):
+        raise APIError("stop: expected a non-empty string or a list of non-empty strings", param="stop")
+    if len(stop) > limits.max_stop_strings:
+        raise APIError(f"stop: at most {limits.max_stop_strings} stop strings, got {len(stop)}", param="stop")
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise APIError("stop: expected a non-empty string or a list of non-empty strings", param="stop")
+    if any(len(s) > limits.max_stop_chars for s in stop):
+        raise APIError(f"stop: a stop string is longer than the limit of {limits.max_stop_chars} characters",
+                       param="stop")
+    return [_text(s, "stop") for s in stop]
+
+
+def _check_scales(sent: dict[str, float]) -> None:
+    """``SAFE_SCALE_RANGE`` on the values the client sent (generation_config.json defaults are the operator's)."""
+    lo, hi = SAFE_SCALE_RANGE
+    temperature = sent.get("temperature", 0.0)
+    if temperature != 0 and not lo <= temperature <= hi:
+        raise APIError(f"temperature: must be 0 (greedy) or in [{lo:g}, {hi:g}], got {temperature:g}",
+                       param="temperature")
+    for name, top in (("repetition_penalty", hi), ("top_p", 1)):
+        if name in sent and not lo <= sent[name] <= top:
+            raise APIError(f"{name}: must be in [{lo:g}, {top:g}], got {sent[name]:g}", param=name)
 
 
 def _finish_parse(req: ParsedRequest, body: dict, max_tokens_name: str) -> ParsedRequest:
@@ -243,72 +390,87 @@ def _finish_parse(req: ParsedRequest, body: dict, max_tokens_name: str) -> Parse
     return req
 
 
-def parse_completion(body, *, model_name: str, defaults: dict | None = None) -> ParsedRequest:
+def _prompts(prompt, n: int, limits: RequestLimits) -> list[str | list[int]]:
+    """Completions' ``prompt`` as a list of prompts; sizes are checked before element types."""
+    shapes = "a string, a list of strings, a list of token ids or a list of lists of token ids"
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif prompt is None:
+        raise APIError("prompt: required", param="prompt")
+    elif not isinstance(prompt, list) or not prompt:
+        raise APIError(f"prompt: expected {shapes}", param="prompt")
+    elif _is_int(prompt[0]):
+        prompts = [_int_list(prompt, "prompt", limits.max_prompt_tokens, "tokens")]
+    else:
+        if len(prompt) * n > limits.max_choices:
+            raise APIError(f"prompt: {len(prompt)} prompts x n={n} exceeds {limits.max_choices} choices",
+                           param="prompt")
+        if all(isinstance(p, str) for p in prompt):
+            prompts = list(prompt)
+        elif all(isinstance(p, list) for p in prompt):
+            prompts = [_int_list(p, "prompt", limits.max_prompt_tokens, "tokens") for p in prompt]
+        else:
+            raise APIError(f"prompt: expected {shapes}", param="prompt")
+    if any(len(p) == 0 for p in prompts):
+        raise APIError("prompt: must not be empty", param="prompt")
+    return [_text(p, "prompt") if isinstance(p, str) else p for p in prompts]
+
+
+def parse_completion(body, *, model_name: str, defaults: dict | None = None,
+                     limits: RequestLimits | None = None) -> ParsedRequest:
     """Validate a ``POST /v1/completions`` body; raises ``APIError``."""
+    limits = limits or RequestLimits()
     if not isinstance(body, dict):
         raise APIError("request body must be a JSON object")
     _check_model(body, model_name)
-    req = _parse_common(body, "completion", defaults)
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        prompts = list(prompt)
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        prompts = [list(prompt)]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
-        prompts = [_int_list(p, "prompt") for p in prompt]
-    elif prompt is None:
-        raise APIError("prompt: required", param="prompt")
-    else:
-        raise APIError("prompt: expected a string, a list of strings, a list of token ids or a list of lists of "
-                       "token ids", param="prompt")
-    if any(len(p) == 0 for p in prompts):
-        raise APIError("prompt: must not be empty", param="prompt")
-    if len(prompts) * req.n > MAX_CHOICES:
-        raise APIError(f"prompt: {len(prompts)} prompts x n={req.n} exceeds {MAX_CHOICES} choices", param="prompt")
-    req.prompts = prompts
-    logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
+    req = _parse_common(body, "completion", defaults, limits)
+    req.prompts = _prompts(body.get("prompt"), req.n, limits)
+    logprobs = _int(body, "logprobs", None, 0, limits.max_logprobs)
     if logprobs is not None:
         req.sampling["logprobs"] = logprobs
     return _finish_parse(req, body, "max_tokens")
 
 
 def _message_text(content, i: int, role: str) -> str:
+    name = f"messages[{i}].content"
     if content is None and role == "assistant":
         return ""
     if isinstance(content, str):
-        return content
+        return _text(content, name)
     if isinstance(content, list) and content:
         parts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(f"messages[{i}].content: only text parts ({{\"type\": \"text\", \"text\": ...}}) are "
-                               "supported", param=f"messages[{i}].content")
-            parts.append(part["text"])
+                raise APIError(f"{name}: only text parts ({{\"type\": \"text\", \"text\": ...}}) are supported",
+                               param=name)
+            parts.append(_text(part["text"], name))
         return "\n".join(parts)
-    raise APIError(f"messages[{i}].content: expected a string or a non-empty list of text parts",
-                   param=f"messages[{i}].content")
+    raise APIError(f"{name}: expected a string or a non-empty list of text parts", param=name)
 
 
-def parse_chat(body, *, model_name: str, defaults: dict | None = None) -> ParsedRequest:
+def parse_chat(body, *, model_name: str, defaults: dict | None = None,
+               limits: RequestLimits | None = None) -> ParsedRequest:
     """Validate a ``POST /v1/chat/completions`` body; raises ``APIError``."""
+    limits = limits or RequestLimits()
     if not isinstance(body, dict):
         raise APIError("request body must be a JSON object")
     _check_model(body, model_name)
-    req = _parse_common(body, "chat", defaults)
+    req = _parse_common(body, "chat", defaults, limits)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError("messages: expected a non-empty list of messages", param="messages")
+    if len(messages) > limits.max_messages:
+        raise APIError(f"messages: {len(messages)} messages exceeds the limit of {limits.max_messages}",
+                       param="messages")
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
             raise _type_error(f"messages[{i}]", "an object", msg)
         role = msg.get("role")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:
             raise APIError(f"messages[{i}].role: expected one of {sorted(CHAT_ROLES)}, got {_short(role)}",
                            param=f"messages[{i}].role")
         req.messages.append({"role": CHAT_ROLES[role], "content": _message_text(msg.get("content"), i, role)})
-    top = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+    top = _int(body, "top_logprobs", None, 0, limits.max_logprobs)
     if _bool(body, "logprobs"):
         req.sampling["logprobs"] = top or 0
     elif top is not None:
