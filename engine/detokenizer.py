@@ -2,7 +2,8 @@
 
 Text is produced by decoding a short window of recent tokens and emitting only what grew, so each step costs
 O(window), and text is held back while it ends in an incomplete UTF-8 sequence (decoded as U+FFFD) — a
-multi-byte character split across tokens is never emitted broken. When stop strings are set, the last
+multi-byte character split across tokens is never emitted broken. Bytes that stay invalid after 4 tokens can
+never complete a character; they are emitted as U+FFFD rather than held to the end. When stop strings are set, the last
 ``max(len(stop)) - 1`` characters are held back too, so streamed text never shows a stop string's start that
 is later cut.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 REPLACEMENT = "\ufffd"
 _CONTEXT_TOKENS = 5
+_MAX_HELD_TOKENS = 4  # a UTF-8 character spans at most 4 bytes, hence at most 4 byte-level tokens
 
 
 class IncrementalDetokenizer:
@@ -40,8 +42,10 @@ class IncrementalDetokenizer:
         self._tokens.append(token_id)
         prefix = self._decode(self._tokens[self._prefix_offset:self._read_offset])
         full = self._decode(self._tokens[self._prefix_offset:])
-        if full.endswith(REPLACEMENT) or len(full) <= len(prefix):
+        held = len(self._tokens) - self._read_offset
+        if len(full) <= len(prefix) or (full.endswith(REPLACEMENT) and held < _MAX_HELD_TOKENS):
             return  # incomplete character (or nothing visible yet): wait for more tokens
+        # Past 4 held tokens the bytes can never complete a character: they are invalid, shown as U+FFFD.
         delta = full[len(prefix):]
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._tokens)

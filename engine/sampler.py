@@ -68,6 +68,10 @@ class Sampler:
             probs = probs.masked_fill(drop_sorted.scatter(0, order, drop_sorted), 0.0)
         if p.min_p > 0.0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
+            # Extreme parameters (temperature near 0 or huge, tiny penalties) under/overflow float32: the
+            # distribution has collapsed onto its mode, so take it rather than fail the step.
+            return int(torch.argmax(row))
         generator = req.generator if req.generator is not None else self.generator
         return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 

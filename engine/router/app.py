@@ -374,7 +374,11 @@ class _FrontEnd:
                 text, logprobs = state.take()
                 if state.finished:
                     remaining.discard(index)
-                if text or state.finished or (logprobs and (logprobs.get("tokens") or logprobs.get("content"))):
+                # One chunk per token-carrying delta, even when its text is held back (an incomplete UTF-8
+                # character, a special token): clients see tokens arrive when they do.
+                has_tokens = isinstance(item, TokenDelta) and bool(item.token_ids)
+                if text or state.finished or has_tokens or (logprobs and (logprobs.get("tokens") or
+                                                                         logprobs.get("content"))):
                     entry = state.choice(text, logprobs, stream=True)
                     await response.write(proto.sse(proto.chunk(parsed.kind, *meta, [entry])))
             self.metrics.e2e.observe(time.monotonic() - timing.start_s)

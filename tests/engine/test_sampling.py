@@ -127,3 +127,12 @@ def test_eos_finishes_with_stop_unless_ignored(llm, monkeypatch):
     assert out.token_ids == [first] and out.finish_reason == "stop" and out.stop_reason == first
     out = llm.generate([ids], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
     assert len(out.token_ids) == 4 and out.finish_reason == "length"
+
+
+def test_extreme_parameters_never_break_the_sampler():
+    logits = torch.randn(1, 50)
+    for kw in (dict(temperature=1e-39), dict(temperature=3e38, min_tokens=1, max_tokens=2), dict(top_p=1e-45),
+               dict(repetition_penalty=1e-39), dict(temperature=0.7, repetition_penalty=1e-30, seed=1)):
+        req = Request("r", [1, 2, 3], SamplingParams(**kw), eos_token_ids=(1,))
+        token = Sampler()(logits, [req])[0].token_id
+        assert 0 <= token < 50, kw
