@@ -73,15 +73,17 @@ def wait_for_line(proc: subprocess.Popen, log_path: Path, needle: str, timeout_s
     raise TimeoutError(f"{needle!r} not seen in {timeout_s}s:\n{log_path.read_text()[-3000:]}")
 
 
-def query_server(address: str, messages: list, want: int, timeout_s: float = 30.0) -> list:
+def query_server(address: str, messages: list, want: int, timeout_s: float = 30.0, keys=None) -> list:
     """Send wire messages to a server's command socket as a raw DEALER; collect ``want`` decoded replies."""
     import zmq
 
+    from engine.security import secure_client
     from transfer.wire import decode, encode
 
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    secure_client(sock, keys)
     sock.connect(address)
     try:
         for msg in messages:

@@ -14,6 +14,7 @@ import os
 from engine.router.app import add_http_args, create_app, http_options, serve
 from engine.router.cluster import ClusterDispatcher
 from engine.router.scoring import POLICIES, RouterPolicy
+from engine.security import load_keys
 from engine.server.cli import add_logging_args, setup_logging
 from engine.tokenizer import generation_defaults, load_tokenizer
 
@@ -39,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-queue", type=int, default=256, help="admission queue bound (then 429)")
     ap.add_argument("--queue-timeout-s", type=float, default=10.0, help="longest wait in the admission queue")
     ap.add_argument("--kv-timeout-s", type=float, default=30.0)
+    ap.add_argument("--zmq-keys", help="CURVE key directory shared with the servers")
     ap.add_argument("--connect-timeout-s", type=float, default=120.0)
     ap.add_argument("--request-timeout-s", type=float, default=600.0)
     add_http_args(ap)
@@ -57,7 +59,8 @@ async def amain(args: argparse.Namespace) -> None:
     dispatcher = ClusterDispatcher(
         args.prefill, args.decode, name, policy, connect_timeout_s=args.connect_timeout_s,
         kv_timeout_s=args.kv_timeout_s, request_timeout_s=args.request_timeout_s, heartbeat_s=args.heartbeat_s,
-        max_queue=args.max_queue, queue_timeout_s=args.queue_timeout_s, registry_address=registry)
+        max_queue=args.max_queue, queue_timeout_s=args.queue_timeout_s, registry_address=registry,
+        zmq_keys=load_keys(args.zmq_keys))
     try:
         await dispatcher.start()
     except Exception:

@@ -28,6 +28,7 @@ from engine.router.dispatcher import DispatchError, Dispatcher, GenerateRequest,
 from engine.router.metrics import Histogram
 from engine.router.scoring import RequestInfo, RouterPolicy, Scorer
 from engine.router.server_registry import ServerLink, ServerRegistry
+from engine.security import ZmqKeys, start_async_authenticator
 from transfer.messages import (Abort, Generate, Hello, KVFailed, Prefill, PrefillDone, RemotePrefill, ServerInfo,
                                Stats, StatsRequest, Tokens)
 from transfer.wire import Message, encode
@@ -41,13 +42,15 @@ class ClusterDispatcher(Dispatcher):
     def __init__(self, prefill: list[str], decode: list[str], model_name: str, policy: RouterPolicy | None = None, *,
                  connect_timeout_s: float = 120.0, kv_timeout_s: float = 30.0, request_timeout_s: float = 600.0,
                  heartbeat_s: float = 0.2, max_queue: int = 256, queue_timeout_s: float = 10.0,
-                 registry_address: str | None = None, max_migrations: int = 2):
+                 registry_address: str | None = None, max_migrations: int = 2, zmq_keys: ZmqKeys | None = None):
         if not decode and registry_address is None:
             raise ValueError("decode: at least one decode server (or a registry address) is required")
         self.ctx = zmq.asyncio.Context.instance()
         self.model_name = model_name
         self.scorer = Scorer(policy or RouterPolicy())
-        self.registry = ServerRegistry(self.ctx, self._on_message, self._on_dead, heartbeat_s)
+        self.keys = zmq_keys
+        self._auth = None
+        self.registry = ServerRegistry(self.ctx, self._on_message, self._on_dead, heartbeat_s, keys=zmq_keys)
         self.addresses = [(a, "prefill") for a in prefill] + [(a, "decode") for a in decode]
         self.registry_address = registry_address
         self.connect_timeout_s = connect_timeout_s
@@ -77,6 +80,7 @@ class ClusterDispatcher(Dispatcher):
         """Greet the listed servers (bounded by ``connect_timeout_s``), check layouts. Idempotent."""
         if self._watch_task is not None:
             return
+        self._auth = start_async_authenticator(self.ctx, self.keys)
         hello = Hello(ServerInfo(f"router-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex, "router", self.model_name))
         try:
             infos = await asyncio.gather(*(self.registry.greet(a, hello, self.connect_timeout_s)
@@ -121,6 +125,8 @@ class ClusterDispatcher(Dispatcher):
         for q in self._queues.values():
             q.put_nowait(Tokens("", [], finished=True, finish_reason="abort"))
         self.registry.close()
+        if self._auth is not None:
+            self._auth.stop()
 
     def healthy(self) -> bool:
         return any(lk.state.healthy and lk.info.role != "prefill" for lk in self.registry.links.values())

@@ -21,6 +21,7 @@ import zmq.asyncio
 
 from engine.kv_events import event_from_dict
 from engine.router.prefix_index import PrefixIndex
+from engine.security import ZmqKeys, secure_client, secure_server
 from engine.router.scoring import ServerState
 from transfer.messages import Hello, KVEvents, LoadReport, ServerInfo, Welcome
 from transfer.wire import Message, ProtocolError, decode, encode
@@ -52,7 +53,8 @@ class ServerLink:
 class ServerRegistry:
     def __init__(self, ctx: zmq.asyncio.Context, on_message: Callable[[ServerLink, Message], None],
                  on_dead: Callable[[ServerLink], None], heartbeat_s: float = 0.2, missed_heartbeats: int = 3,
-                 breaker_failures: int = 3, breaker_cooldown_s: float = 5.0):
+                 breaker_failures: int = 3, breaker_cooldown_s: float = 5.0, keys: ZmqKeys | None = None):
+        self.keys = keys
         self.ctx = ctx
         self.on_message = on_message
         self.on_dead = on_dead
@@ -89,6 +91,7 @@ class ServerRegistry:
     def _dealer(self, address: str) -> zmq.asyncio.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        secure_client(sock, self.keys)
         sock.connect(address)
         return sock
 
@@ -104,6 +107,7 @@ class ServerRegistry:
         events = self.ctx.socket(zmq.SUB)
         events.setsockopt(zmq.LINGER, 0)
         events.setsockopt(zmq.SUBSCRIBE, b"")
+        secure_client(events, self.keys)
         events.connect(info.event_address)
         state = ServerState(info.engine_id, role=info.role, zone=info.zone, block_size=info.layout.block_size,
                             total_blocks=info.num_total_blocks, free_blocks=info.num_total_blocks)
@@ -198,6 +202,7 @@ class ServerRegistry:
         """Accept run-time registrations (servers started with ``--router``) on ``address``."""
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        secure_server(sock, self.keys)
         sock.bind(address)
         self.registry_socket = sock
         self._tasks.append(asyncio.create_task(self._accept(sock)))

@@ -9,6 +9,7 @@ import time
 
 from engine import envs
 from engine.config import EngineConfig
+from engine.security import load_keys
 
 
 def add_engine_args(ap: argparse.ArgumentParser) -> None:
@@ -89,6 +90,8 @@ def server_main(role: str, argv: list[str] | None = None) -> None:
     ap.add_argument("--router", help="register with this router at run time (its --registry-port)")
     ap.add_argument("--drain-timeout-s", type=float, default=30.0,
                     help="on SIGTERM: stop admitting, finish in-flight requests for up to this long, exit")
+    ap.add_argument("--zmq-keys", help="CURVE key directory (python -m engine.tools.keys DIR): authenticate and "
+                    "encrypt every ZeroMQ socket")
     ap.add_argument("--debug-layer-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--debug-step-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -102,6 +105,6 @@ def server_main(role: str, argv: list[str] | None = None) -> None:
         kv_timeout_s=args.kv_timeout_s, debug_layer_delay_s=args.debug_layer_delay_s,
         model_name=args.served_model_name, kv_failure_policy=args.kv_failure_policy, heartbeat_s=args.heartbeat_s,
         router_address=args.router, drain_timeout_s=args.drain_timeout_s,
-        debug_step_delay_s=args.debug_step_delay_s)
+        debug_step_delay_s=args.debug_step_delay_s, zmq_keys=load_keys(args.zmq_keys))
     print(f"DUET_READY {role} {server.address} {server.event_address}", flush=True)
     server.serve_forever()

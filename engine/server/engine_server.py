@@ -21,6 +21,7 @@ from engine.config import EngineConfig
 from engine.kv_events import event_to_dict
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
+from engine.security import ZmqKeys, secure_client, secure_server, start_authenticator
 from engine.server.peers import PeerLinks
 from transfer.compat import IncompatiblePeer, KVLayout, check_compatible
 from transfer.factory import make_transport
@@ -41,7 +42,7 @@ class EngineServer:
                  staging_bytes: int = 64 << 20, kv_timeout_s: float = 30.0, debug_layer_delay_s: float = 0.0,
                  model_name: str | None = None, kv_failure_policy: str = "recompute", heartbeat_s: float = 0.2,
                  router_address: str | None = None, drain_timeout_s: float = 30.0,
-                 debug_step_delay_s: float = 0.0):
+                 debug_step_delay_s: float = 0.0, zmq_keys: ZmqKeys | None = None):
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         if kv_failure_policy not in ("recompute", "fail"):
@@ -59,11 +60,15 @@ class EngineServer:
         self.epoch = uuid.uuid4().hex
         self.kv_timeout_s = kv_timeout_s
         self.ctx = zmq.Context.instance()
+        self.keys = zmq_keys
+        self._auth = start_authenticator(self.ctx, zmq_keys)  # CURVE: only key holders get in (None: plaintext)
         self.cmd = self.ctx.socket(zmq.ROUTER)
+        secure_server(self.cmd, zmq_keys)
         self.cmd.setsockopt(zmq.LINGER, 0)
         self.cmd.setsockopt(zmq.ROUTER_MANDATORY, 0)
         port = self._bind(self.cmd, host, port)
         self.pub = self.ctx.socket(zmq.PUB)
+        secure_server(self.pub, zmq_keys)
         self.pub.setsockopt(zmq.LINGER, 0)
         event_port = self._bind(self.pub, host, 0 if event_port is None else event_port)
         self.address, self.event_address = f"tcp://{host}:{port}", f"tcp://{host}:{event_port}"
@@ -72,7 +77,7 @@ class EngineServer:
         mc = self.engine.model_config
         self.model_name = model_name or config.model
         self.layout = KVLayout.from_cache(mc.architecture + ":" + str(config.model).rstrip("/").split("/")[-1], kv)
-        self.transport = make_transport(kv_transport, self.engine_id, host=host)
+        self.transport = make_transport(kv_transport, self.engine_id, host=host, keys=zmq_keys)
         self.staging = StagingPool(staging_bytes, kv.device)
         staging_handle = self.transport.register(self.staging.buffer)
         region = self.transport.describe(staging_handle)
@@ -87,7 +92,7 @@ class EngineServer:
             num_total_blocks=self.engine.num_total_blocks)
         self.poller = zmq.Poller()
         self.poller.register(self.cmd, zmq.POLLIN)
-        self.peers = PeerLinks(self.ctx, self.poller, self.info)
+        self.peers = PeerLinks(self.ctx, self.poller, self.info, keys=zmq_keys)
         self.clients: dict[str, bytes] = {}  # request id -> router identity (for Tokens)
         self._deferred: list[tuple[bytes, Message]] = []  # commands that arrived mid-step
         self.sender.receive_destinations = self._receive_destinations
@@ -99,6 +104,7 @@ class EngineServer:
         if router_address:  # run-time registration: our Hello doubles as a heartbeat to the router
             self.router_link = self.ctx.socket(zmq.DEALER)
             self.router_link.setsockopt(zmq.LINGER, 0)
+            secure_client(self.router_link, zmq_keys)
             self.router_link.connect(router_address)
         self.stopping = False
         self.draining = False
@@ -460,3 +466,5 @@ class EngineServer:
         self.transport.close()
         self.cmd.close(0)
         self.pub.close(0)
+        if self._auth is not None:
+            self._auth.stop()

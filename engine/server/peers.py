@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from engine.security import ZmqKeys, secure_client
 from transfer.compat import IncompatiblePeer, check_compatible
 from transfer.messages import Hello, Refused, ServerInfo, Welcome
 from transfer.wire import Message, ProtocolError, decode, encode
@@ -30,7 +31,9 @@ class PeerLink:
 
 
 class PeerLinks:
-    def __init__(self, ctx: zmq.Context, poller: zmq.Poller, my_info: ServerInfo, handshake_timeout_s: float = 10.0):
+    def __init__(self, ctx: zmq.Context, poller: zmq.Poller, my_info: ServerInfo, handshake_timeout_s: float = 10.0,
+                 keys: ZmqKeys | None = None):
+        self.keys = keys
         self.ctx = ctx
         self.poller = poller
         self.my_info = my_info
@@ -49,6 +52,7 @@ class PeerLinks:
                 self._close(link)
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            secure_client(sock, self.keys)
             sock.connect(address)
             self.poller.register(sock, zmq.POLLIN)
             link = PeerLink(address, sock, time.monotonic() + self.handshake_timeout_s)
