@@ -180,6 +180,8 @@ class KVFailed(Message):
 class StatsRequest(Message):
     TYPE = "stats_request"
     token: int = 0
+    request_id: str | None = None
+    """Only this request's trace (None: every trace the server keeps)."""
 
 
 @dataclass

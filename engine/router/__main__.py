@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--queue-timeout-s", type=float, default=10.0, help="longest wait in the admission queue")
     ap.add_argument("--kv-timeout-s", type=float, default=30.0)
     ap.add_argument("--zmq-keys", help="CURVE key directory shared with the servers")
+    ap.add_argument("--debug-traces", action="store_true",
+                    help="serve GET /debug/requests/{id}: a request's stage timestamps on router and servers")
     ap.add_argument("--connect-timeout-s", type=float, default=120.0)
     ap.add_argument("--request-timeout-s", type=float, default=600.0)
     add_http_args(ap)
@@ -68,7 +70,7 @@ async def amain(args: argparse.Namespace) -> None:
         raise
     app = create_app(dispatcher, tokenizer, name, max_model_len=dispatcher.max_model_len, api_key=args.api_key,
                      request_timeout_s=args.request_timeout_s, default_sampling=generation_defaults(args.model),
-                     **args.http_kwargs)
+                     debug_traces=args.debug_traces, **args.http_kwargs)
     scheme = "https" if args.ssl_context is not None else "http"
     await serve(app, args.host, args.port, ssl_context=args.ssl_context,
                 on_ready=lambda addrs: print(f"DUET_READY router {scheme}://{args.host}:{args.port}", flush=True))

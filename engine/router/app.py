@@ -239,6 +239,15 @@ class _FrontEnd:
                            param="model", code="model_not_found")
         return web.json_response(proto.model_card(self.model_name, self.created, self.max_model_len))
 
+    async def trace(self, request: web.Request) -> web.Response:
+        """``GET /debug/requests/{id}``: stage timestamps of one request on the router and every server."""
+        request_id = request.match_info["request_id"]
+        trace = await self.dispatcher.trace(request_id) or await self.dispatcher.trace(request_id + "-0")
+        if not trace:
+            raise APIError(f"no trace for request {request_id!r} (unknown, or evicted)", status=404,
+                           param="request_id", code="not_found")
+        return web.json_response({"request_id": request_id, "stages": trace})
+
     async def prometheus(self, request: web.Request) -> web.Response:
         text = self.metrics.registry.render()
         try:
@@ -407,7 +416,7 @@ def create_app(dispatcher: Dispatcher, tokenizer, model_name: str, *, max_model_
                api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, limits: RequestLimits | None = None,
                request_timeout_s: float = 600.0, max_default_tokens: int = 4096,
-               default_sampling: dict | None = None) -> web.Application:
+               default_sampling: dict | None = None, debug_traces: bool = False) -> web.Application:
     """The OpenAI-compatible app. ``dispatcher.start()`` runs at startup and ``dispatcher.close()`` at cleanup.
 
     ``api_key``: every route but ``/health`` requires ``Authorization: Bearer <api_key>`` (else 401).
@@ -435,6 +444,8 @@ def create_app(dispatcher: Dispatcher, tokenizer, model_name: str, *, max_model_
     app.router.add_get("/v1/models/{model}", front.model)
     app.router.add_get("/health", front.health)
     app.router.add_get("/metrics", front.prometheus)
+    if debug_traces:  # per-request stage timestamps (ids of choice i of an API request are "<id>-<i>")
+        app.router.add_get("/debug/requests/{request_id}", front.trace)
 
     async def on_startup(_app: web.Application) -> None:
         await dispatcher.start()

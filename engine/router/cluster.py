@@ -74,6 +74,7 @@ class ClusterDispatcher(Dispatcher):
         self.prefill_compute = Histogram("duet_prefill_compute_seconds", "prefill server compute per request")
         self.handoff = Histogram("duet_handoff_seconds", "disaggregated TTFT minus prefill compute")
         self._handoff_parts: dict[str, dict[str, float]] = {}
+        self.traces: dict[str, dict[str, float]] = {}  # request id -> router stage -> unix time (bounded)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -197,6 +198,7 @@ class ClusterDispatcher(Dispatcher):
             finally:
                 self._num_queued -= 1
         self.decisions[decision.reason] += 1
+        self._trace(request.request_id, "placed:" + decision.reason)
         if not decision.accepted:
             self.counters["rejected_" + decision.reason] += 1
             status = 400 if decision.reason == "request_too_large" else 503
@@ -214,8 +216,23 @@ class ClusterDispatcher(Dispatcher):
         return d, p
 
     # ---- requests ----------------------------------------------------------------------------------
+    def _trace(self, request_id: str, stage: str) -> None:
+        self.traces.setdefault(request_id, {}).setdefault(stage, time.time())
+        while len(self.traces) > 4096:
+            self.traces.pop(next(iter(self.traces)))
+
+    async def trace(self, request_id: str) -> dict[str, dict[str, float]]:
+        out = {}
+        if request_id in self.traces:
+            out["router"] = dict(self.traces[request_id])
+        for address, stats in (await self.server_stats(request_id=request_id)).items():
+            if stats.traces.get(request_id):
+                out[address] = stats.traces[request_id]
+        return out
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         rid = request.request_id
+        self._trace(rid, "received")
         prompt = list(request.prompt_token_ids)
         params = request.params
         generated: list[int] = []
@@ -235,8 +252,12 @@ class ClusterDispatcher(Dispatcher):
                     if delta is _SERVER_GONE:
                         failure = f"decode server {d.address} died"
                         break
+                    if delta.token_ids and not generated:
+                        self._trace(rid, "first_token")
                     generated.extend(delta.token_ids)
                     self.registry.succeeded(d)
+                    if delta.finished:
+                        self._trace(rid, "finished")
                     yield delta
                     if delta.finished:
                         return
@@ -318,7 +339,7 @@ class ClusterDispatcher(Dispatcher):
             await link.socket.send(encode(Abort(request_id)))
 
     # ---- metrics -----------------------------------------------------------------------------------
-    async def server_stats(self, timeout_s: float = 2.0) -> dict[str, Stats]:
+    async def server_stats(self, timeout_s: float = 2.0, request_id: str | None = None) -> dict[str, Stats]:
         """``Stats`` of every server that answers within ``timeout_s``, by address."""
         loop = asyncio.get_running_loop()
         waiting = {}
@@ -327,7 +348,7 @@ class ClusterDispatcher(Dispatcher):
             fut = loop.create_future()
             self._stats_waiters[self._next_token] = fut
             waiting[link.address] = (self._next_token, fut)
-            await link.socket.send(encode(StatsRequest(self._next_token)))
+            await link.socket.send(encode(StatsRequest(self._next_token, request_id)))
         out = {}
         for address, (token, fut) in waiting.items():
             try:

@@ -85,6 +85,11 @@ class Dispatcher(abc.ABC):
     def healthy(self) -> bool:
         """At least one backend can serve requests (``GET /health`` returns 503 otherwise)."""
 
+    async def trace(self, request_id: str) -> dict[str, dict[str, float]]:
+        """Stage timestamps (unix seconds) of one request, by component (``router``, server addresses);
+        empty when unknown. Served by ``GET /debug/requests/{id}`` when the front end enables it."""
+        return {}
+
     async def metrics(self) -> list[tuple[str, dict[str, str], float]]:
         """Backend samples for ``GET /metrics``: (name, labels, value). Names start with ``duet_``."""
         return []

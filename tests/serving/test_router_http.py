@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import json
+import urllib.error
 import urllib.request
 
 import openai
@@ -46,7 +47,7 @@ def cluster(request, model):
     p = ServerProcess("prefill", model, "--kv-transport", kind, "--num-kv-blocks", NUM_BLOCKS)
     d = ServerProcess("decode", model, "--kv-transport", kind, "--num-kv-blocks", NUM_BLOCKS)
     r = ServerProcess("router", model, "--prefill", p.address, "--decode", d.address, "--served-model-name", "llama",
-                      "--disagg-threshold-tokens", "0")
+                      "--disagg-threshold-tokens", "0", "--debug-traces")
     try:
         r.wait_ready()
         yield kind, p, d, r
@@ -134,3 +135,17 @@ def test_openai_client_features_through_the_router(cluster, colocated):
     for proc in (p, d):
         stats = server_stats(proc)
         assert stats["free_blocks"] == stats["total_blocks"]
+
+
+def test_request_trace_spans_router_prefill_and_decode(cluster):
+    _, p, d, r = cluster
+    done = client(r.url).completions.create(model="llama", prompt=list(range(5, 40)), max_tokens=3, temperature=0)
+    trace = json.loads(urllib.request.urlopen(f"{r.url}/debug/requests/{done.id}", timeout=30).read())["stages"]
+    router, prefill, decode = trace["router"], trace[p.address], trace[d.address]
+    assert router["received"] <= router["placed:disaggregated"] <= router["first_token"] <= router["finished"]
+    assert prefill["prefill_admitted"] <= prefill["layer_0_computed"] <= prefill["layer_0_sent"]
+    assert decode["decode_admitted"] <= decode["kv_layer_0_received"] <= decode["kv_complete"]
+    assert decode["kv_complete"] <= decode["first_token_sent"] <= decode["finished"] <= router["finished"] + 1
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{r.url}/debug/requests/no-such-id", timeout=30)
+    assert err.value.code == 404
