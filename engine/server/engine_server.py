@@ -95,6 +95,7 @@ class EngineServer:
         self.peers = PeerLinks(self.ctx, self.poller, self.info, keys=zmq_keys)
         self.clients: dict[str, bytes] = {}  # request id -> router identity (for Tokens)
         self._deferred: list[tuple[bytes, Message]] = []  # commands that arrived mid-step
+        self.traces: dict[str, dict[str, float]] = {}  # request id -> stage -> unix time (bounded)
         self.sender.receive_destinations = self._receive_destinations
         self.awaiting_link: dict[str, tuple[str, str]] = {}  # transfer id -> (request id, prefill address)
         self.transfer_of: dict[str, str] = {}  # request id -> transfer id (decode side)
@@ -279,6 +280,12 @@ class EngineServer:
             self._reply(ident, Tokens(rid, [], finished=True, finish_reason="error", error=str(e), status=400))
             return
         self.clients[rid] = ident
+        self._trace(rid, "decode_admitted" if msg.remote is not None else "queued")
+
+    def _trace(self, request_id: str, stage: str) -> None:
+        self.traces.setdefault(request_id, {}).setdefault(stage, time.time())
+        while len(self.traces) > 1024:
+            self.traces.pop(next(iter(self.traces)))
 
     def _admit_remote(self, msg: Generate, params: SamplingParams) -> None:
         req = self.engine.add_remote_request(msg.request_id, msg.prompt_token_ids, params)
@@ -385,9 +392,10 @@ class EngineServer:
 
     def _on_statsrequest(self, ident: bytes, msg: StatsRequest) -> None:
         traces = {}
-        for src in (self.sender.traces, self.receiver.traces):
+        for src in (self.traces, self.sender.traces, self.receiver.traces):
             for rid, stages in src.items():
-                traces.setdefault(rid, {}).update(stages)
+                if msg.request_id is None or rid == msg.request_id:
+                    traces.setdefault(rid, {}).update(stages)
         self._reply(ident, Stats(msg.token, self.engine_id, self.stats(), traces))
 
     def _on_drain(self, ident: bytes, msg: Drain) -> None:
@@ -418,6 +426,10 @@ class EngineServer:
             self._reply(ident, Tokens(out.request_id, out.new_token_ids, lps, out.finished, out.finish_reason,
                                       out.stop_reason if isinstance(out.stop_reason, int) else None,
                                       out.num_cached_tokens))
+            if out.new_token_ids:
+                self._trace(out.request_id, "first_token_sent")
+            if out.finished:
+                self._trace(out.request_id, "finished")
             if out.finished:
                 del self.clients[out.request_id]
                 tid = self.transfer_of.pop(out.request_id, None)
