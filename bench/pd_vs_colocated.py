@@ -40,7 +40,8 @@ def _histogram_p50(url: str, name: str) -> float | None:
 def run_config(name: str, kv: str, num_requests: int, prompt_len: int, output_len: int) -> list[dict]:
     model = str(make_tiny_model("llama", Path(tempfile.mkdtemp(prefix="duet-bench-")) / name, **CONFIGS[name]))
     colocated = ServerProcess("serve", model, threads=2)
-    prefill = ServerProcess("prefill", model, "--kv-transport", kv)
+    # The prefill server gets both cores, as the colocated one (passive OpenMP waits: decode polls meanwhile).
+    prefill = ServerProcess("prefill", model, "--kv-transport", kv, threads=2, env={"OMP_WAIT_POLICY": "PASSIVE"})
     decode = ServerProcess("decode", model, "--kv-transport", kv)
     router = ServerProcess("router", model, "--prefill", prefill.address, "--decode", decode.address,
                            "--disagg-threshold-tokens", "0")

@@ -41,6 +41,7 @@ class InTransfer:
     layers_done: int = 0
     first_token: SampleResult | None = None
     error: str | None = None
+    started_at: float = 0.0
 
 
 class KVReceiver:
@@ -56,6 +57,9 @@ class KVReceiver:
         self.num_bytes_received = 0
         self.num_completed = 0
         self.num_failed = 0
+        self.transfer_seconds_sum = 0.0
+        """Admission (KVDest sent) to all KV in place, summed over completed transfers."""
+        self.transfer_seconds_max = 0.0
 
     def start(self, transfer_id: str, req: Request, prefill_engine_id: str, engine_id: str,
               timeout_s: float) -> KVDest | None:
@@ -71,7 +75,7 @@ class KVReceiver:
         ids = torch.tensor(req.block_ids[skip:skip + n], dtype=torch.int64, device=self.kv_cache.device)
         self.transfers[transfer_id] = InTransfer(
             transfer_id, req, prefill_engine_id, time.monotonic() + timeout_s, offset, nbytes,
-            self.staging.view(offset, nbytes, self.kv_cache.dtype, shape), ids)
+            self.staging.view(offset, nbytes, self.kv_cache.dtype, shape), ids, started_at=time.monotonic())
         self._trace(req.request_id, "kv_dest_sent")
         return KVDest(req.request_id, transfer_id, engine_id, self.transport.name, self.region, offset, skip, n)
 
@@ -110,6 +114,9 @@ class KVReceiver:
                     torch.cuda.current_stream().synchronize()
                 self._drop(t, quarantine=False)
                 self.num_completed += 1
+                took = time.monotonic() - t.started_at
+                self.transfer_seconds_sum += took
+                self.transfer_seconds_max = max(self.transfer_seconds_max, took)
                 self._trace(t.request.request_id, "kv_complete")
                 completed.append((t.request, t.first_token))
             elif t.error is not None or now > t.deadline:

@@ -411,6 +411,8 @@ class EngineServer:
             "kv_bytes_sent": self.sender.num_bytes_sent, "kv_descriptors_sent": self.sender.num_descriptors,
             "kv_transfers_failed_send": self.sender.num_failed, "kv_bytes_received": self.receiver.num_bytes_received,
             "kv_transfers_received": self.receiver.num_completed, "kv_transfers_failed": self.receiver.num_failed,
+            "kv_transfer_seconds_sum": self.receiver.transfer_seconds_sum,
+            "kv_transfer_seconds_max": self.receiver.transfer_seconds_max,
             "kv_fallbacks": self.num_kv_fallbacks, "kv_failed_requests": self.num_kv_failed_requests,
             "handshakes_refused": self.peers.num_refused,
         }
