@@ -473,6 +473,7 @@ class Simulation:
             "rejected_429": self.num_rejected,
             "router_queued": self.num_queued,
             "prefix_hit_rate": (prompt - computed) / prompt if prompt else math.nan,
+            "ttft_mean_s": statistics.fmean(r.ttft_s for r in done) if done else math.nan,
             "ttft_p50_s": q(0.5), "ttft_p90_s": q(0.9), "ttft_p99_s": q(0.99),
             "tpot_p50_ms": 1e3 * tpots[len(tpots) // 2] if tpots else math.nan,
             "tpot_p90_ms": 1e3 * tpots[int(0.9 * len(tpots))] if tpots else math.nan,
@@ -547,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
         handles = ax.get_legend_handles_labels()[0] + hit.get_legend_handles_labels()[0]
         ax.legend(handles, [h.get_label() for h in handles], loc="upper right", fontsize=8)
 
-    columns = ["policy", "requests", "rejected_429", "prefix_hit_rate", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s",
+    columns = ["policy", "requests", "rejected_429", "prefix_hit_rate", "ttft_mean_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s",
                "tpot_p50_ms", "tpot_p90_ms", "disaggregated", "local_prefill", "decode_busy_cv", "decode_busy_max_mean",
                "prefill_busy_cv", "prefill_busy_max_mean", "ttft_pred_rel_err_p50", "wall_s"]
     name = "router_sim_quick" if args.quick else f"router_sim_{cfg.num_prefill}p{cfg.num_decode}d"

@@ -28,9 +28,10 @@ class ServerProcess:
     ``address``: the ZeroMQ command socket (prefill / decode); ``url``: the HTTP base (router, serve).
     """
 
-    def __init__(self, module: str, model: str, *args: str, threads: int = 1, env: dict[str, str] | None = None):
+    def __init__(self, module: str, model: str, *args: str, threads: int = 1, env: dict[str, str] | None = None,
+                 port: int | None = None):
         self.role = module
-        self.port = free_port()
+        self.port = port or free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", **(env or {}))

@@ -83,6 +83,7 @@ class ClusterDispatcher(Dispatcher):
             return
         self._auth = start_async_authenticator(self.ctx, self.keys)
         hello = Hello(ServerInfo(f"router-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex, "router", self.model_name))
+        self.registry.hello = hello
         try:
             infos = await asyncio.gather(*(self.registry.greet(a, hello, self.connect_timeout_s)
                                            for a, _ in self.addresses))

@@ -67,6 +67,9 @@ class ServerRegistry:
         self._epochs: dict[str, str] = {}  # address -> epoch last seen there
         self._tasks: list[asyncio.Task] = []
         self.registry_socket: zmq.asyncio.Socket | None = None
+        self.hello: Hello | None = None
+        """The router's Hello, for greeting servers that restart at a known address."""
+        self._regreeting: set[str] = set()
         self.compat_hash: str | None = None
         """KV layout every server must have (set from the first server); others are refused."""
 
@@ -138,13 +141,33 @@ class ServerRegistry:
                 return
             if isinstance(msg, LoadReport):
                 if msg.epoch != link.info.epoch:
-                    continue  # a new life of this server: it must register again
+                    self._regreet(link)  # a new life at the same address: greet it as a new server
+                    continue
                 self._apply_load(link, msg)
             elif isinstance(msg, KVEvents):
                 if msg.epoch == link.info.epoch:
                     self._apply_kv_events(link, msg)
             else:
                 self.on_message(link, msg)
+
+    def _regreet(self, link: ServerLink) -> None:
+        if self.hello is None or link.address in self._regreeting:
+            return
+        self._regreeting.add(link.address)
+
+        async def greet() -> None:
+            try:
+                info = await self.greet(link.address, self.hello, timeout_s=10.0)
+                if self.compat_hash is not None and info.compat_hash != self.compat_hash:
+                    logger.error("server restarted at %s with another KV layout: not routing to it", link.address)
+                    return
+                self.add(info)
+            except (TimeoutError, ValueError, ProtocolError) as e:
+                logger.warning("restarted server at %s did not answer: %s", link.address, e)
+            finally:
+                self._regreeting.discard(link.address)
+
+        self._tasks.append(asyncio.create_task(greet()))
 
     def _apply_load(self, link: ServerLink, msg: LoadReport) -> None:
         s = link.state

@@ -285,8 +285,10 @@ def test_simulator_prefix_aware_beats_round_robin_on_prefix_hits():
 
     cfg = SimConfig(num_prefill=2, num_decode=6, duration_s=15.0, conversations_per_s=4.0, mean_think_s=2.0,
                     prefill_blocks=1024, decode_blocks=1024)
-    rows = {row["policy"]: row for row in simulate(cfg, ("round_robin", "prefix_aware"))}
+    rows = {row["policy"]: row for row in simulate(cfg, ("round_robin", "least_loaded", "prefix_aware"))}
     assert rows["round_robin"]["requests"] > 20
     assert rows["prefix_aware"]["prefix_hit_rate"] > rows["round_robin"]["prefix_hit_rate"] + 0.05
+    assert rows["prefix_aware"]["ttft_mean_s"] < rows["round_robin"]["ttft_mean_s"]
+    assert rows["prefix_aware"]["ttft_mean_s"] < rows["least_loaded"]["ttft_mean_s"]
     for row in rows.values():
         assert row["rejected_429"] == 0 and row["requests"] == row["disaggregated"] + row["local_prefill"]

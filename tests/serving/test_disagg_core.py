@@ -74,6 +74,19 @@ def test_incompatible_peers_are_refused_and_nothing_hangs(tiny_model):
 
         with pytest.raises(DispatchError, match="block_size"):
             asyncio.run(router_start())
+        other = ServerProcess("prefill", tiny_model("qwen2"), "--kv-transport", "zmq", "--num-kv-blocks", "16")
+        try:
+            async def router_start_other_model():
+                disp = ClusterDispatcher([other.address], [d.address], "m", connect_timeout_s=60)
+                try:
+                    await disp.start()
+                finally:
+                    await disp.close()
+
+            with pytest.raises(DispatchError, match="model"):
+                asyncio.run(router_start_other_model())
+        finally:
+            other.stop()
 
         [welcome] = query_server(p.address, [Hello(ServerInfo("t", "e", "router", "m"))], 1, timeout_s=60)
         assert isinstance(welcome, Welcome)

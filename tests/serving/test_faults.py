@@ -219,3 +219,38 @@ def test_sigterm_drains_in_flight_requests_then_exits(model):
     finally:
         for proc in (r, d1, d2):
             proc.stop()
+
+
+def test_restarted_prefill_server_is_a_new_peer(model):
+    from engine.launcher import free_port
+
+    port, event_port = free_port(), free_port()
+    args = ("--kv-transport", "nixl", "--num-kv-blocks", "64", "--event-port", str(event_port))
+    p1 = ServerProcess("prefill", model, *args, port=port)
+    d = ServerProcess("decode", model, "--kv-transport", "nixl", "--num-kv-blocks", "64")
+    r = ServerProcess("router", model, "--prefill", p1.address, "--decode", d.address,
+                      "--disagg-threshold-tokens", "0").wait_ready()
+    p2 = None
+    try:
+        prompt = [5 + (i * 3) % 400 for i in range(40)]
+        expected = "".join(reference(model, prompt, 4))
+        assert "".join(asyncio.run(stream(r.url, prompt, 4))[1]) == expected
+        os.kill(p1.proc.pid, signal.SIGKILL)
+        p1.proc.wait(10)
+        p2 = ServerProcess("prefill", model, *args, port=port)  # same address, new epoch, new NIXL agent
+        before = stats(d)
+        wait_until(lambda: stats(p2)["total_blocks"] > 0, 60, "the new prefill server")
+        deadline = time.monotonic() + 30
+        while True:  # the router greets the new life; until then it prefills on decode
+            status, tokens, error = asyncio.run(stream(r.url, prompt + [7], 4))
+            assert status == 200 and error is None
+            if stats(d)["kv_transfers_received"] > before["kv_transfers_received"]:
+                break
+            assert time.monotonic() < deadline, "the restarted prefill server never received work"
+            time.sleep(0.3)
+        assert stats(d)["kv_fallbacks"] == before["kv_fallbacks"]  # KV came over the new agent, no stale one
+        wait_until(lambda: no_leaks(p2, d), 10, "blocks to be freed")
+    finally:
+        for proc in (r, p1, p2, d):
+            if proc is not None:
+                proc.stop()
