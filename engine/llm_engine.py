@@ -19,7 +19,7 @@ from engine.model_runner import ModelRunner
 from engine.models.decoder import LayerHook
 from engine.outputs import RequestOutput
 from engine.parallel.layout import validate_parallel
-from engine.request import Request, RequestStatus
+from engine.request import Request
 from engine.sampler import SampleResult
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
