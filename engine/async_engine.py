@@ -30,6 +30,7 @@ class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None):
         if engine is None and config is None:
             raise ValueError("config: AsyncEngine needs an EngineConfig or an LLMEngine")
+        self._owns_engine = engine is None
         self.engine = engine or LLMEngine(config)
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -78,10 +79,13 @@ class AsyncEngine:
             self._wake.notify()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop the engine thread; an engine this object created is closed too (its worker processes exit)."""
         with self._lock:
             self._stopped = True
             self._wake.notify()
         self._thread.join(timeout_s)
+        if self._owns_engine:
+            self.engine.close()
 
     def _run(self) -> None:
         engine = self.engine

@@ -23,6 +23,7 @@ from engine.parallel.layout import ParallelLayout
 from engine.request import Request
 from engine.sampler import SampleResult, Sampler
 from engine.scheduler import SchedulerOutput
+from kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class ModelRunner:
             mc.head_dim, dtype=self.dtype, device=self.device,
         )
         self.sampler = Sampler(config.seed)
+        self._kv_out: list[torch.Tensor] = []
         logger.info(
             "model runner: %s on %s (%s), %d KV blocks of %d tokens (%.1f MiB), attention=%s",
             mc.architecture, self.device, str(self.dtype).removeprefix("torch."), self.num_blocks,
@@ -131,6 +133,37 @@ class ModelRunner:
 
     def close(self) -> None:
         """Release what the runner started (worker processes under model parallelism); idempotent."""
+
+    # ---- KV in and out of the engine, in the whole model's layout (disaggregation) ------------------------
+    # A transfer slab always holds every layer and every KV head, whatever this engine's parallel layout:
+    # servers with different tensor / pipeline sizes exchange the same bytes, each side slicing or merging.
+
+    def kv_slab_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] of the whole model."""
+        mc = self.model_config
+        return (mc.num_layers, 2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+
+    def plan_kv_out(self, block_ids: list[torch.Tensor]) -> None:
+        """Before a step run with a layer hook: the hook will read these block lists (``read_kv_out``).
+
+        block_ids  # each [n_i] int64 on ``self.device``
+        """
+        self._kv_out = block_ids
+
+    def read_kv_out(self, layer: int, index: int, out: torch.Tensor) -> None:
+        """From the layer hook of model layer ``layer``: its KV of the ``index``-th planned block list.
+
+        out  # [1, 2, n_index, block_size, num_kv_heads, head_dim], contiguous
+        """
+        gather_kv_blocks(self.kv_cache, self._kv_out[index], layer, layer + 1, out=out)
+
+    def write_kv_in(self, slab: torch.Tensor, block_ids: torch.Tensor, layer_start: int, layer_end: int) -> None:
+        """Between steps: store arrived KV of model layers [layer_start, layer_end) into ``block_ids``.
+
+        slab  # [layer_end - layer_start, 2, n, block_size, num_kv_heads, head_dim], contiguous
+        block_ids  # [n] int64 on ``self.device``, distinct
+        """
+        scatter_kv_blocks(slab, block_ids, layer_start, layer_end, self.kv_cache)
 
     def _agree_num_blocks(self, num_blocks: int) -> int:
         """Every rank's pool must have the same number of blocks; one process needs no agreement."""

@@ -3,7 +3,14 @@
 Both sides of a transfer describe their paged KV pool with a :class:`KVLayout` and send it (with its
 ``compat_hash()``) in the handshake. Bytes are copied verbatim, so every field that changes what a byte
 means must match: model, dtype, layer count, KV heads, head dim, block size, layout, TP size. The TP rank is
-left out of the hash: prefill rank r talks to decode rank r, and both ranks share one hash.
+left out of the hash: a per-rank layout (``tp_size`` > 1: one rank's KV heads) would have prefill rank r
+talk to decode rank r, and both ranks share one hash.
+
+Duet's servers advertise the wire layout, which holds every layer and every KV head (``tp_size`` 1) whatever
+the engine's own tensor / pipeline parallel layout: rank 0 merges the ranks' head slices before sending and
+splits them after receiving (``engine.parallel.runner``). So a prefill server with TP=2 and a decode server
+with TP=1 hash equal, while a different model, dtype, layer count, KV head count, head dim or block size is
+still refused: no mapping between those exists.
 """
 from __future__ import annotations
 

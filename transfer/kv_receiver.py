@@ -6,10 +6,14 @@ notification means those layers' bytes have landed; they are scattered into the 
 (one scatter). When every layer and the first token have arrived the transfer is complete. A transfer that
 misses its deadline or reports an error fails; its slab is quarantined (a late write must not hit a reused
 slab) and the caller applies its failure policy.
+
+Slabs hold the whole model's KV (every layer, every KV head); the model runner stores each rank's slice of
+it (``ModelRunner.write_kv_in``), so the prefill server's parallel layout does not matter here.
 """
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -17,9 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from engine import envs
+from engine.model_runner import ModelRunner
 from engine.request import Request
 from engine.sampler import SampleResult
-from kernels.kv_blocks import scatter_kv_blocks
 from transfer.messages import KVDest, KVLayers
 from transfer.staging import StagingPool
 from transfer.transport import KVTransport, RemoteRegion
@@ -36,7 +40,7 @@ class InTransfer:
     deadline: float
     offset: int
     nbytes: int
-    slab: torch.Tensor  # [layers, 2, n, block_size, heads, head_dim]
+    slab: torch.Tensor  # [layers, 2, n, block_size, kv_heads, head_dim]
     block_ids: torch.Tensor  # [n] int64: destination blocks
     layers_done: int = 0
     first_token: SampleResult | None = None
@@ -45,12 +49,15 @@ class InTransfer:
 
 
 class KVReceiver:
-    def __init__(self, transport: KVTransport, staging: StagingPool, region: RemoteRegion, kv_cache: torch.Tensor):
+    def __init__(self, transport: KVTransport, staging: StagingPool, region: RemoteRegion, runner: ModelRunner):
+        """``runner``: the engine's model runner (rank 0 under model parallelism), which stores arrived KV."""
         self.transport = transport
         self.staging = staging
         self.region = region
-        self.kv_cache = kv_cache  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
-        self.num_layers = kv_cache.shape[0]
+        self.runner = runner
+        self.device = runner.device
+        self.dtype = runner.kv_cache.dtype
+        self.num_layers = runner.model_config.num_layers
         self.transfers: dict[str, InTransfer] = {}
         self.traces: dict[str, dict[str, float]] = {}
         self.fault_drop_notif_p = envs.fault_drop_notif_p()
@@ -64,18 +71,18 @@ class KVReceiver:
     def start(self, transfer_id: str, req: Request, prefill_engine_id: str, engine_id: str,
               timeout_s: float) -> KVDest | None:
         """Reserve a slab for ``req``'s uncached prompt blocks; None if staging is full."""
-        bs = self.kv_cache.shape[3]
+        bs = self.runner.block_size
         skip = req.num_computed_tokens // bs
         n = -(-req.num_prompt_tokens // bs) - skip
-        shape = (self.num_layers, 2, n, *self.kv_cache.shape[3:])
-        nbytes = self.num_layers * 2 * n * self.kv_cache[0, 0, 0].numel() * self.kv_cache.element_size()
+        shape = self.runner.kv_slab_shape(n)
+        nbytes = math.prod(shape) * self.dtype.itemsize
         offset = self.staging.alloc(nbytes)
         if offset is None:
             return None
-        ids = torch.tensor(req.block_ids[skip:skip + n], dtype=torch.int64, device=self.kv_cache.device)
+        ids = torch.tensor(req.block_ids[skip:skip + n], dtype=torch.int64, device=self.device)
         self.transfers[transfer_id] = InTransfer(
             transfer_id, req, prefill_engine_id, time.monotonic() + timeout_s, offset, nbytes,
-            self.staging.view(offset, nbytes, self.kv_cache.dtype, shape), ids, started_at=time.monotonic())
+            self.staging.view(offset, nbytes, self.dtype, shape), ids, started_at=time.monotonic())
         self._trace(req.request_id, "kv_dest_sent")
         return KVDest(req.request_id, transfer_id, engine_id, self.transport.name, self.region, offset, skip, n)
 
@@ -100,7 +107,7 @@ class KVReceiver:
                 continue
             l0, l1 = msg.layer_start, msg.layer_end
             if l1 > l0:
-                scatter_kv_blocks(t.slab[l0:l1], t.block_ids, l0, l1, self.kv_cache)
+                self.runner.write_kv_in(t.slab[l0:l1], t.block_ids, l0, l1)
                 t.layers_done += l1 - l0
                 self.num_bytes_received += t.nbytes * (l1 - l0) // self.num_layers
                 self._trace(t.request.request_id, f"kv_layer_{l0}_received")
@@ -110,7 +117,7 @@ class KVReceiver:
         now = time.monotonic()
         for tid, t in list(self.transfers.items()):
             if t.error is None and t.layers_done >= self.num_layers and t.first_token is not None:
-                if self.kv_cache.device.type == "cuda":
+                if self.device.type == "cuda":
                     torch.cuda.current_stream().synchronize()
                 self._drop(t, quarantine=False)
                 self.num_completed += 1

@@ -9,12 +9,17 @@ the destination is known, posts one WRITE of layer l while layer l+1 computes; l
 rides in its notification. Blocks are released by the engine as soon as the step ends (the slab holds the
 bytes); the slab is freed when every WRITE is DONE.
 
+Slabs hold the whole model's KV (every layer, every KV head), whatever the engine's parallel layout: the
+model runner hands the hook each layer's merged KV (``ModelRunner.read_kv_out``), so a prefill server with
+tensor parallelism 2 feeds a decode server with 1 (or 4) unchanged.
+
 States: PENDING (no Prefill yet) -> ADMITTED -> STREAMING (in the final step) -> PACKED (all layers packed,
 first token known) -> SENT (every WRITE posted) -> DONE | FAILED.
 """
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -23,7 +28,7 @@ from typing import Callable
 import torch
 
 from engine import envs
-from kernels.kv_blocks import gather_kv_blocks
+from engine.model_runner import ModelRunner
 from transfer.messages import KVDest, KVLayers, Prefill, PrefillDone
 from transfer.staging import StagingPool
 from transfer.transport import DONE, ERROR, KVTransport, RegionHandle, TransferError, TransferHandle
@@ -42,7 +47,7 @@ class OutTransfer:
     state: str = "PENDING"
     engine_request_id: str = ""
     local_offset: int = -1
-    slab: torch.Tensor | None = None  # [layers, 2, prompt_blocks, block_size, heads, head_dim] staging view
+    slab: torch.Tensor | None = None  # [layers, 2, prompt_blocks, block_size, kv_heads, head_dim] staging view
     handles: list[TransferHandle] = field(default_factory=list)
     layers_packed: int = 0
     layers_posted: int = 0
@@ -73,12 +78,15 @@ class OutTransfer:
 
 class KVSender:
     def __init__(self, transport: KVTransport, staging: StagingPool, staging_handle: RegionHandle,
-                 kv_cache: torch.Tensor, debug_layer_delay_s: float = 0.0):
+                 runner: ModelRunner, debug_layer_delay_s: float = 0.0):
+        """``runner``: the engine's model runner (rank 0 under model parallelism), which reads KV out."""
         self.transport = transport
         self.staging = staging
         self.staging_handle = staging_handle
-        self.kv_cache = kv_cache  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
-        self.num_layers = kv_cache.shape[0]
+        self.runner = runner
+        self.device = runner.device
+        self.dtype = runner.kv_cache.dtype
+        self.num_layers = runner.model_config.num_layers
         self.debug_layer_delay_s = debug_layer_delay_s
         self.transfers: dict[str, OutTransfer] = {}
         self._by_engine_id: dict[str, OutTransfer] = {}
@@ -117,15 +125,14 @@ class KVSender:
 
     def admitted(self, t: OutTransfer, engine_request_id: str) -> str | None:
         """The prompt is in the engine: reserve the local slab. Returns an error string if impossible."""
-        bs = self.kv_cache.shape[3]
-        n = -(-len(t.prefill.prompt_token_ids) // bs)
-        shape = (self.num_layers, 2, n, *self.kv_cache.shape[3:])
-        nbytes = self.num_layers * 2 * n * self.kv_cache[0, 0, 0].numel() * self.kv_cache.element_size()
+        n = -(-len(t.prefill.prompt_token_ids) // self.runner.block_size)
+        shape = self.runner.kv_slab_shape(n)
+        nbytes = math.prod(shape) * self.dtype.itemsize
         offset = self.staging.alloc(nbytes)
         if offset is None:
             return f"prefill staging full ({self.staging.free_bytes} bytes free, {nbytes} needed)"
         t.local_offset = offset
-        t.slab = self.staging.view(offset, nbytes, self.kv_cache.dtype, shape)
+        t.slab = self.staging.view(offset, nbytes, self.dtype, shape)
         t.state = "ADMITTED"
         t.engine_request_id = engine_request_id
         t.admitted_at = time.monotonic()
@@ -141,16 +148,19 @@ class KVSender:
             t = self._by_engine_id.get(chunk.request.request_id)
             if t is not None and t.state == "ADMITTED" and chunk.samples:
                 req = chunk.request
-                ids = torch.tensor(req.block_ids, dtype=torch.int64, device=self.kv_cache.device)
+                ids = torch.tensor(req.block_ids, dtype=torch.int64, device=self.device)
                 t.num_cached_tokens = req.num_cached_tokens
                 t.state = "STREAMING"
                 self._streaming.append((t, ids))
-        return self._layer_hook if self._streaming else None
+        if not self._streaming:
+            return None
+        self.runner.plan_kv_out([ids for _, ids in self._streaming])
+        return self._layer_hook
 
     def _layer_hook(self, layer: int) -> None:
-        for t, ids in self._streaming:
-            gather_kv_blocks(self.kv_cache, ids, layer, layer + 1, out=t.slab[layer:layer + 1])
-        if self.kv_cache.device.type == "cuda":
+        for i, (t, _) in enumerate(self._streaming):
+            self.runner.read_kv_out(layer, i, out=t.slab[layer:layer + 1])
+        if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # the WRITE must see the finished gather
         if any(t.dest is None for t, _ in self._streaming):
             self.receive_destinations()

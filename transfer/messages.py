@@ -10,8 +10,9 @@ A disaggregated request (ids: one request id, one transfer id per attempt)::
     P -> router   PrefillDone(transfer_id, compute time, ok / error)
 
 Servers answer ``Hello`` with ``Welcome`` (their ``ServerInfo``) or ``Refused``; a peer's KV layout must
-hash equal (``transfer.compat``) before any KV moves. Events on each server's PUB socket: ``LoadReport``
-and ``KVEvents``.
+hash equal (``transfer.compat``) before any KV moves. That layout is the wire's (every layer and KV head),
+not a rank's: prefill and decode servers of different tensor / pipeline parallel sizes are compatible.
+Events on each server's PUB socket: ``LoadReport`` and ``KVEvents``.
 """
 from __future__ import annotations
 
@@ -44,6 +45,10 @@ class ServerInfo:
     max_model_len: int = 0
     vocab_size: int = 0
     num_total_blocks: int = 0
+    tensor_parallel_size: int = 1
+    """The server's engine layout, for information: KV always crosses the wire in the whole model's layout
+    (``layout``), so peers with different parallel sizes are compatible."""
+    pipeline_parallel_size: int = 1
 
 
 @dataclass

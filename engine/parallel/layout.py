@@ -68,6 +68,19 @@ class ParallelLayout:
             return self.tp_split(num_kv_heads)
         return self.tp_rank * num_kv_heads // self.tp_size, 1
 
+    def kv_head_owners(self, num_kv_heads: int) -> list[tuple[int, int, int]]:
+        """(tp_rank, first KV head, count) of the TP ranks that together hold every KV head exactly once.
+
+        With at least ``tp_size`` heads that is every rank; with fewer, the first of each head's replicas.
+        """
+        owners, covered = [], 0
+        for tp_rank in range(self.tp_size):
+            start, count = ParallelLayout(self.tp_size, tp_rank).kv_head_range(num_kv_heads)
+            if start >= covered:
+                owners.append((tp_rank, start, count))
+                covered = start + count
+        return owners
+
     def expert_range(self, num_experts: int) -> tuple[int, int]:
         """(first expert, count) this rank holds whole; all experts when experts are not parallel."""
         if not self.expert_parallel:

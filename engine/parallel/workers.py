@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -136,6 +137,8 @@ def _watch_parent(parent_pid: int) -> None:
 def worker_main(rank: int, config: EngineConfig, max_model_len: int, store_port: int, parent_pid: int) -> None:
     """Rank ``rank`` > 0: join the groups, load this rank's shard, run steps until rank 0 says stop."""
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="duet-parent-watch", daemon=True).start()
+    # Ctrl-C reaches the whole process group: rank 0 drains and then shuts this rank down, so ignore it here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if envs.torch_threads() > 0:
         torch.set_num_threads(envs.torch_threads())
     layout = ParallelLayout.for_rank(rank, config.tensor_parallel_size, config.pipeline_parallel_size,

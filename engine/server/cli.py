@@ -30,6 +30,14 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--torch-threads", type=int, default=envs.torch_threads(),
                    help="torch intra-op threads (0 = torch default); size it when servers share a host")
+    p = ap.add_argument_group("model parallelism (one process per rank; KV transfers work across sizes)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="ranks each layer is split over (attention by heads, MLPs by columns)")
+    p.add_argument("--pipeline-parallel-size", type=int, default=1, help="stages the layers are split over")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="MoE: each tensor-parallel rank holds whole experts instead of a slice of each")
+    p.add_argument("--distributed-timeout-s", type=float, default=300.0,
+                   help="deadline of worker start-up and of every collective between ranks")
 
 
 def add_logging_args(ap: argparse.ArgumentParser) -> None:
@@ -44,7 +52,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
-        seed=args.seed, show_progress=sys.stderr.isatty(),
+        seed=args.seed, show_progress=sys.stderr.isatty(), tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size, expert_parallel=args.expert_parallel,
+        distributed_timeout_s=args.distributed_timeout_s,
     )
 
 

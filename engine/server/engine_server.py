@@ -5,6 +5,12 @@ PUB for events (load, KV events), DEALERs to peer servers (``peers.PeerLinks``).
 everything: poll sockets (no wait while the engine has work), apply commands, advance KV transfers
 (``transfer.kv_sender`` on the prefill side, ``transfer.kv_receiver`` on the decode side), run one engine
 step, send tokens. Every wait has a deadline: handshakes, KV arrival, prefill destinations.
+
+Under model parallelism the server is rank 0 of its engine; the worker ranks never talk to peers. KV crosses
+the wire in the whole model's layout (every layer, every KV head): rank 0 merges the ranks' head slices on
+the prefill side and splits them on the decode side (``engine.parallel.runner``), so servers with different
+tensor / pipeline parallel sizes exchange KV directly. The handshake's ``layout`` describes that wire layout;
+``tensor_parallel_size`` / ``pipeline_parallel_size`` in ``ServerInfo`` are information only.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import time
 import uuid
 from dataclasses import replace
 
+import torch
 import zmq
 
 from engine.config import EngineConfig
@@ -73,23 +80,25 @@ class EngineServer:
         event_port = self._bind(self.pub, host, 0 if event_port is None else event_port)
         self.address, self.event_address = f"tcp://{host}:{port}", f"tcp://{host}:{event_port}"
 
-        kv = self.engine.runner.kv_cache
+        runner = self.engine.runner
         mc = self.engine.model_config
         self.model_name = model_name or config.model
-        self.layout = KVLayout.from_cache(mc.architecture + ":" + str(config.model).rstrip("/").split("/")[-1], kv)
+        wire = torch.empty(runner.kv_slab_shape(0), dtype=runner.kv_cache.dtype, device="meta")
+        self.layout = KVLayout.from_cache(mc.architecture + ":" + str(config.model).rstrip("/").split("/")[-1], wire)
         self.transport = make_transport(kv_transport, self.engine_id, host=host, keys=zmq_keys)
-        self.staging = StagingPool(staging_bytes, kv.device)
+        self.staging = StagingPool(staging_bytes, runner.device)
         staging_handle = self.transport.register(self.staging.buffer)
         region = self.transport.describe(staging_handle)
-        self.sender = KVSender(self.transport, self.staging, staging_handle, kv, debug_layer_delay_s)
-        self.receiver = KVReceiver(self.transport, self.staging, region, kv)
+        self.sender = KVSender(self.transport, self.staging, staging_handle, runner, debug_layer_delay_s)
+        self.receiver = KVReceiver(self.transport, self.staging, region, runner)
         self.info = ServerInfo(
             engine_id=self.engine_id, epoch=self.epoch, role=role, model_name=self.model_name,
             address=self.address, event_address=self.event_address, zone=zone, layout=self.layout,
             compat_hash=self.layout.compat_hash(), transport_kind=self.transport.backend,
             transport_name=self.transport.name, transport_metadata=self.transport.metadata(),
             staging_region=region, max_model_len=self.engine.max_model_len, vocab_size=mc.vocab_size,
-            num_total_blocks=self.engine.num_total_blocks)
+            num_total_blocks=self.engine.num_total_blocks, tensor_parallel_size=config.tensor_parallel_size,
+            pipeline_parallel_size=config.pipeline_parallel_size)
         self.poller = zmq.Poller()
         self.poller.register(self.cmd, zmq.POLLIN)
         self.peers = PeerLinks(self.ctx, self.poller, self.info, keys=zmq_keys)
@@ -114,8 +123,9 @@ class EngineServer:
         # Heartbeats come from their own thread: a long prefill step must not look like a dead server.
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="duet-heartbeat", daemon=True)
         self._heartbeat.start()
-        logger.info("%s serving %s on %s (events %s, KV transport %s)", self.engine_id, self.model_name,
-                    self.address, self.event_address, self.transport.backend)
+        logger.info("%s serving %s on %s (events %s, KV transport %s, tp=%d pp=%d)", self.engine_id,
+                    self.model_name, self.address, self.event_address, self.transport.backend,
+                    config.tensor_parallel_size, config.pipeline_parallel_size)
 
     @staticmethod
     def _bind(sock: zmq.Socket, host: str, port: int) -> int:
@@ -247,6 +257,12 @@ class EngineServer:
                     raise ValueError(f"KV transport {peer.transport_kind} != {self.transport.backend}")
                 if peer.transport_metadata:
                     self.transport.connect(peer.transport_name, peer.transport_metadata)
+                if (peer.tensor_parallel_size, peer.pipeline_parallel_size) != (self.info.tensor_parallel_size,
+                                                                                self.info.pipeline_parallel_size):
+                    logger.info("%s: peer %s runs tp=%d pp=%d, this server tp=%d pp=%d: KV heads are merged / "
+                                "split at each side's rank 0", self.engine_id, peer.engine_id,
+                                peer.tensor_parallel_size, peer.pipeline_parallel_size,
+                                self.info.tensor_parallel_size, self.info.pipeline_parallel_size)
             except (IncompatiblePeer, ValueError, RuntimeError) as e:
                 self.peers.num_refused += 1
                 logger.error("refusing %s %s: %s", peer.role, peer.engine_id, e)
@@ -482,3 +498,4 @@ class EngineServer:
         self.pub.close(0)
         if self._auth is not None:
             self._auth.stop()
+        self.engine.close()  # model-parallel worker processes exit with the server
