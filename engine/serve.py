@@ -36,13 +36,23 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args)
     apply_threads(args)
 
-    from engine.async_engine import AsyncEngine
-    from engine.router.local_dispatcher import LocalDispatcher
-
-    engine = AsyncEngine(engine_config(args))
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    app = create_app(LocalDispatcher(engine, name), engine.tokenizer, name, max_model_len=engine.engine.max_model_len,
-                     api_key=args.api_key, default_sampling=engine.engine.default_sampling, **http_kwargs)
+    if args.executor == "vllm":
+        from engine.router.vllm_dispatcher import VllmDispatcher
+        from engine.tokenizer import generation_defaults, load_tokenizer
+
+        dispatcher = VllmDispatcher(engine_config(args), name)
+        tokenizer, max_model_len = load_tokenizer(args.model), dispatcher.max_model_len
+        default_sampling = generation_defaults(args.model)
+    else:
+        from engine.async_engine import AsyncEngine
+        from engine.router.local_dispatcher import LocalDispatcher
+
+        engine = AsyncEngine(engine_config(args))
+        dispatcher, tokenizer = LocalDispatcher(engine, name), engine.tokenizer
+        max_model_len, default_sampling = engine.engine.max_model_len, engine.engine.default_sampling
+    app = create_app(dispatcher, tokenizer, name, max_model_len=max_model_len, api_key=args.api_key,
+                     default_sampling=default_sampling, **http_kwargs)
     scheme = "https" if ssl_context is not None else "http"
     print(f"DUET_READY both {scheme}://{args.host}:{args.port}", flush=True)
     run_app(app, args.host, args.port, ssl_context=ssl_context)

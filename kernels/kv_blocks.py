@@ -11,6 +11,10 @@ layer-major, then key/value, then the blocks in ``block_ids`` order: exactly
 disabled (``DUET_DISABLE_EXTENSION=1``) these wrappers run the torch references instead and log one
 warning per process. Both paths copy bytes, so results are bitwise identical.
 
+A pool that is a strided view rather than a contiguous tensor (vLLM's head-major CPU blocks seen through
+``as_strided``, see ``transfer.vllm_kv_mover``) takes the reference path: the compiled ops index raw memory
+and require a contiguous pool. The bytes produced are the same either way.
+
 Block ids: int32 or int64, on the pool's device, each in ``[0, num_blocks)``. The CPU op raises on an
 out-of-range id and, for scatter, on a repeated id; on CUDA an out-of-range id is a device-side assert
 (like ``index_select``) and repeated scatter ids leave that block with the bytes of one of them.
@@ -88,7 +92,7 @@ def gather_kv_blocks(
     """Copy blocks ``block_ids`` of layers ``[layer_start, layer_end)`` into one contiguous slab."""
     if out is None:
         out = kv_cache.new_empty((max(layer_end - layer_start, 0), 2, block_ids.numel(), *kv_cache.shape[3:]))
-    if _use_extension(kv_cache.device):
+    if kv_cache.is_contiguous() and _use_extension(kv_cache.device):
         torch.ops.duet.gather_kv_blocks(kv_cache, block_ids, layer_start, layer_end, out)
     else:
         out.copy_(reference.gather_kv_blocks(kv_cache, block_ids, layer_start, layer_end))
@@ -103,7 +107,7 @@ def scatter_kv_blocks(
     kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], written
 ) -> None:
     """Inverse of ``gather_kv_blocks``: write the slab's blocks into the pool in place."""
-    if _use_extension(kv_cache.device):
+    if kv_cache.is_contiguous() and _use_extension(kv_cache.device):
         torch.ops.duet.scatter_kv_blocks(staging, block_ids, layer_start, layer_end, kv_cache)
     else:
         reference.scatter_kv_blocks(staging, block_ids, layer_start, layer_end, kv_cache)

@@ -28,6 +28,9 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"])
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--executor", default="native", choices=["native", "vllm"],
+                   help="native: Duet's engine; vllm: a vLLM V1 engine (pip install -e .[vllm]) with Duet's KV "
+                   "connector, behind the same protocol")
     g.add_argument("--torch-threads", type=int, default=envs.torch_threads(),
                    help="torch intra-op threads (0 = torch default); size it when servers share a host")
     p = ap.add_argument_group("model parallelism (one process per rank; KV transfers work across sizes)")
@@ -107,6 +110,10 @@ def server_main(role: str, argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     setup_logging(args)
     apply_threads(args)
+    if args.executor == "vllm":
+        from engine.server.vllm_server import serve_vllm
+
+        return serve_vllm(role, args, engine_config(args), load_keys(args.zmq_keys))
     from engine.server.engine_server import EngineServer
 
     server = EngineServer(
