@@ -29,6 +29,7 @@ from engine.kv_events import event_to_dict
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.security import ZmqKeys, secure_client, secure_server, start_authenticator
+from engine.server.command_server import CommandServer
 from engine.server.peers import PeerLinks
 from transfer.compat import IncompatiblePeer, KVLayout, check_compatible
 from transfer.factory import make_transport
@@ -37,13 +38,13 @@ from transfer.kv_sender import KVSender
 from transfer.messages import (Abort, Drain, Generate, Hello, KVDest, KVEvents, KVFailed, LoadReport, Prefill,
                                PrefillDone, Refused, ServerInfo, Stats, StatsRequest, Tokens, Welcome)
 from transfer.staging import StagingPool
-from transfer.wire import Message, ProtocolError, decode, encode
+from transfer.wire import Message, encode
 
 logger = logging.getLogger(__name__)
 ROLES = ("prefill", "decode", "both")
 
 
-class EngineServer:
+class EngineServer(CommandServer):
     def __init__(self, config: EngineConfig, role: str, host: str = "127.0.0.1", port: int = 0,
                  event_port: int | None = None, kv_transport: str = "auto", zone: str | None = None,
                  staging_bytes: int = 64 << 20, kv_timeout_s: float = 30.0, debug_layer_delay_s: float = 0.0,
@@ -127,13 +128,6 @@ class EngineServer:
                     self.model_name, self.address, self.event_address, self.transport.backend,
                     config.tensor_parallel_size, config.pipeline_parallel_size)
 
-    @staticmethod
-    def _bind(sock: zmq.Socket, host: str, port: int) -> int:
-        if port == 0:
-            return sock.bind_to_random_port(f"tcp://{host}")
-        sock.bind(f"tcp://{host}:{port}")
-        return port
-
     # ---- main loop ---------------------------------------------------------------------------------
     def serve_forever(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -201,50 +195,19 @@ class EngineServer:
         deferred, self._deferred = self._deferred, []
         for ident, msg in deferred:
             self._handle(ident, msg)
-        while True:
-            try:
-                ident, raw = self.cmd.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except ValueError:
-                continue  # wrong frame count: not one of ours
-            try:
-                msg = decode(raw)
-            except ProtocolError as e:
-                logger.warning("dropping malformed command: %s", e)
-                self._reply(ident, Refused(f"malformed message: {e}"))
-                continue
-            self._handle(ident, msg)
+        while (command := self._recv_command()) is not None:
+            self._handle(*command)
 
     def _receive_destinations(self) -> None:
         """Mid-step (from the KV sender's layer hook): apply ``KVDest``s so streaming can start, and answer
         handshakes (a first request's decode side is waiting for one). Every other command waits for the loop,
         since it could change engine state under the running step."""
-        while True:
-            try:
-                ident, raw = self.cmd.recv_multipart(zmq.NOBLOCK)
-                msg = decode(raw)
-            except zmq.Again:
-                return
-            except (ValueError, ProtocolError):
-                continue
+        while (command := self._recv_command()) is not None:
+            ident, msg = command
             if isinstance(msg, (KVDest, Hello)):
                 self._handle(ident, msg)
             else:
                 self._deferred.append((ident, msg))
-
-    def _handle(self, ident: bytes, msg: Message) -> None:
-        handler = getattr(self, f"_on_{type(msg).__name__.lower()}", None)
-        if handler is None:
-            self._reply(ident, Refused(f"{type(msg).__name__} is not a command for a {self.role} server"))
-        else:
-            handler(ident, msg)
-
-    def _reply(self, ident: bytes, msg: Message) -> None:
-        try:
-            self.cmd.send_multipart([ident, encode(msg)], zmq.NOBLOCK)
-        except zmq.ZMQError as e:
-            logger.warning("reply %s dropped: %s", type(msg).__name__, e)
 
     def _on_hello(self, ident: bytes, msg: Hello) -> None:
         peer = msg.info
@@ -270,21 +233,9 @@ class EngineServer:
                 return
         self._reply(ident, Welcome(self.info))
 
-    def _params(self, ident: bytes, request_id: str, sampling: dict) -> SamplingParams | None:
-        try:
-            return SamplingParams.from_dict(sampling)
-        except (ValueError, TypeError) as e:
-            self._reply(ident, Tokens(request_id, [], finished=True, finish_reason="error", error=str(e), status=400))
-            return None
-
     def _on_generate(self, ident: bytes, msg: Generate) -> None:
         rid = msg.request_id
-        if self.role == "prefill" or self.draining:
-            why = "server is draining" if self.draining else "a prefill server does not generate"
-            self._reply(ident, Tokens(rid, [], finished=True, finish_reason="error", error=why, status=503,
-                                      retryable=True))
-            return
-        params = self._params(ident, rid, msg.sampling)
+        params = self._generate_params(ident, msg)
         if params is None:
             return
         try:
@@ -297,11 +248,6 @@ class EngineServer:
             return
         self.clients[rid] = ident
         self._trace(rid, "decode_admitted" if msg.remote is not None else "queued")
-
-    def _trace(self, request_id: str, stage: str) -> None:
-        self.traces.setdefault(request_id, {}).setdefault(stage, time.time())
-        while len(self.traces) > 1024:
-            self.traces.pop(next(iter(self.traces)))
 
     def _admit_remote(self, msg: Generate, params: SamplingParams) -> None:
         req = self.engine.add_remote_request(msg.request_id, msg.prompt_token_ids, params)

@@ -36,6 +36,7 @@ from engine.config import EngineConfig
 from engine.kv_events import event_to_dict
 from engine.sampling_params import SamplingParams
 from engine.security import ZmqKeys, secure_client, secure_server, start_authenticator
+from engine.server.command_server import CommandServer
 from engine.server.peers import PeerLinks
 from engine.server.vllm_engine import EngineOutput, VllmEngine, engine_args, model_id
 from engine.server.vllm_kv_events import KVEventTranslator
@@ -76,7 +77,7 @@ class _PrefillJob:
     done: bool = False
 
 
-class VllmServer:
+class VllmServer(CommandServer):
     def __init__(self, config: EngineConfig, role: str, host: str = "127.0.0.1", port: int = 0,
                  event_port: int | None = None, kv_transport: str = "auto", zone: str | None = None,
                  staging_bytes: int = 64 << 20, kv_timeout_s: float = 30.0, model_name: str | None = None,
@@ -165,13 +166,6 @@ class VllmServer:
         sock.setsockopt(zmq.LINGER, 0)
         return sock
 
-    @staticmethod
-    def _bind(sock: zmq.Socket, host: str, port: int) -> int:
-        if port == 0:
-            return sock.bind_to_random_port(f"tcp://{host}")
-        sock.bind(f"tcp://{host}:{port}")
-        return port
-
     def _await_worker(self, timeout_s: float) -> tuple[bytes, WorkerReady]:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -242,40 +236,14 @@ class VllmServer:
 
     # ---- commands ----------------------------------------------------------------------------------
     def _drain_commands(self) -> None:
-        while True:
-            try:
-                ident, raw = self.cmd.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except ValueError:
-                continue
-            try:
-                msg = decode(raw)
-            except ProtocolError as e:
-                self._reply(ident, Refused(f"malformed message: {e}"))
-                continue
-            handler = getattr(self, f"_on_{type(msg).__name__.lower()}", None)
-            if handler is None:
-                self._reply(ident, Refused(f"{type(msg).__name__} is not a command for a {self.role} server"))
-            else:
-                handler(ident, msg)
-
-    def _reply(self, ident: bytes, msg: Message) -> None:
-        try:
-            self.cmd.send_multipart([ident, encode(msg)], zmq.NOBLOCK)
-        except zmq.ZMQError as e:
-            logger.warning("reply %s dropped: %s", type(msg).__name__, e)
+        while (command := self._recv_command()) is not None:
+            self._handle(*command)
 
     def _to_worker(self, msg: Message) -> None:
         try:
             self.control.send_multipart([self.worker_ident, encode(msg)], zmq.NOBLOCK)
         except zmq.ZMQError as e:
             logger.warning("message %s to the vLLM worker dropped: %s", type(msg).__name__, e)
-
-    def _trace(self, request_id: str, stage: str) -> None:
-        self.traces.setdefault(request_id, {}).setdefault(stage, time.time())
-        while len(self.traces) > 1024:
-            self.traces.pop(next(iter(self.traces)))
 
     def _on_hello(self, ident: bytes, msg: Hello) -> None:
         peer = msg.info
@@ -295,21 +263,9 @@ class VllmServer:
                 self._to_worker(ConnectPeer(peer.transport_name, peer.transport_metadata))
         self._reply(ident, Welcome(self.info))
 
-    def _params(self, ident: bytes, request_id: str, sampling: dict) -> SamplingParams | None:
-        try:
-            return SamplingParams.from_dict(sampling)
-        except (ValueError, TypeError) as e:
-            self._reply(ident, Tokens(request_id, [], finished=True, finish_reason="error", error=str(e), status=400))
-            return None
-
     def _on_generate(self, ident: bytes, msg: Generate) -> None:
         rid = msg.request_id
-        if self.role == "prefill" or self.draining:
-            why = "server is draining" if self.draining else "a prefill server does not generate"
-            self._reply(ident, Tokens(rid, [], finished=True, finish_reason="error", error=why, status=503,
-                                      retryable=True))
-            return
-        params = self._params(ident, rid, msg.sampling)
+        params = self._generate_params(ident, msg)
         if params is None:
             return
         self.clients[rid] = ident

@@ -1,0 +1,84 @@
+"""What every Duet server shares, whatever runs its model: the command socket's plumbing.
+
+``CommandServer`` is the base of ``EngineServer`` (native engine) and ``VllmServer`` (vLLM engine). It binds
+sockets, decodes commands and dispatches each to ``_on_<messagetype>``, answers by router identity, keeps
+bounded per-request traces, and applies the checks every ``Generate`` gets (role, draining, sampling). A
+subclass sets ``self.cmd`` (the ROUTER socket), ``self.role``, ``self.draining`` and ``self.traces`` before
+serving.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from engine.sampling_params import SamplingParams
+from transfer.messages import Generate, Refused, Tokens
+from transfer.wire import Message, ProtocolError, decode, encode
+
+logger = logging.getLogger(__name__)
+
+MAX_TRACES = 1024
+
+
+class CommandServer:
+    cmd: zmq.Socket
+    role: str
+    draining: bool
+    traces: dict[str, dict[str, float]]
+
+    @staticmethod
+    def _bind(sock: zmq.Socket, host: str, port: int) -> int:
+        """Bind ``sock`` on ``host``; port 0 picks a free one. Returns the port."""
+        if port == 0:
+            return sock.bind_to_random_port(f"tcp://{host}")
+        sock.bind(f"tcp://{host}:{port}")
+        return port
+
+    def _recv_command(self) -> tuple[bytes, Message] | None:
+        """The next decoded command, or None when none is waiting. Malformed ones are answered and skipped."""
+        while True:
+            try:
+                ident, raw = self.cmd.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return None
+            except ValueError:
+                continue  # wrong frame count: not one of ours
+            try:
+                return ident, decode(raw)
+            except ProtocolError as e:
+                logger.warning("dropping malformed command: %s", e)
+                self._reply(ident, Refused(f"malformed message: {e}"))
+
+    def _handle(self, ident: bytes, msg: Message) -> None:
+        handler = getattr(self, f"_on_{type(msg).__name__.lower()}", None)
+        if handler is None:
+            self._reply(ident, Refused(f"{type(msg).__name__} is not a command for a {self.role} server"))
+        else:
+            handler(ident, msg)
+
+    def _reply(self, ident: bytes, msg: Message) -> None:
+        try:
+            self.cmd.send_multipart([ident, encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            logger.warning("reply %s dropped: %s", type(msg).__name__, e)
+
+    def _trace(self, request_id: str, stage: str) -> None:
+        self.traces.setdefault(request_id, {}).setdefault(stage, time.time())
+        while len(self.traces) > MAX_TRACES:
+            self.traces.pop(next(iter(self.traces)))
+
+    def _generate_params(self, ident: bytes, msg: Generate) -> SamplingParams | None:
+        """The request's SamplingParams, or None after answering why this server will not generate it."""
+        if self.role == "prefill" or self.draining:
+            why = "server is draining" if self.draining else "a prefill server does not generate"
+            self._reply(ident, Tokens(msg.request_id, [], finished=True, finish_reason="error", error=why,
+                                      status=503, retryable=True))
+            return None
+        try:
+            return SamplingParams.from_dict(msg.sampling)
+        except (ValueError, TypeError) as e:
+            self._reply(ident, Tokens(msg.request_id, [], finished=True, finish_reason="error", error=str(e),
+                                      status=400))
+            return None
