@@ -102,7 +102,15 @@ def main(argv: list[str] | None = None) -> None:
     ]
     columns = ["path", "ttft_p50_ms", "ttft_p90_ms", "itl_p50_ms", "out_tok_per_s", "errors", "kv_kib_per_request",
                "layer_writes_per_request", "kv_transfer_mean_ms", "kv_transfers"]
-    write_results("vllm_peer", rows, columns, device="cpu",
+    def plot(ax):
+        xs = range(len(rows))
+        ax.bar([x - 0.2 for x in xs], [r["ttft_p50_ms"] for r in rows], 0.4, label="TTFT p50 (ms)")
+        ax.bar([x + 0.2 for x in xs], [r["itl_p50_ms"] for r in rows], 0.4, label="ITL p50 (ms)")
+        ax.set_xticks(list(xs), [r["path"].replace(" -> ", "\n-> ") for r in rows], fontsize=7)
+        ax.set_ylabel("ms")
+        ax.legend()
+
+    write_results("vllm_peer", rows, columns, device="cpu", plot=plot,
                   extra={"model": MODEL, "prompt_len": prompt_len, "output_len": args.output_len, "concurrency": 1,
                          "kv_transport": kv})
 
