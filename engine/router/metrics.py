@@ -11,6 +11,8 @@ Everything runs on the front end's event loop, so no locking.
 """
 from __future__ import annotations
 
+import abc
+
 import math
 import re
 from typing import Iterable, Sequence
@@ -46,7 +48,7 @@ def _sample_line(name: str, labels: dict[str, str], value: float) -> str:
     return f"{name}{_format_labels(labels)} {_format_value(value)}"
 
 
-class _Metric:
+class _Metric(abc.ABC):
     kind = "untyped"
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()):
@@ -83,8 +85,9 @@ class _Metric:
         for key, child in self._children.items():
             yield dict(zip(self.labelnames, key)), child
 
+    @abc.abstractmethod
     def _lines(self, labels: dict[str, str]) -> list[str]:
-        raise NotImplementedError
+        """Sample lines of one series (one label combination)."""
 
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.documentation.replace(chr(10), ' ')}", f"# TYPE {self.name} {self.kind}"]
