@@ -27,7 +27,7 @@ from tests.kernels.test_prefill_attention import (
 pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="triton is not installed")
 
 
-def run_case(
+def check_against_reference(
     device: str, dtype: torch.dtype, group: int, num_kv_heads: int, head_dim: int, block_size: int,
     seq_lens: list[int], num_splits: int | None,
 ) -> None:
@@ -73,7 +73,7 @@ CPU_CASES = [
     ids=[f"{str(c[0])[6:]}-g{c[1]}-kv{c[2]}-d{c[3]}-bs{c[4]}-split{c[6]}" for c in CPU_CASES],
 )
 def test_matches_reference(device, dtype, group, num_kv_heads, head_dim, block_size, seq_lens, num_splits):
-    run_case(device, dtype, group, num_kv_heads, head_dim, block_size, seq_lens, num_splits)
+    check_against_reference(device, dtype, group, num_kv_heads, head_dim, block_size, seq_lens, num_splits)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -81,7 +81,7 @@ def test_matches_reference(device, dtype, group, num_kv_heads, head_dim, block_s
 @pytest.mark.parametrize("head_dim,group", [(64, 1), (128, 4), (128, 8), (256, 2)])
 @pytest.mark.parametrize("num_splits", [None, 1, 7])
 def test_large_shapes_cuda(dtype, head_dim, group, num_splits):
-    run_case("cuda", dtype, group, 4, head_dim, 16, [2000, 1, 517, 4096, 33], num_splits)
+    check_against_reference("cuda", dtype, group, 4, head_dim, 16, [2000, 1, 517, 4096, 33], num_splits)
 
 
 @pytest.mark.parametrize("device", device_params(_decode_kernel))

@@ -59,7 +59,7 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def run_case(
+def check_against_reference(
     device: str, dtype: torch.dtype, group: int, num_kv_heads: int, head_dim: int, block_size: int,
     seqs: list[tuple[int, int]], extra_rows: int = 0,
 ) -> None:
@@ -108,19 +108,19 @@ CPU_CASES = [
     ids=[f"{str(c[0])[6:]}-g{c[1]}-kv{c[2]}-d{c[3]}-bs{c[4]}" for c in CPU_CASES],
 )
 def test_matches_reference(device, dtype, group, num_kv_heads, head_dim, block_size, seqs):
-    run_case(device, dtype, group, num_kv_heads, head_dim, block_size, seqs)
+    check_against_reference(device, dtype, group, num_kv_heads, head_dim, block_size, seqs)
 
 
 @pytest.mark.parametrize("device", device_params(_prefill_kernel))
 def test_skips_empty_sequences_and_leaves_padding_rows(device):
-    run_case(device, torch.float32, 2, 2, 16, 16, [(20, 0), (30, 7), (12, 0), (18, 18)], extra_rows=3)
+    check_against_reference(device, torch.float32, 2, 2, 16, 16, [(20, 0), (30, 7), (12, 0), (18, 18)], extra_rows=3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("head_dim,group", [(64, 1), (128, 4), (128, 8), (256, 2)])
 def test_large_shapes_cuda(dtype, head_dim, group):
-    run_case("cuda", dtype, group, 4, head_dim, 16, [(1500, 1500), (3000, 700), (41, 1), (520, 77)])
+    check_against_reference("cuda", dtype, group, 4, head_dim, 16, [(1500, 1500), (3000, 700), (41, 1), (520, 77)])
 
 
 def test_rejects_malformed_arguments():
