@@ -20,6 +20,17 @@ from transfer.wire import Message, ProtocolError, decode, encode
 logger = logging.getLogger(__name__)
 
 MAX_TRACES = 1024
+ROLES = ("prefill", "decode", "both")
+
+
+def check_server_args(role: str, kv_failure_policy: str, heartbeat_s: float) -> None:
+    """ValueError naming the field for settings every server kind takes."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if kv_failure_policy not in ("recompute", "fail"):
+        raise ValueError(f"kv_failure_policy must be recompute or fail, got {kv_failure_policy!r}")
+    if not heartbeat_s > 0:
+        raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s}")
 
 
 class CommandServer:

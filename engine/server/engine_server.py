@@ -29,7 +29,7 @@ from engine.kv_events import event_to_dict
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.security import ZmqKeys, secure_client, secure_server, start_authenticator
-from engine.server.command_server import CommandServer
+from engine.server.command_server import CommandServer, check_server_args
 from engine.server.peers import PeerLinks
 from transfer.compat import IncompatiblePeer, KVLayout, check_compatible
 from transfer.factory import make_transport
@@ -41,7 +41,6 @@ from transfer.staging import StagingPool
 from transfer.wire import Message, encode
 
 logger = logging.getLogger(__name__)
-ROLES = ("prefill", "decode", "both")
 
 
 class EngineServer(CommandServer):
@@ -51,12 +50,7 @@ class EngineServer(CommandServer):
                  model_name: str | None = None, kv_failure_policy: str = "recompute", heartbeat_s: float = 0.2,
                  router_address: str | None = None, drain_timeout_s: float = 30.0,
                  debug_step_delay_s: float = 0.0, zmq_keys: ZmqKeys | None = None):
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-        if kv_failure_policy not in ("recompute", "fail"):
-            raise ValueError(f"kv_failure_policy must be recompute or fail, got {kv_failure_policy!r}")
-        if not heartbeat_s > 0:
-            raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s}")
+        check_server_args(role, kv_failure_policy, heartbeat_s)
         self.kv_failure_policy = kv_failure_policy
         self.heartbeat_s = heartbeat_s
         self.drain_timeout_s = drain_timeout_s

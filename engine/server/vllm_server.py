@@ -36,7 +36,7 @@ from engine.config import EngineConfig
 from engine.kv_events import event_to_dict
 from engine.sampling_params import SamplingParams
 from engine.security import ZmqKeys, secure_client, secure_server, start_authenticator
-from engine.server.command_server import CommandServer
+from engine.server.command_server import CommandServer, check_server_args
 from engine.server.peers import PeerLinks
 from engine.server.vllm_engine import EngineOutput, VllmEngine, engine_args, model_id
 from engine.server.vllm_kv_events import KVEventTranslator
@@ -63,7 +63,6 @@ from transfer.vllm_control import STAT_NAMES, ConnectPeer, FirstToken, WorkerRea
 from transfer.wire import Message, ProtocolError, decode, encode
 
 logger = logging.getLogger(__name__)
-ROLES = ("prefill", "decode", "both")
 
 
 @dataclass
@@ -84,12 +83,7 @@ class VllmServer(CommandServer):
                  kv_failure_policy: str = "recompute", heartbeat_s: float = 0.2, router_address: str | None = None,
                  drain_timeout_s: float = 30.0, zmq_keys: ZmqKeys | None = None, keys_dir: str | None = None,
                  debug_layer_delay_s: float = 0.0, start_timeout_s: float = 900.0):
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-        if kv_failure_policy not in ("recompute", "fail"):
-            raise ValueError(f"kv_failure_policy must be recompute or fail, got {kv_failure_policy!r}")
-        if not heartbeat_s > 0:
-            raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s}")
+        check_server_args(role, kv_failure_policy, heartbeat_s)
         self.role = role
         self.heartbeat_s = heartbeat_s
         self.drain_timeout_s = drain_timeout_s
