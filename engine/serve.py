@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(dispatcher, tokenizer, name, max_model_len=max_model_len, api_key=args.api_key,
                      default_sampling=default_sampling, **http_kwargs)
     scheme = "https" if ssl_context is not None else "http"
-    print(f"DUET_READY both {scheme}://{args.host}:{args.port}", flush=True)
-    run_app(app, args.host, args.port, ssl_context=ssl_context)
+    # Ready once listening: the dispatcher (a vLLM engine, say) starts inside run_app, before the socket binds.
+    run_app(app, args.host, args.port, ssl_context=ssl_context,
+            on_ready=lambda _: print(f"DUET_READY both {scheme}://{args.host}:{args.port}", flush=True))
 
 
 if __name__ == "__main__":

@@ -501,9 +501,11 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8000,
 
 
 def run_app(app: web.Application, host: str = "127.0.0.1", port: int = 8000, *,
-            shutdown_timeout_s: float = 30.0, ssl_context: ssl.SSLContext | None = None) -> None:
+            shutdown_timeout_s: float = 30.0, ssl_context: ssl.SSLContext | None = None,
+            on_ready: Callable[[list], None] | None = None) -> None:
     """Blocking: ``serve`` on a fresh event loop until SIGTERM/SIGINT, then shut down cleanly."""
-    asyncio.run(serve(app, host, port, shutdown_timeout_s=shutdown_timeout_s, ssl_context=ssl_context))
+    asyncio.run(serve(app, host, port, shutdown_timeout_s=shutdown_timeout_s, ssl_context=ssl_context,
+                      on_ready=on_ready))
 
 
 # ---- CLI flags shared by ``engine.serve --role both`` and ``engine.router`` -----------------------------------
