@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from engine import envs
+
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 
 
@@ -39,6 +41,8 @@ def device_description(device: torch.device | str | None = None) -> str:
 
 
 def git_commit() -> str:
+    if envs.bench_commit():
+        return envs.bench_commit()
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,

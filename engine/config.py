@@ -48,6 +48,14 @@ class EngineConfig:
     """MoE models: give each tensor-parallel rank whole experts instead of a slice of every expert."""
     distributed_timeout_s: float = 300.0
     """Deadline of the workers' start-up and of every collective between ranks, in seconds."""
+    load_format: str = "auto"
+    """``auto`` reads the checkpoint's safetensors; ``dummy`` fills the weights with random values on the
+    device instead (benchmarks at real model shapes; only config.json and the tokenizer are read)."""
+    cuda_graphs: bool = True
+    """On CUDA, replay captured CUDA graphs for decode-only steps of up to ``cuda_graph_max_batch``
+    sequences (single-process dense models; other steps run eagerly)."""
+    cuda_graph_max_batch: int = 256
+    """Largest decode batch captured as a CUDA graph (capped by ``max_num_seqs``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -83,6 +91,13 @@ class EngineConfig:
             raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
         if self.attention_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"attention_backend must be auto, triton or torch, got {self.attention_backend!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be a bool, got {self.cuda_graphs!r}")
+        if isinstance(self.cuda_graph_max_batch, bool) or not isinstance(self.cuda_graph_max_batch, int) \
+                or self.cuda_graph_max_batch < 1:
+            raise ValueError(f"cuda_graph_max_batch must be an integer >= 1, got {self.cuda_graph_max_batch!r}")
 
     @property
     def world_size(self) -> int:

@@ -31,6 +31,11 @@ def disable_extension() -> bool:
     return _get("DUET_DISABLE_EXTENSION", "0") == "1"
 
 
+def bench_commit() -> str:
+    """DUET_BENCH_COMMIT: commit recorded in benchmark results where ``git`` cannot tell (a copied tree)."""
+    return _get("DUET_BENCH_COMMIT", "")
+
+
 def torch_threads() -> int:
     """DUET_TORCH_THREADS: torch intra-op threads per process (0 = torch's default)."""
     return int(_get("DUET_TORCH_THREADS", "0"))

@@ -72,13 +72,36 @@ def _default_dtype(dtype: torch.dtype):
 
 def build_model(
     cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int, show_progress: bool = True,
-    layout: ParallelLayout = ParallelLayout(), tp_group: TPGroup | None = None,
+    layout: ParallelLayout = ParallelLayout(), tp_group: TPGroup | None = None, load_format: str = "auto",
 ) -> DecoderForCausalLM:
-    """Instantiate the model (this rank's share of it) on ``device`` in ``dtype``, fill it from the checkpoint."""
+    """Instantiate the model (this rank's share of it) on ``device`` in ``dtype``, fill it from the checkpoint.
+
+    ``load_format="dummy"`` fills it with random values instead (see ``init_dummy_weights``).
+    """
     with _default_dtype(dtype), torch.device(device):
         model = DecoderForCausalLM(cfg, max_positions, layout, tp_group)
-    load_weights(model, Path(cfg.path), show_progress)
+    if load_format == "dummy":
+        init_dummy_weights(model)
+    else:
+        load_weights(model, Path(cfg.path), show_progress)
     return model.eval()
+
+
+@torch.no_grad()
+def init_dummy_weights(model: DecoderForCausalLM, seed: int = 0, scale: float = 0.02) -> None:
+    """Random weights at the model's real shapes, made on its device (no checkpoint read).
+
+    Norm weights are 1; every other parameter is uniform in [-scale, scale], so activations stay finite
+    through any depth. For benchmarks: speed does not depend on the values (MoE routing aside).
+    """
+    g = None
+    for name, param in model.named_parameters():
+        if g is None:
+            g = torch.Generator(device=param.device).manual_seed(seed)
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.uniform_(-scale, scale, generator=g)
 
 
 def load_weights(model: DecoderForCausalLM, model_dir: Path, show_progress: bool = True) -> None:

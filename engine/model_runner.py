@@ -15,6 +15,7 @@ import torch
 
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.loader import build_model
 from engine.model_config import ModelConfig
 from engine.models.decoder import LayerHook
@@ -90,7 +91,7 @@ class ModelRunner:
         self.kv_head_start, self.num_local_kv_heads = layout.kv_head_range(mc.num_kv_heads)
         self.model = build_model(
             model_config, self.dtype, self.device, max_model_len, config.show_progress and layout.rank == 0,
-            layout, tp_group,
+            layout, tp_group, config.load_format,
         )
         self.backend = AttentionBackend(config.attention_backend, self.device)
         self.num_blocks = self._agree_num_blocks(self._choose_num_blocks())
@@ -101,10 +102,24 @@ class ModelRunner:
         )
         self.sampler = Sampler(config.seed)
         self._kv_out: list[torch.Tensor] = []
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.graphs: DecodeGraphs | None = None
+        if self._can_capture_graphs():
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_cache, self.backend, min(config.cuda_graph_max_batch, config.max_num_seqs),
+                self.max_blocks_per_seq,
+            )
         logger.info(
             "model runner: %s on %s (%s), %d KV blocks of %d tokens (%.1f MiB), attention=%s",
             mc.architecture, self.device, str(self.dtype).removeprefix("torch."), self.num_blocks,
             self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**20, self.backend.name,
+        )
+
+    def _can_capture_graphs(self) -> bool:
+        """Decode CUDA graphs need: CUDA, the Triton backend, one process, a dense model (engine/cuda_graphs.py)."""
+        return (
+            self.config.cuda_graphs and self.device.type == "cuda" and self.backend.name == "triton"
+            and self.layout.world_size == 1 and not self.model_config.is_moe
         )
 
     @property
@@ -239,6 +254,13 @@ class ModelRunner:
     def run(self, step: StepInputs, layer_hook: LayerHook | None = None) -> torch.Tensor | None:
         """Run the model on one step; logits [num_samples, vocab] float32 of ``sample_rows`` (None if none)."""
         dev = self.device
+        g = self.graphs
+        if (g is not None and step.decode_only and not step.scratch_blocks and layer_hook is None
+                and g.fits(len(step.input_ids), step.block_tables.shape[1])):
+            hidden = g.run(step.input_ids, step.positions, step.slot_mapping, step.block_tables, step.seq_lens)
+            if not len(step.sample_rows):
+                return None
+            return self.model.compute_logits(hidden[step.sample_rows.to(dev)])
         kv = self.kv_cache
         if step.scratch_blocks:
             kv = torch.zeros_like(kv[:, :, :step.scratch_blocks])

@@ -289,6 +289,7 @@ def make_tiny_model(
     seed: int = 0,
     max_shard_size: int | str | None = None,
     vocab_size: int | None = None,
+    weights: bool = True,
 ) -> pathlib.Path:
     """Writes the checkpoint into ``out_dir`` (created if needed) and returns it as a Path.
 
@@ -297,6 +298,8 @@ def make_tiny_model(
     tokenizer's length and may be larger (padded embedding rows, as in real checkpoints).
     ``rope_scaling="llama3"`` applies Llama-3.1 scaling with ``original_max_position_embeddings =
     max_position_embeddings / 8``. ``max_shard_size`` (e.g. ``"200KB"``) splits the weights into shards.
+    ``weights=False`` writes everything but the safetensors: a model to load with ``load_format="dummy"``
+    at real sizes (an 8B checkpoint would take minutes to write and read).
     """
     _validate(arch, hidden_size, num_heads, num_kv_heads, num_experts, experts_per_token, dtype)
     rope_parameters = build_rope_parameters(rope_scaling, rope_theta, max_position_embeddings)
@@ -332,15 +335,16 @@ def make_tiny_model(
         pad_token_id=pad_id,
     )
 
-    # Initialised in float32 and cast afterwards, so every dtype of one seed holds the same values
-    # (up to rounding). fork_rng leaves the caller's global RNG as it was.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        _perturb_init(model)
-    model = model.to(DTYPES[dtype])
-    model.config.dtype = dtype
-    model.generation_config = GenerationConfig(
+    if weights:
+        # Initialised in float32 and cast afterwards, so every dtype of one seed holds the same values
+        # (up to rounding). fork_rng leaves the caller's global RNG as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            _perturb_init(model)
+        model = model.to(DTYPES[dtype])
+        model.config.dtype = dtype
+    generation_config = GenerationConfig(
         bos_token_id=bos_id,
         # A chat turn ends with <|im_end|>; plain completion ends with <|eos|>.
         eos_token_id=[eos_id, im_end_id],
@@ -359,11 +363,20 @@ def make_tiny_model(
     save_kwargs: dict[str, Any] = {}
     if max_shard_size is not None:
         save_kwargs["max_shard_size"] = max_shard_size
-    model.save_pretrained(out_path, **save_kwargs)
+    if weights:
+        model.generation_config = generation_config
+        model.save_pretrained(out_path, **save_kwargs)
+    else:
+        config.architectures = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
+        config.save_pretrained(out_path)
+        generation_config.save_pretrained(out_path)
     # save_jinja_files=False keeps the template inside tokenizer_config.json, where most loaders look.
     tokenizer.save_pretrained(out_path, save_jinja_files=False)
     _match_hub_config_keys(out_path / "config.json", arch)
-    logger.info("wrote tiny %s checkpoint (%d parameters) to %s", arch, model.num_parameters(), out_path)
+    if weights:
+        logger.info("wrote tiny %s checkpoint (%d parameters) to %s", arch, model.num_parameters(), out_path)
+    else:
+        logger.info("wrote %s config and tokenizer (no weights) to %s", arch, out_path)
     return out_path
 
 

@@ -74,7 +74,9 @@ def test_engine_config_is_validated(llama_dir):
 
     for kwargs, field in ((dict(block_size=7), "block_size"), (dict(max_num_seqs=0), "max_num_seqs"),
                           (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
-                          (dict(dtype="int8"), "dtype"), (dict(max_model_len=10**9), "max_model_len")):
+                          (dict(dtype="int8"), "dtype"), (dict(max_model_len=10**9), "max_model_len"),
+                          (dict(load_format="pt"), "load_format"), (dict(cuda_graphs=1), "cuda_graphs"),
+                          (dict(cuda_graph_max_batch=0), "cuda_graph_max_batch")):
         with pytest.raises(ValueError, match=field):
             LLM(llama_dir, show_progress=False, **kwargs)
     with pytest.raises(ValueError, match="model"):
