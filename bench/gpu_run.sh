@@ -8,7 +8,7 @@
 set -u
 OUT=${1:?usage: bench/gpu_run.sh OUTDIR [STEP ...]}
 shift
-STEPS=${*:-"build tests roofline transfer attention kv_pack"}
+STEPS=${*:-"build diag tests roofline transfer attention kv_pack serving"}
 DEADLINE=$(( $(date +%s) + ${DUET_GPU_RUN_SECONDS:-450} ))
 LOGS=/tmp/duet-gpu-logs
 mkdir -p "$OUT" "$LOGS"
@@ -39,13 +39,19 @@ step() {
 for s in $STEPS; do
   case $s in
     build) step build 240 python3 setup.py build_ext --inplace ;;
-    tests) step tests 200 python3 -m pytest -q -p no:cacheprovider --timeout 90 -rfE tests/kernels \
+    diag) step diag 60 bash -c 'ldd kernels/_C*.so | grep -E "stdc|gcc_s|torch"; which -a g++; g++ --version | head -1;
+             python3 -c "import torch, ctypes; import kernels._C; print(sorted({l.split()[-1] for l in open(\"/proc/self/maps\") if \"libstdc\" in l or \"libgcc_s\" in l}))";
+             python3 -c "import torch; torch.zeros(2).view(3)" 2>&1 | tail -1;
+             cuda-gdb -batch -ex run -ex bt --args python3 -c "import torch, kernels._C; torch.ops.duet.gather_kv_blocks(torch.zeros(4,2,12,16,2), torch.tensor([1]), 0, 1, torch.zeros(1,2,1,16,2))" 2>&1 | tail -40' ;;
+    tests) step tests 200 python3 -m pytest -q -p no:cacheprovider -n 4 --timeout 90 -rfE tests/kernels \
              tests/engine/test_cuda_graphs.py tests/engine/test_triton_backend.py tests/engine/test_models_vs_hf.py \
              tests/engine/test_attention_backend.py tests/transfer ;;
     roofline) step roofline 200 python3 -m bench.decode_roofline ;;
     transfer) step transfer 90 python3 -m bench.transfer --backend nixl --tokens 4096 --device cuda ;;
     attention) step attention 120 python3 -m bench.attention --device cuda ;;
     kv_pack) step kv_pack 60 python3 -m bench.kv_pack --device cuda ;;
+    serving) step serving 150 python3 -m bench.pd_vs_colocated --gpu --kv-transport nixl --prompt-lens 1024,4096 \
+               --output-len 128 --concurrency 8 --num-requests 24 ;;
     *) echo "unknown step $s" | tee -a "$OUT/summary.txt" ;;
   esac
 done

@@ -7,6 +7,7 @@ A result is a list of row dicts. ``write_results`` prints a Markdown table and w
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -17,6 +18,8 @@ from typing import Callable, Sequence
 import torch
 
 from engine import envs
+
+logger = logging.getLogger(__name__)
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 
@@ -82,6 +85,30 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3, ite
             samples.append(time.perf_counter() - t0)
     samples.sort()
     return samples[len(samples) // 2]
+
+
+def time_fn_graph(fn: Callable[[], object], device: torch.device, calls: int = 20, iters: int = 10) -> float | None:
+    """Median GPU time of one ``fn()`` in seconds with launch overhead removed: ``calls`` calls captured in
+    one CUDA graph, replayed ``iters`` times. None where the device is not CUDA or ``fn`` cannot be
+    captured (it synchronises, say); then use ``time_fn``."""
+    if device.type != "cuda":
+        return None
+    try:
+        fn()  # warm-up outside the capture (compilation, allocator, library handles)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+    except (RuntimeError, torch.cuda.CudaError) as exc:  # noqa: BLE001 - any capture failure means "not capturable"
+        torch.cuda.synchronize(device)
+        logger.info("CUDA graph capture failed (%s): timing eagerly", str(exc).splitlines()[0])
+        return None
+    return time_fn(graph.replay, device, warmup=2, iters=iters) / calls
 
 
 def copy_bandwidth_bytes_per_s(device: torch.device, num_bytes: int | None = None) -> float:

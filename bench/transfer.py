@@ -13,8 +13,8 @@ layer's K or V is 32 KiB). One request's KV moves from the prefill pool (this pr
   scattered block ids (what vLLM's NixlConnector posts).
 
 Time is measured on the writer from the first post to the last handle DONE (the receiver drives its
-progress in a loop). The ``+ pack/unpack`` row adds the time torch's gather and scatter take for the same
-request on this device: the cost the packed path pays to be able to send slabs (csrc/ kernels replace it).
+progress in a loop). The ``+ pack/unpack`` row adds the time packing and unpacking the same
+request on this device with Duet's gather / scatter ops (csrc/): the cost the packed path pays to send slabs.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from bench.report import time_fn, write_results
+from kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks
 from transfer import RemoteRegion, make_transport
 from transfer.factory import nixl_importable
 from transfer.wire import Message, decode, encode
@@ -166,8 +167,10 @@ def run_backend(kind: str, num_tokens: int, iters: int, device: str) -> list[dic
         dst_pool = _pool(num_pool_blocks, device)
         dst_idx = torch.as_tensor(dst_ids, device=device)
         dev = torch.device(device)
-        pack_s = time_fn(lambda: torch.index_select(pool, 2, src_idx, out=slab), dev, warmup=1, iters=iters)
-        unpack_s = time_fn(lambda: dst_pool.index_copy_(2, dst_idx, slab), dev, warmup=1, iters=iters)
+        # Duet's pack / unpack ops (kernels/kv_blocks.py: the csrc/ extension, torch references without it).
+        pack_s = time_fn(lambda: gather_kv_blocks(pool, src_idx, 0, NUM_LAYERS, out=slab), dev, warmup=1, iters=iters)
+        unpack_s = time_fn(lambda: scatter_kv_blocks(slab, dst_idx, 0, NUM_LAYERS, dst_pool), dev, warmup=1,
+                           iters=iters)
     finally:
         transport.close()
         proc.join(DEADLINE_S)

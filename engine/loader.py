@@ -84,6 +84,7 @@ def build_model(
         init_dummy_weights(model)
     else:
         load_weights(model, Path(cfg.path), show_progress)
+    model.fuse_projections()
     return model.eval()
 
 

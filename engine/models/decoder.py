@@ -18,10 +18,11 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.model_config import ModelConfig
-from engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, TPGroup, mark_shard
+from engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, TPGroup, fuse_linears, mark_shard
 from engine.models.moe import SparseMoE
 from engine.parallel.layout import ParallelLayout
 
@@ -59,6 +60,11 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.rotary = rotary
         self.scale = cfg.head_dim ** -0.5
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # fused (weight, bias) once fuse() ran
+
+    def fuse(self) -> None:
+        """After loading: one GEMM for q, k and v."""
+        self.qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(
         self,
@@ -69,9 +75,16 @@ class Attention(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        if self.qkv is not None:
+            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = F.linear(x, *self.qkv).split([q_size, kv_size, kv_size], dim=-1)
+            q = q.view(n, self.num_heads, self.head_dim)
+            k = k.view(n, self.num_kv_heads, self.head_dim)
+            v = v.view(n, self.num_kv_heads, self.head_dim)
+        else:
+            q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
@@ -147,6 +160,12 @@ class DecoderForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if layout.is_last_stage else None
         if cfg.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def fuse_projections(self) -> None:
+        """After the weights are in: fuse q/k/v and gate/up into one GEMM each (same parameters, as views)."""
+        for module in self.modules():
+            if isinstance(module, (Attention, GatedMLP)):
+                module.fuse()
 
     def absent_prefixes(self) -> tuple[str, ...]:
         """Checkpoint name prefixes of weights other pipeline stages hold (the loader skips them)."""

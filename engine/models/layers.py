@@ -29,6 +29,26 @@ def mark_shard(param: nn.Parameter, dim: int, start: int, full_size: int) -> Non
     param.tp_shard = (dim, start, full_size)
 
 
+@torch.no_grad()
+def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several projections of the same input, concatenated along outputs.
+
+    The projections' parameters become views into the fused tensors, so they keep their names and values
+    (the loader, tests and tensor-parallel shard marks still see them) while one GEMM computes all outputs.
+    Returns (weight [sum(out), in], bias [sum(out)] or None).
+    """
+    weight = torch.cat([lin.weight for lin in linears])
+    bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
+    start = 0
+    for lin in linears:
+        end = start + lin.weight.shape[0]
+        lin.weight.data = weight[start:end]
+        if bias is not None:
+            lin.bias.data = bias[start:end]
+        start = end
+    return weight, bias
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -104,9 +124,18 @@ class GatedMLP(nn.Module):
             mark_shard(self.up_proj.weight, 0, start, intermediate_size)
             mark_shard(self.down_proj.weight, 1, start, intermediate_size)
         self.tp_group = tp_group if layout.tp_size > 1 else None
+        self.gate_up: torch.Tensor | None = None  # [2 * width, hidden] once fuse() ran
+
+    def fuse(self) -> None:
+        """After loading: one GEMM for gate and up (a decode step is launch- and bandwidth-bound)."""
+        self.gate_up, _ = fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
-        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None:
+            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)  # each [num_tokens, width]
+            out = self.down_proj(F.silu(gate) * up)
+        else:
+            out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         if self.tp_group is not None:
             self.tp_group.all_reduce(out)
         return out

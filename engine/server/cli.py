@@ -28,6 +28,10 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"])
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights at the checkpoint's shapes (benchmarks; no safetensors needed)")
+    g.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA")
+    g.add_argument("--cuda-graph-max-batch", type=int, default=256, help="largest decode batch captured")
     g.add_argument("--executor", default="native", choices=["native", "vllm"],
                    help="native: Duet's engine; vllm: a vLLM V1 engine (pip install -e .[vllm]) with Duet's KV "
                    "connector, behind the same protocol")
@@ -57,7 +61,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
         seed=args.seed, show_progress=sys.stderr.isatty(), tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size, expert_parallel=args.expert_parallel,
-        distributed_timeout_s=args.distributed_timeout_s,
+        distributed_timeout_s=args.distributed_timeout_s, load_format=args.load_format,
+        cuda_graphs=not args.no_cuda_graphs, cuda_graph_max_batch=args.cuda_graph_max_batch,
     )
 
 
