@@ -13,6 +13,9 @@ DEADLINE=$(( $(date +%s) + ${DUET_GPU_RUN_SECONDS:-450} ))
 LOGS=/tmp/duet-gpu-logs
 mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0
+# Compile the extension with the system g++, whose libstdc++ the process loads. The image's own toolchain
+# (/opt/gcc, first on PATH) built a module whose inlined iostream code crashed on the first error message.
+if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++; fi
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >"$LOGS/pip.log" 2>&1
 { nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; } \
   >"$LOGS/env.log" 2>&1
@@ -46,6 +49,9 @@ for s in $STEPS; do
     tests) step tests 200 python3 -m pytest -q -p no:cacheprovider -n 4 --timeout 90 -rfE tests/kernels \
              tests/engine/test_cuda_graphs.py tests/engine/test_triton_backend.py tests/engine/test_models_vs_hf.py \
              tests/engine/test_attention_backend.py tests/transfer ;;
+    tests_quick) step tests_quick 120 python3 -m pytest -q -p no:cacheprovider -n 4 --timeout 90 -rfE \
+             tests/kernels/test_kv_blocks.py tests/engine/test_cuda_graphs.py tests/engine/test_triton_backend.py \
+             tests/engine/test_models_vs_hf.py tests/engine/test_attention_backend.py ;;
     roofline) step roofline 200 python3 -m bench.decode_roofline ;;
     transfer) step transfer 90 python3 -m bench.transfer --backend nixl --tokens 4096 --device cuda ;;
     attention) step attention 120 python3 -m bench.attention --device cuda ;;

@@ -70,8 +70,8 @@ def paged_attention(
         q = q.view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # [kv_heads, group, q_len, D]
         kt = k.permute(1, 2, 0).unsqueeze(1)  # [kv_heads, 1, head_dim, seq_len]
         scores = torch.matmul(q, kt) * scale  # [kv_heads, group, q_len, seq_len]
-        q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)  # [q_len, 1]
-        k_pos = torch.arange(seq_len).unsqueeze(0)  # [1, seq_len]
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device).unsqueeze(1)  # [q_len, 1]
+        k_pos = torch.arange(seq_len, device=query.device).unsqueeze(0)  # [1, seq_len]
         scores.masked_fill_(k_pos > q_pos, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         o = torch.matmul(probs, v.permute(1, 0, 2).unsqueeze(1))  # [kv_heads, group, q_len, head_dim]

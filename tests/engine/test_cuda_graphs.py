@@ -68,4 +68,4 @@ def test_graph_decode_matches_eager(llama_dir, dtype):
         out = graphs.generate(batch, params)
         assert [o.token_ids for o in out] == [r.token_ids for r in ref]
     assert replays >= 2 * 20  # the decode steps of both batches went through the graphs
-    assert graphs.engine.num_free_blocks() == graphs.engine.num_total_blocks()
+    assert graphs.engine.num_free_blocks == graphs.engine.num_total_blocks
