@@ -14,6 +14,15 @@ from torch.nn import functional as F
 
 from engine.model_config import RopeConfig
 from engine.parallel.layout import ParallelLayout
+from kernels.activation import silu_and_mul
+from kernels.rms_norm import rms_norm
+from kernels.rotary import apply_rotary
+from kernels.triton_utils import TRITON_AVAILABLE
+
+
+def _fused_kernels(x: torch.Tensor) -> bool:
+    """CUDA tensors go through the Triton kernels (one launch per op); the torch code is the reference."""
+    return x.is_cuda and TRITON_AVAILABLE
 
 
 class TPGroup(Protocol):
@@ -56,6 +65,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
+        if _fused_kernels(x) and x.dim() in (2, 3) and x.stride(-1) == 1:
+            return rms_norm(x, self.weight, self.eps)
         # Normalise in float32 like the reference implementations, then cast back before the weight.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -96,6 +107,8 @@ class RotaryEmbedding(nn.Module):
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if _fused_kernels(q):
+            return apply_rotary(positions, q, k, self.cos, self.sin)
         cos = self.cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim // 2]
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
@@ -131,7 +144,9 @@ class GatedMLP(nn.Module):
         self.gate_up, _ = fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
-        if self.gate_up is not None:
+        if self.gate_up is not None and _fused_kernels(x):
+            out = self.down_proj(silu_and_mul(F.linear(x, self.gate_up)))
+        elif self.gate_up is not None:
             gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)  # each [num_tokens, width]
             out = self.down_proj(F.silu(gate) * up)
         else:
