@@ -401,6 +401,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-shard-size", default=None, help="e.g. 200KB; default: one file")
+    parser.add_argument("--no-weights", action="store_true",
+                        help="config and tokenizer only, for --load-format dummy at real model sizes")
     return parser.parse_args(argv)
 
 
@@ -427,6 +429,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         max_shard_size=args.max_shard_size,
         vocab_size=args.vocab_size,
+        weights=not args.no_weights,
     )
     print(out)
 
