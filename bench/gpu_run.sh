@@ -51,7 +51,7 @@ for s in $STEPS; do
              tests/engine/test_attention_backend.py tests/transfer ;;
     tests_quick) step tests_quick 120 python3 -m pytest -q -p no:cacheprovider -n 4 --timeout 90 -rfE \
              tests/kernels/test_kv_blocks.py tests/engine/test_cuda_graphs.py tests/engine/test_triton_backend.py \
-             tests/engine/test_models_vs_hf.py tests/engine/test_attention_backend.py ;;
+             tests/engine/test_models_vs_hf.py tests/engine/test_attention_backend.py tests/kernels/test_layer_kernels.py ;;
     roofline) step roofline 200 python3 -m bench.decode_roofline ;;
     transfer) step transfer 90 python3 -m bench.transfer --backend nixl --tokens 4096 --device cuda ;;
     attention) step attention 120 python3 -m bench.attention --device cuda ;;

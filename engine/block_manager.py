@@ -88,6 +88,9 @@ class BlockManager:
         ``cached_block_ids`` (only at admission, when the request holds no blocks) are claimed first and
         count as computed tokens. All or nothing: returns False and changes nothing when blocks run out.
         """
+        if not cached_block_ids and req.block_ids and (
+                req.num_computed_tokens + num_new_tokens <= len(req.block_ids) * self.block_size):
+            return True  # fits the blocks it holds (most decode steps)
         if cached_block_ids and req.block_ids:
             raise ValueError(f"{req.request_id}: prefix blocks can only be claimed at admission")
         num_cached_tokens = len(cached_block_ids) * self.block_size
@@ -133,24 +136,31 @@ class BlockManager:
         """Register ``req``'s newly full, computed blocks in the prefix cache (emits BlockStored)."""
         if not self.enable_prefix_caching:
             return
+        # A held block keeps its hash until freed, so blocks before ``num_registered`` need no second look;
+        # a decode step usually fills no block and returns here, without touching the request's hashes.
+        num_registered = req.num_registered_blocks
+        if req.num_computed_tokens // self.block_size <= num_registered:
+            return
         num_full = min(req.num_computed_tokens, req.num_tokens) // self.block_size
         hashes = req.update_block_hashes(self.block_size)
         stored: list[int] = []
         first_new = None
-        for i in range(num_full):
+        for i in range(num_registered, num_full):
             block = self.blocks[req.block_ids[i]]
-            if block.block_hash is not None:
-                continue
-            h = hashes[i]
-            if h in self._cached:
-                continue  # identical content cached by another block; this one stays private
-            start = i * self.block_size
-            block.block_hash = h
-            block.token_ids = tuple(req.token_slice(start, start + self.block_size))
-            self._cached[h] = block
-            if first_new is None:
-                first_new = i
-            stored.append(h)
+            if block.block_hash is None:
+                h = hashes[i]
+                if h in self._cached:
+                    continue  # identical content cached by another block; this one stays private (for now)
+                start = i * self.block_size
+                block.block_hash = h
+                block.token_ids = tuple(req.token_slice(start, start + self.block_size))
+                self._cached[h] = block
+                if first_new is None:
+                    first_new = i
+                stored.append(h)
+            if i == num_registered:
+                num_registered += 1
+        req.num_registered_blocks = num_registered
         if stored:
             parent = hashes[first_new - 1] if first_new else ROOT_HASH
             tokens = req.token_slice(first_new * self.block_size, (first_new + len(stored)) * self.block_size)
@@ -171,6 +181,7 @@ class BlockManager:
                 else:
                     self._free[block_id] = None
         req.block_ids = []
+        req.num_registered_blocks = 0
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block that no request holds. False if some are still in use."""

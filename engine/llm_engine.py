@@ -163,11 +163,15 @@ class LLMEngine:
 
     def apply_results(self, sched: SchedulerOutput, results: dict[str, SampleResult]) -> list[RequestOutput]:
         outputs = []
+        cache_computed_blocks = self.block_manager.cache_computed_blocks
         for chunk in sched.chunks:
             req = chunk.request
-            self.num_prompt_tokens_computed += max(0, min(chunk.start + chunk.num_tokens, req.num_prompt_tokens) - chunk.start)
-            req.num_computed_tokens += chunk.num_tokens
-            self.block_manager.cache_computed_blocks(req)
+            start, num_tokens = chunk.start, chunk.num_tokens
+            num_prompt_tokens = len(req.prompt_token_ids)
+            if start < num_prompt_tokens:
+                self.num_prompt_tokens_computed += min(start + num_tokens, num_prompt_tokens) - start
+            req.num_computed_tokens += num_tokens
+            cache_computed_blocks(req)
             result = results.get(req.request_id)
             if result is not None:
                 out = self.append_token(req, result)

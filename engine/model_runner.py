@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.attention import AttentionBackend, AttentionMetadata
+from engine.block_table import BlockTables
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.loader import build_model
@@ -23,7 +25,7 @@ from engine.models.layers import TPGroup
 from engine.parallel.layout import ParallelLayout
 from engine.request import Request
 from engine.sampler import SampleResult, Sampler
-from engine.scheduler import SchedulerOutput
+from engine.scheduler import ScheduledChunk, SchedulerOutput
 from kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks
 
 logger = logging.getLogger(__name__)
@@ -203,53 +205,70 @@ class ModelRunner:
             )
         return int(num)
 
+    _block_tables: BlockTables | None = None
+    """Rows kept between ``execute`` calls; made at the first (subclasses' constructors need not know it)."""
+
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, layer_hook: LayerHook | None = None) -> dict[str, SampleResult]:
         """Compute every scheduled chunk; return the sampled token of each chunk that reaches its end."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        cu = [0]
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        sample_rows: list[int] = []
-        sample_reqs: list[Request] = []
-        bs = self.block_size
-        for chunk in sched.chunks:
-            req = chunk.request
-            start, end = chunk.start, chunk.start + chunk.num_tokens
-            input_ids.extend(req.token_slice(start, end))
-            positions.extend(range(start, end))
-            blocks = req.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            cu.append(cu[-1] + chunk.num_tokens)
-            seq_lens.append(end)
-            tables.append(blocks)
-            if chunk.samples:
-                sample_rows.append(cu[-1] - 1)
-                sample_reqs.append(req)
-        if not input_ids:
+        step, sample_reqs = self._build_step(sched.chunks)
+        if step is None:
             return {}
-        width = max(len(t) for t in tables)
-        table = torch.zeros(len(tables), width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
-        step = StepInputs(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64),
-            positions=torch.tensor(positions, dtype=torch.int64),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            block_tables=table,
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            sample_rows=torch.tensor(sample_rows, dtype=torch.int64),
-            max_seqlen_q=max(c.num_tokens for c in sched.chunks),
-            decode_only=all(c.num_tokens == 1 for c in sched.chunks),
-        )
         logits = self.run(step, layer_hook)
         if not sample_reqs:
             return {}
         results = self.sampler(logits, sample_reqs)
         return {req.request_id: r for req, r in zip(sample_reqs, results)}
+
+    def _build_step(self, chunks: list[ScheduledChunk]) -> tuple[StepInputs | None, list[Request]]:
+        """The flat inputs of ``chunks`` (None when they hold no token) and the requests sampled, in row order.
+
+        Per-token work is numpy over the whole step and per-request work a few list comprehensions, so a large
+        decode batch costs little host time next to its forward.
+        """
+        reqs = [c.request for c in chunks]
+        starts = [c.start for c in chunks]
+        counts = [c.num_tokens for c in chunks]
+        num_seqs, num_tokens, max_seqlen_q = len(chunks), sum(counts), max(counts, default=0)
+        if not num_tokens:
+            return None, []
+        decode_only = max_seqlen_q == 1 and num_tokens == num_seqs
+        if decode_only:
+            input_ids = [req.token_id(s) for req, s in zip(reqs, starts)]
+        else:
+            input_ids = []
+            for req, s, k in zip(reqs, starts, counts):
+                input_ids.extend(req.token_slice(s, s + k))
+        if self._block_tables is None:
+            self._block_tables = BlockTables()
+        table = self._block_tables.gather(reqs)  # [num_seqs, width] int32
+
+        bs = self.block_size
+        start_arr = np.array(starts, dtype=np.int64)
+        end_arr = start_arr + np.array(counts, dtype=np.int64)
+        cu = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(counts, out=cu[1:])
+        if decode_only:
+            seq_idx, positions = np.arange(num_seqs), start_arr
+        else:
+            seq_idx = np.repeat(np.arange(num_seqs), counts)  # [num_tokens]: sequence of each token
+            positions = np.arange(num_tokens) - np.repeat(cu[:-1] - start_arr, counts)
+        slots = table[seq_idx, positions // bs].astype(np.int64) * bs + positions % bs
+        # ScheduledChunk.samples for every chunk at once: the chunk ends at the request's last known token.
+        known = np.array([len(r.prompt_token_ids) + len(r.output_token_ids) for r in reqs], dtype=np.int64)
+        sample_idx = np.flatnonzero(end_arr == known)
+        step = StepInputs(
+            input_ids=torch.from_numpy(np.array(input_ids, dtype=np.int64)),
+            positions=torch.from_numpy(positions),
+            slot_mapping=torch.from_numpy(slots),
+            block_tables=torch.from_numpy(table),
+            cu_seqlens_q=torch.from_numpy(cu.astype(np.int32)),
+            seq_lens=torch.from_numpy(end_arr.astype(np.int32)),
+            sample_rows=torch.from_numpy(cu[1:][sample_idx] - 1),
+            max_seqlen_q=max_seqlen_q,
+            decode_only=decode_only,
+        )
+        return step, [reqs[i] for i in sample_idx.tolist()]
 
     def run(self, step: StepInputs, layer_hook: LayerHook | None = None) -> torch.Tensor | None:
         """Run the model on one step; logits [num_samples, vocab] float32 of ``sample_rows`` (None if none)."""

@@ -43,6 +43,8 @@ class Request:
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []
         """Chained hashes of this request's full blocks (prompt + output), computed incrementally."""
+        self.num_registered_blocks = 0
+        """Leading ``block_ids`` already in the prefix cache: ``cache_computed_blocks`` resumes after them."""
         self.num_cached_tokens = 0
         """Prompt tokens served from the prefix cache at the last admission."""
         self.num_preemptions = 0
@@ -51,6 +53,11 @@ class Request:
         self.stop_reason: int | str | None = None
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.first_token_time: float | None = None
+        self.argmax_only = (
+            params.greedy and params.logprobs is None and params.min_tokens == 0 and params.repetition_penalty == 1.0
+            and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
+        )
+        """``params`` sample by a bare argmax of the logits (greedy; no penalties, min_tokens or logprobs)."""
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

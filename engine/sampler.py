@@ -28,6 +28,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
         """``logits``: [num_requests, vocab] float32, row i belongs to ``requests[i]``."""
         logits = logits.float()
+        if all(r.argmax_only for r in requests):  # the common batch: one argmax, nothing per request
+            return [SampleResult(t, None) for t in torch.argmax(logits, dim=-1).tolist()]
         raw = logits
         if any(_needs_processing(r) for r in requests):
             logits = logits.clone()

@@ -130,9 +130,9 @@ class Scheduler:
         bm = self.block_manager
 
         kept: list[Request] = []
-        running = list(self.running)
+        running = deque(self.running)
         while running and budget > 0:
-            req = running.pop(0)
+            req = running.popleft()
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             while not bm.allocate(req, num_new):
                 # Out of blocks: preempt the newest running request (possibly this one).
