@@ -14,8 +14,10 @@ LOGS=/tmp/duet-gpu-logs
 mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0
 # Compile the extension with the system g++, whose libstdc++ the process loads. The image's own toolchain
-# (/opt/gcc, first on PATH) built a module whose inlined iostream code crashed on the first error message.
-if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++; fi
+# (/opt/gcc, which the image also exports as CXX) built a module carrying its own copy of the iostream code,
+# which crashed on the first error message (bench/results/h200/logs/run2_diag.log). Not yet verified on a
+# GPU host: run 3 still built with /opt/gcc because CXX was already set.
+if [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++; fi
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >"$LOGS/pip.log" 2>&1
 { nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; } \
   >"$LOGS/env.log" 2>&1
