@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import torch
+
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
@@ -251,11 +253,21 @@ class LLMEngine:
         return req
 
     def complete_remote_request(self, request_id: str, first_token: SampleResult) -> RequestOutput | None:
-        """All prompt KV is in the request's blocks: append the prefill's first token and start decoding."""
+        """All prompt KV is in the request's blocks: append the prefill's first token and start decoding.
+
+        A seeded request continues the prefill's random stream when ``first_token.generator_state`` carries it.
+        """
         tracked = self._tracked.get(request_id)
         if tracked is None:
             return None
-        self.scheduler.remote_kv_arrived(tracked.request)
+        req = tracked.request
+        if first_token.generator_state is not None and req.generator is not None:
+            state = torch.frombuffer(bytearray(first_token.generator_state), dtype=torch.uint8)
+            try:
+                req.generator.set_state(state)
+            except RuntimeError as exc:  # another torch's generator layout: keep the fresh seed
+                logger.warning("request %s: cannot restore the prefill's generator state (%s)", request_id, exc)
+        self.scheduler.remote_kv_arrived(req)
         return self.append_token(tracked.request, first_token)
 
     def fail_remote_request(self, request_id: str) -> None:

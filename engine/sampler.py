@@ -19,6 +19,9 @@ class SampleResult:
     token_id: int
     logprobs: dict[int, float] | None
     """Sampled token and top-N alternatives -> log-probability (when the request asked for logprobs)."""
+    generator_state: bytes | None = None
+    """Only on a first token handed from a prefill server to a decode server: the seeded request's generator
+    state after this sample, so the decode side continues the same random stream (``Generator.get_state``)."""
 
 
 class Sampler:

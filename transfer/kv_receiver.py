@@ -112,7 +112,7 @@ class KVReceiver:
                 self.num_bytes_received += t.nbytes * (l1 - l0) // self.num_layers
                 self._trace(t.request.request_id, f"kv_layer_{l0}_received")
             if msg.first_token is not None:
-                t.first_token = SampleResult(msg.first_token, msg.first_logprobs)
+                t.first_token = SampleResult(msg.first_token, msg.first_logprobs, msg.first_generator_state)
         completed, failed = [], []
         now = time.monotonic()
         for tid, t in list(self.transfers.items()):

@@ -46,6 +46,8 @@ class OutTransfer:
     dest: KVDest | None = None
     state: str = "PENDING"
     engine_request_id: str = ""
+    generator: torch.Generator | None = None
+    """The engine request's own sampling generator (seeded requests): its state travels with the first token."""
     local_offset: int = -1
     slab: torch.Tensor | None = None  # [layers, 2, prompt_blocks, block_size, kv_heads, head_dim] staging view
     handles: list[TransferHandle] = field(default_factory=list)
@@ -150,6 +152,7 @@ class KVSender:
                 req = chunk.request
                 ids = torch.tensor(req.block_ids, dtype=torch.int64, device=self.device)
                 t.num_cached_tokens = req.num_cached_tokens
+                t.generator = req.generator
                 t.state = "STREAMING"
                 self._streaming.append((t, ids))
         if not self._streaming:
@@ -190,7 +193,8 @@ class KVSender:
             t.compute_s = time.monotonic() - t.admitted_at
             logprobs = out.logprobs[0] if out.logprobs else None
             last = self.num_layers - 1
-            t.last_notif = KVLayers(t.transfer_id, last, last + 1, out.token_ids[0], logprobs)
+            state = None if t.generator is None else t.generator.get_state().numpy().tobytes()
+            t.last_notif = KVLayers(t.transfer_id, last, last + 1, out.token_ids[0], logprobs, state)
             t.layers_packed = self.num_layers
             if t.state == "STREAMING":
                 t.state = "PACKED"

@@ -128,6 +128,9 @@ class KVLayers(Message):
     first_token: int | None = None
     """Sent with the last layers: the token P sampled, so D never recomputes it."""
     first_logprobs: dict[int, float] | None = None
+    first_generator_state: bytes | None = None
+    """Seeded requests: P's sampling generator after the first token (torch ``Generator.get_state`` bytes), so
+    D's sampled continuation equals a colocated server's. Absent from older senders: D reseeds instead."""
     error: str | None = None
 
 

@@ -94,6 +94,26 @@ def test_sixteen_concurrent_requests_match_colocated_and_llm(cluster, colocated,
         assert stats["free_blocks"] == stats["total_blocks"]
 
 
+def test_seeded_sampling_continues_across_the_hand_off(cluster, colocated):
+    """A seeded sampled request gives the colocated server's tokens: D continues P's random stream."""
+    _, _, d, r = cluster
+    prompt = mixed_prompts(3)[2]
+    before = server_stats(d)
+
+    def sample(url: str, seed: int) -> list[str]:
+        out = client(url).completions.create(model="llama", prompt=prompt, max_tokens=16, temperature=1.0, seed=seed,
+                                             logprobs=0, extra_body={"ignore_eos": True})
+        return out.choices[0].logprobs.tokens
+
+    runs = {seed: (sample(r.url, seed), sample(colocated.url, seed)) for seed in (11, 12)}
+    for disagg, coloc in runs.values():
+        assert disagg == coloc
+    assert runs[11][1] != runs[12][1]  # the sampling is random: the seeds matter
+    after = server_stats(d)
+    assert after["kv_transfers_received"] - before["kv_transfers_received"] == 2  # both went through P/D
+    assert after["prompt_tokens_computed"] == before["prompt_tokens_computed"]
+
+
 def test_openai_client_features_through_the_router(cluster, colocated):
     _, p, d, r = cluster
     c, ref = client(r.url), client(colocated.url)
