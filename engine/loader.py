@@ -9,6 +9,7 @@ holds and layers another pipeline stage runs are skipped without being read.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -58,6 +59,34 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     raise FileNotFoundError(
         f"{model_dir}: no weights found (expected model.safetensors or model.safetensors.index.json)"
     )
+
+
+FINGERPRINT_DATA_BYTES = 1 << 16
+
+
+def weights_fingerprint(model_dir: str | Path) -> str:
+    """12 hex digits that differ between checkpoints: config.json, every safetensors header (names, dtypes,
+    shapes, offsets) and the first 64 KiB of each file's tensor data. Cheap (no full read), so two servers
+    can check at handshake that they hold the same weights, not just a directory of the same name. A
+    directory without weights (``load_format="dummy"``) is fingerprinted by its config alone.
+    """
+    model_dir = Path(model_dir)
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    try:
+        files = checkpoint_files(model_dir)
+    except FileNotFoundError:
+        files = []
+    for path in files:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
+            h.update(head + f.read(header_len) + f.read(FINGERPRINT_DATA_BYTES))
+    return h.hexdigest()[:12]
+
+
+def model_identity(model_dir: str | Path, architecture: str) -> str:
+    """The model part of a KV layout: ``<architecture>:<directory name>:<weights fingerprint>``."""
+    return f"{architecture}:{str(model_dir).rstrip('/').split('/')[-1]}:{weights_fingerprint(model_dir)}"
 
 
 @contextmanager

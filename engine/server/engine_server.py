@@ -25,6 +25,7 @@ import torch
 import zmq
 
 from engine.config import EngineConfig
+from engine.loader import model_identity
 from engine.kv_events import event_to_dict
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -79,7 +80,7 @@ class EngineServer(CommandServer):
         mc = self.engine.model_config
         self.model_name = model_name or config.model
         wire = torch.empty(runner.kv_slab_shape(0), dtype=runner.kv_cache.dtype, device="meta")
-        self.layout = KVLayout.from_cache(mc.architecture + ":" + str(config.model).rstrip("/").split("/")[-1], wire)
+        self.layout = KVLayout.from_cache(model_identity(config.model, mc.architecture), wire)
         self.transport = make_transport(kv_transport, self.engine_id, host=host, keys=zmq_keys)
         self.staging = StagingPool(staging_bytes, runner.device)
         staging_handle = self.transport.register(self.staging.buffer)

@@ -27,6 +27,7 @@ from typing import Any
 
 from engine import envs
 from engine.config import EngineConfig
+from engine.loader import model_identity
 from engine.model_config import SUPPORTED_ARCHITECTURES
 from engine.sampling_params import SamplingParams
 
@@ -36,11 +37,11 @@ CPU_MAX_MEMORY_FRACTION = 0.3
 
 
 def model_id(model: str) -> str:
-    """The model part of a KV layout, as native servers spell it: ``<architecture>:<checkpoint dir name>``."""
+    """The model part of a KV layout, as native servers spell it (``engine.loader.model_identity``)."""
     raw = json.loads((Path(model) / "config.json").read_text())
     archs = raw.get("architectures") or ["unknown"]
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), archs[0])
-    return arch + ":" + str(model).rstrip("/").split("/")[-1]
+    return model_identity(model, arch)
 
 
 def _on_cpu(config: EngineConfig) -> bool:

@@ -71,3 +71,19 @@ def test_missing_tensor_is_named(llama_dir, tmp_path):
     save_file(tensors, str(path), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"model\.norm\.weight"):
         LLM(d, show_progress=False)
+
+
+def test_model_identity_tells_weights_apart_not_locations(tmp_path):
+    """Servers compare this string at handshake: same weights anywhere -> equal; other weights -> different."""
+    from engine.loader import model_identity
+    from engine.tools.make_tiny_model import make_tiny_model
+
+    a = make_tiny_model("llama", tmp_path / "a" / "llama", seed=0)
+    b = make_tiny_model("llama", tmp_path / "b" / "llama", seed=1)  # same directory name, other weights
+    copy = shutil.copytree(a, tmp_path / "c" / "llama")
+    ident = model_identity(a, "LlamaForCausalLM")
+    assert ident.startswith("LlamaForCausalLM:llama:")
+    assert model_identity(copy, "LlamaForCausalLM") == ident
+    assert model_identity(b, "LlamaForCausalLM") != ident
+    no_weights = make_tiny_model("llama", tmp_path / "d" / "llama", weights=False)
+    assert model_identity(no_weights, "LlamaForCausalLM") != ident  # config alone
