@@ -244,6 +244,8 @@ def test_logprobs(server, llm):
 
 def test_models_health_metrics(server):
     port, client = server["port"], server["client"]
+    # One completion of its own, so the counters below do not depend on other tests having run first.
+    client.completions.create(model=MODEL, prompt="metrics", max_tokens=2, temperature=0)
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert raw(port, "GET", f"/v1/models/{MODEL}")[0] == 200
     assert raw(port, "GET", "/health")[:3:2] == (200, {"status": "ok"})
