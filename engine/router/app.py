@@ -44,6 +44,7 @@ from aiohttp import web
 from engine.detokenizer import IncrementalDetokenizer
 from engine.router import openai_protocol as proto
 from engine.router.dispatcher import DispatchError, Dispatcher, GenerateRequest, TokenDelta
+from engine.router.error_server import use_json_errors
 from engine.router.metrics import CONTENT_TYPE, Registry, render_samples
 from engine.router.openai_protocol import APIError, ChoiceState, ParsedRequest, RequestLimits
 from engine.tokenizer import apply_chat_template
@@ -479,6 +480,7 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8000,
     loop = asyncio.get_running_loop()
     runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout_s, handle_signals=False)
     await runner.setup()
+    use_json_errors(runner)
     signals = []
     try:
         await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
