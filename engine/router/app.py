@@ -422,8 +422,9 @@ def create_app(dispatcher: Dispatcher, tokenizer, model_name: str, *, max_model_
 
     ``api_key``: every route but ``/health`` requires ``Authorization: Bearer <api_key>`` (else 401).
     ``max_body_bytes``: larger bodies get 413. ``max_header_bytes``: longest request line or header line;
-    aiohttp answers a longer one with its own plain-text 400. ``limits``: per-request caps (400 naming the
-    field); ``max_prompt_tokens=None`` becomes ``max_model_len``.
+    aiohttp refuses a longer one while parsing; ``run_app`` serves that 400 as OpenAI JSON too
+    (``error_server``). ``limits``: per-request caps (400 naming the field); ``max_prompt_tokens=None``
+    becomes ``max_model_len``.
     ``max_default_tokens``: cap of ``max_tokens`` when a request omits it (else: the rest of the context).
     ``default_sampling``: SamplingParams fields used when a request omits them (e.g. the checkpoint's
     generation_config.json via ``LLMEngine.default_sampling``).
