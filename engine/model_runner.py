@@ -104,6 +104,7 @@ class ModelRunner:
         )
         self.sampler = Sampler(config.seed)
         self._kv_out: list[torch.Tensor] = []
+        self._block_tables = BlockTables()  # rows kept between steps
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.graphs: DecodeGraphs | None = None
         if self._can_capture_graphs():
@@ -205,9 +206,6 @@ class ModelRunner:
             )
         return int(num)
 
-    _block_tables: BlockTables | None = None
-    """Rows kept between ``execute`` calls; made at the first (subclasses' constructors need not know it)."""
-
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, layer_hook: LayerHook | None = None) -> dict[str, SampleResult]:
         """Compute every scheduled chunk; return the sampled token of each chunk that reaches its end."""
@@ -239,8 +237,6 @@ class ModelRunner:
             input_ids = []
             for req, s, k in zip(reqs, starts, counts):
                 input_ids.extend(req.token_slice(s, s + k))
-        if self._block_tables is None:
-            self._block_tables = BlockTables()
         table = self._block_tables.gather(reqs)  # [num_seqs, width] int32
 
         bs = self.block_size
@@ -255,8 +251,7 @@ class ModelRunner:
             positions = np.arange(num_tokens) - np.repeat(cu[:-1] - start_arr, counts)
         slots = table[seq_idx, positions // bs].astype(np.int64) * bs + positions % bs
         # ScheduledChunk.samples for every chunk at once: the chunk ends at the request's last known token.
-        known = np.array([len(r.prompt_token_ids) + len(r.output_token_ids) for r in reqs], dtype=np.int64)
-        sample_idx = np.flatnonzero(end_arr == known)
+        sample_idx = np.flatnonzero(end_arr == np.array([r.num_tokens for r in reqs], dtype=np.int64))
         step = StepInputs(
             input_ids=torch.from_numpy(np.array(input_ids, dtype=np.int64)),
             positions=torch.from_numpy(positions),
@@ -277,15 +272,13 @@ class ModelRunner:
         if (g is not None and step.decode_only and not step.scratch_blocks and layer_hook is None
                 and g.fits(len(step.input_ids), step.block_tables.shape[1])):
             hidden = g.run(step.input_ids, step.positions, step.slot_mapping, step.block_tables, step.seq_lens)
-            if not len(step.sample_rows):
-                return None
-            return self.model.compute_logits(hidden[step.sample_rows.to(dev)])
-        kv = self.kv_cache
-        if step.scratch_blocks:
-            kv = torch.zeros_like(kv[:, :, :step.scratch_blocks])
-        hidden = self.model(
-            step.input_ids.to(dev), step.positions.to(dev), kv, step.metadata(dev), self.backend, layer_hook
-        )
+        else:
+            kv = self.kv_cache
+            if step.scratch_blocks:
+                kv = torch.zeros_like(kv[:, :, :step.scratch_blocks])
+            hidden = self.model(
+                step.input_ids.to(dev), step.positions.to(dev), kv, step.metadata(dev), self.backend, layer_hook
+            )
         if not len(step.sample_rows):
             return None
         return self.model.compute_logits(hidden[step.sample_rows.to(dev)])
