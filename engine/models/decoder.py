@@ -60,10 +60,10 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.rotary = rotary
         self.scale = cfg.head_dim ** -0.5
-        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # fused (weight, bias) once fuse() ran
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # fused (weight, bias): see fuse()
 
     def fuse(self) -> None:
-        """After loading: one GEMM for q, k and v."""
+        """After loading, before the first forward (``build_model`` does it): one GEMM for q, k and v."""
         self.qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(
@@ -75,16 +75,11 @@ class Attention(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:
         n = x.shape[0]
-        if self.qkv is not None:
-            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            q, k, v = F.linear(x, *self.qkv).split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(n, self.num_heads, self.head_dim)
-            k = k.view(n, self.num_kv_heads, self.head_dim)
-            v = v.view(n, self.num_kv_heads, self.head_dim)
-        else:
-            q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-            k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-            v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = F.linear(x, *self.qkv).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
@@ -162,7 +157,8 @@ class DecoderForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def fuse_projections(self) -> None:
-        """After the weights are in: fuse q/k/v and gate/up into one GEMM each (same parameters, as views)."""
+        """After the weights are in, before the first forward: fuse q/k/v and gate/up into one GEMM each (same
+        parameters, as views). ``engine.loader.build_model`` calls it."""
         for module in self.modules():
             if isinstance(module, (Attention, GatedMLP)):
                 module.fuse()

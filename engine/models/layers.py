@@ -137,20 +137,19 @@ class GatedMLP(nn.Module):
             mark_shard(self.up_proj.weight, 0, start, intermediate_size)
             mark_shard(self.down_proj.weight, 1, start, intermediate_size)
         self.tp_group = tp_group if layout.tp_size > 1 else None
-        self.gate_up: torch.Tensor | None = None  # [2 * width, hidden] once fuse() ran
+        self.gate_up: torch.Tensor | None = None  # [2 * width, hidden]: see fuse()
 
     def fuse(self) -> None:
-        """After loading: one GEMM for gate and up (a decode step is launch- and bandwidth-bound)."""
+        """After loading, before the first forward (``build_model`` does it): one GEMM for gate and up."""
         self.gate_up, _ = fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
-        if self.gate_up is not None and _fused_kernels(x):
-            out = self.down_proj(silu_and_mul(F.linear(x, self.gate_up)))
-        elif self.gate_up is not None:
-            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)  # each [num_tokens, width]
-            out = self.down_proj(F.silu(gate) * up)
+        gate_up = F.linear(x, self.gate_up)  # [num_tokens, 2 * width]
+        if _fused_kernels(x):
+            out = self.down_proj(silu_and_mul(gate_up))
         else:
-            out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = gate_up.chunk(2, dim=-1)
+            out = self.down_proj(F.silu(gate) * up)
         if self.tp_group is not None:
             self.tp_group.all_reduce(out)
         return out
