@@ -2,13 +2,15 @@
 
 ``CommandServer`` is the base of ``EngineServer`` (native engine) and ``VllmServer`` (vLLM engine). It binds
 sockets, decodes commands and dispatches each to ``_on_<messagetype>``, answers by router identity, keeps
-bounded per-request traces, and applies the checks every ``Generate`` gets (role, draining, sampling). A
-subclass sets ``self.cmd`` (the ROUTER socket), ``self.role``, ``self.draining`` and ``self.traces`` before
-serving.
+bounded per-request traces, applies the checks every ``Generate`` gets (role, draining, sampling), and runs
+the serve loop with its two-step stop (drain, then exit). A subclass sets ``self.cmd`` (the ROUTER socket),
+``self.role``, ``self.engine_id``, ``self.draining``, ``self.stopping``, ``self.drain_timeout_s`` and
+``self.traces`` before serving, and provides ``run_once`` (one poll-and-work turn) and ``close``.
 """
 from __future__ import annotations
 
 import logging
+import signal
 import time
 
 import zmq
@@ -36,8 +38,36 @@ def check_server_args(role: str, kv_failure_policy: str, heartbeat_s: float) -> 
 class CommandServer:
     cmd: zmq.Socket
     role: str
+    engine_id: str
     draining: bool
+    stopping: bool
+    drain_timeout_s: float
     traces: dict[str, dict[str, float]]
+
+    def serve_forever(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+        try:
+            while not self.stopping:
+                self.run_once()
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        """First call (SIGTERM): drain — admit nothing new, finish what runs (bounded by drain_timeout_s), exit.
+        A second call exits now."""
+        if self.draining:
+            self.stopping = True
+            return
+        logger.info("%s draining (up to %.0fs)", self.engine_id, self.drain_timeout_s)
+        self.draining = True
+        self._drain_deadline = time.monotonic() + self.drain_timeout_s
+
+    def run_once(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
 
     @staticmethod
     def _bind(sock: zmq.Socket, host: str, port: int) -> int:

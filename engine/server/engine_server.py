@@ -15,7 +15,6 @@ tensor / pipeline parallel sizes exchange KV directly. The handshake's ``layout`
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 import uuid
@@ -124,25 +123,6 @@ class EngineServer(CommandServer):
                     config.tensor_parallel_size, config.pipeline_parallel_size)
 
     # ---- main loop ---------------------------------------------------------------------------------
-    def serve_forever(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop())
-        try:
-            while not self.stopping:
-                self.run_once()
-        finally:
-            self.close()
-
-    def stop(self) -> None:
-        """First call (SIGTERM): drain — admit nothing new, finish what runs (bounded by drain_timeout_s), exit.
-        A second call exits now."""
-        if self.draining:
-            self.stopping = True
-            return
-        logger.info("%s draining (up to %.0fs)", self.engine_id, self.drain_timeout_s)
-        self.draining = True
-        self._drain_deadline = time.monotonic() + self.drain_timeout_s
-
     def _drained(self) -> bool:
         busy = (self.engine.has_unfinished_requests() or self.sender.transfers or self.receiver.transfers
                 or self.awaiting_link)

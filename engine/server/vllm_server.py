@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import signal
 import threading
 import time
 import uuid
@@ -184,23 +183,6 @@ class VllmServer(CommandServer):
             pass  # the loop is awake already with a full pipe
 
     # ---- main loop ---------------------------------------------------------------------------------
-    def serve_forever(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop())
-        try:
-            while not self.stopping:
-                self.run_once()
-        finally:
-            self.close()
-
-    def stop(self) -> None:
-        """First call: drain (admit nothing new, finish what runs, bounded by drain_timeout_s). Second: exit."""
-        if self.draining:
-            self.stopping = True
-            return
-        self.draining = True
-        self._drain_deadline = time.monotonic() + self.drain_timeout_s
-
     def run_once(self) -> None:
         events = dict(self.poller.poll(20))
         if self.cmd in events:
