@@ -1,8 +1,21 @@
 """Shared by the model-parallel tests."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def one_omp_thread():
+    """Worker ranks inherit the environment; without OMP_NUM_THREADS=1 each would use every core (restored after)."""
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
 
 
 def child_pids(parent: int | None = None) -> set[int]:

@@ -26,8 +26,9 @@ MAX_BODY = 64 * 1024
 
 
 @contextlib.contextmanager
-def running(app):
-    """Serve ``app`` on 127.0.0.1:<free port> from a background event loop; yields the port."""
+def running(app, ssl_context=None):
+    """Serve ``app`` on 127.0.0.1:<free port> (HTTPS with ``ssl_context``) from a background event loop; yields
+    the port."""
     loop = asyncio.new_event_loop()
     ready, box = threading.Event(), {}
 
@@ -36,6 +37,7 @@ def running(app):
         box["stop"] = asyncio.Event()
         try:
             loop.run_until_complete(serve(app, "127.0.0.1", 0, stop=box["stop"], shutdown_timeout_s=5,
+                                          ssl_context=ssl_context,
                                           on_ready=lambda addrs: (box.update(port=addrs[0][1]), ready.set())))
         finally:
             ready.set()

@@ -4,13 +4,10 @@ the real ``openai`` client trusting that certificate; plain HTTP and untrusting 
 ``--ssl-certfile/--ssl-keyfile`` are checked too (``engine.serve --role both`` end to end, in a process)."""
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import http.client
 import shutil
 import ssl
 import subprocess
-import threading
 
 import openai
 import pytest
@@ -22,8 +19,9 @@ except ImportError:
 
 from engine import AsyncEngine, EngineConfig
 from engine.launcher import ServerProcess
-from engine.router.app import create_app, make_ssl_context, serve
+from engine.router.app import create_app, make_ssl_context
 from engine.router.local_dispatcher import LocalDispatcher
+from tests.router.test_http_local import running
 
 MODEL = "tiny-llama"
 
@@ -42,40 +40,13 @@ def cert(tmp_path_factory) -> tuple[str, str]:
     return cert_path, key_path
 
 
-@contextlib.contextmanager
-def running_tls(app, ssl_context: ssl.SSLContext):
-    """Serve ``app`` over HTTPS on 127.0.0.1:<free port> from a background event loop; yields the port."""
-    loop = asyncio.new_event_loop()
-    ready, box = threading.Event(), {}
-
-    def main():
-        asyncio.set_event_loop(loop)
-        box["stop"] = asyncio.Event()
-        try:
-            loop.run_until_complete(serve(app, "127.0.0.1", 0, stop=box["stop"], shutdown_timeout_s=5,
-                                          ssl_context=ssl_context,
-                                          on_ready=lambda addrs: (box.update(port=addrs[0][1]), ready.set())))
-        finally:
-            ready.set()
-
-    thread = threading.Thread(target=main, daemon=True)
-    thread.start()
-    assert ready.wait(60) and "port" in box, "server did not start"
-    try:
-        yield box["port"]
-    finally:
-        loop.call_soon_threadsafe(box["stop"].set)
-        thread.join(30)
-        loop.close()
-
-
 @pytest.fixture(scope="module")
 def tls_server(llama_dir, cert):
     engine = AsyncEngine(EngineConfig(model=llama_dir, show_progress=False, num_kv_blocks=64, max_model_len=256))
     dispatcher = LocalDispatcher(engine, MODEL)
     app = create_app(dispatcher, engine.tokenizer, MODEL, max_model_len=dispatcher.max_model_len,
                      max_default_tokens=4)
-    with running_tls(app, make_ssl_context(*cert)) as port:
+    with running(app, make_ssl_context(*cert)) as port:
         yield port
 
 

@@ -9,7 +9,6 @@ Also: ``engine.serve --role both --tensor-parallel-size 2``, and that no worker 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import pytest
@@ -18,7 +17,7 @@ import torch
 from engine import LLM, SamplingParams
 from engine.launcher import ServerProcess, query_server
 from engine.llm_engine import LLMEngine
-from tests.parallel.helpers import child_pids, pid_alive
+from tests.parallel.helpers import child_pids, one_omp_thread, pid_alive
 from tests.serving.test_router_http import greedy_completions, mixed_prompts, server_stats
 from transfer.messages import Hello, Refused, ServerInfo, Welcome
 
@@ -37,12 +36,8 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread_per_worker():
-    """Worker ranks started in this process inherit its environment; without this each uses every core."""
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    yield
-    if old is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
+    with one_omp_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
