@@ -20,7 +20,8 @@ from engine.router.dispatcher import (
     GenerateRequest,
     TokenDelta,
 )
-from engine.server.vllm_engine import EngineOutput, VllmEngine, engine_args
+from engine.server.vllm_engine import VllmEngine, engine_args
+from transfer.messages import Tokens
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class VllmDispatcher(Dispatcher):
         self.max_model_len = self.engine.max_model_len
         self.vocab_size = self.engine.vocab_size
 
-    def _on_output(self, out: EngineOutput) -> None:  # engine thread
+    def _on_output(self, out: Tokens) -> None:  # engine thread
         entry = self._queues.get(out.request_id)
         if entry is not None:
             loop, q = entry
@@ -49,7 +50,7 @@ class VllmDispatcher(Dispatcher):
         finished, num_sent = False, 0
         try:
             while not finished:
-                out: EngineOutput = await q.get()
+                out: Tokens = await q.get()
                 finished = out.finished
                 if out.error is not None and num_sent == 0:
                     raise DispatchError(out.error, status=out.status)

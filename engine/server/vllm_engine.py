@@ -1,8 +1,9 @@
 """A vLLM V1 engine (its public ``AsyncLLM`` API) on a thread of its own, for ``--executor vllm`` servers.
 
 ``VllmEngine`` owns an asyncio loop thread that holds the ``AsyncLLM``; callers on any thread ``submit``
-token-id prompts with Duet ``SamplingParams`` and receive ``EngineOutput``s (new tokens only) through the
-``on_output`` callback, which runs on the engine thread and must only hand the output over (queue, wake-up).
+token-id prompts with Duet ``SamplingParams`` and receive ``transfer.messages.Tokens`` (new tokens only, the
+message the server sends on) through the ``on_output`` callback, which runs on the engine thread and must
+only hand the output over (queue, wake-up).
 vLLM itself runs its scheduler and its workers in processes of its own.
 
 ``engine_args`` maps Duet's engine flags onto vLLM's: model, dtype, max model length, block size, memory
@@ -30,6 +31,7 @@ from engine.config import EngineConfig
 from engine.loader import model_identity
 from engine.model_config import SUPPORTED_ARCHITECTURES
 from engine.sampling_params import SamplingParams
+from transfer.messages import Tokens
 
 logger = logging.getLogger(__name__)
 
@@ -100,21 +102,6 @@ def vllm_sampling(params: SamplingParams, kv_transfer_params: dict[str, Any] | N
 
 
 @dataclass
-class EngineOutput:
-    """New tokens of one request (only what is new since the previous output)."""
-
-    request_id: str
-    token_ids: list[int]
-    logprobs: list[dict[int, float]] | None = None
-    finished: bool = False
-    finish_reason: str | None = None
-    stop_reason: int | None = None
-    num_cached_tokens: int = 0
-    error: str | None = None
-    status: int = 500
-
-
-@dataclass
 class EngineLoad:
     """The latest scheduler snapshot vLLM reported (one step stale at most)."""
 
@@ -133,7 +120,7 @@ class EngineLoad:
 class VllmEngine:
     """``AsyncLLM`` on its own thread. ``submit``/``abort``/``shutdown`` may be called from any thread."""
 
-    def __init__(self, args, on_output: Callable[[EngineOutput], None], start_timeout_s: float = 900.0):
+    def __init__(self, args, on_output: Callable[[Tokens], None], start_timeout_s: float = 900.0):
         self.args = args
         self.on_output = on_output
         self.load = EngineLoad()
@@ -241,18 +228,18 @@ class VllmEngine:
                 logprobs = None
                 if c.logprobs is not None:
                     logprobs = [{int(t): float(lp.logprob) for t, lp in d.items()} for d in c.logprobs]
-                self.on_output(EngineOutput(
+                self.on_output(Tokens(
                     request_id, list(c.token_ids), logprobs, out.finished, c.finish_reason if out.finished else None,
                     c.stop_reason if isinstance(c.stop_reason, int) else None, max(0, out.num_cached_tokens or 0)))
                 if out.finished:
                     return
         except asyncio.CancelledError:
-            self.on_output(EngineOutput(request_id, [], finished=True, finish_reason="abort"))
+            self.on_output(Tokens(request_id, [], finished=True, finish_reason="abort"))
         except ValueError as e:  # rejected by vLLM's input validation
-            self.on_output(EngineOutput(request_id, [], finished=True, finish_reason="error", error=str(e), status=400))
+            self.on_output(Tokens(request_id, [], finished=True, finish_reason="error", error=str(e), status=400))
         except Exception as e:
             logger.exception("request %s failed in vLLM", request_id)
-            self.on_output(EngineOutput(request_id, [], finished=True, finish_reason="error", error=str(e), status=503))
+            self.on_output(Tokens(request_id, [], finished=True, finish_reason="error", error=str(e), status=503))
         finally:
             self._tasks.pop(request_id, None)
 

@@ -37,7 +37,7 @@ from engine.sampling_params import SamplingParams
 from engine.security import ZmqKeys, secure_client, secure_server, start_authenticator
 from engine.server.command_server import CommandServer, check_server_args
 from engine.server.peers import PeerLinks
-from engine.server.vllm_engine import EngineOutput, VllmEngine, engine_args, model_id
+from engine.server.vllm_engine import VllmEngine, engine_args, model_id
 from engine.server.vllm_kv_events import KVEventTranslator
 from transfer.compat import IncompatiblePeer, check_compatible
 from transfer.messages import (
@@ -109,7 +109,7 @@ class VllmServer(CommandServer):
         self.wake = self.ctx.socket(zmq.PULL)
         self.wake.bind(self._wake_address)
         self._tls = threading.local()
-        self._outputs: queue.SimpleQueue[EngineOutput] = queue.SimpleQueue()
+        self._outputs: queue.SimpleQueue[Tokens] = queue.SimpleQueue()
         self.translator = KVEventTranslator()
 
         extra = {"duet_control": control_address, "duet_transport": kv_transport, "duet_host": host,
@@ -169,7 +169,7 @@ class VllmServer(CommandServer):
                     return ident, msg
         raise TimeoutError(f"vLLM's worker did not report its KV connector within {timeout_s}s")
 
-    def _on_engine_output(self, out: EngineOutput) -> None:
+    def _on_engine_output(self, out: Tokens) -> None:
         """Engine thread: queue the output and wake the loop (a PUSH socket per calling thread)."""
         self._outputs.put(out)
         push = getattr(self._tls, "push", None)
@@ -363,8 +363,7 @@ class VllmServer(CommandServer):
             ident = self.clients.get(out.request_id)
             if ident is None:
                 continue
-            self._reply(ident, Tokens(out.request_id, out.token_ids, out.logprobs, out.finished, out.finish_reason,
-                                      out.stop_reason, out.num_cached_tokens, out.error, out.status))
+            self._reply(ident, out)
             if out.token_ids:
                 self._trace(out.request_id, "first_token_sent")
             if out.finished:
@@ -375,7 +374,7 @@ class VllmServer(CommandServer):
                     self.prefill_of.pop(tid, None)
                     self.dest_waiting.pop(tid, None)
 
-    def _prefill_output(self, out: EngineOutput) -> None:
+    def _prefill_output(self, out: Tokens) -> None:
         tid = out.request_id.removeprefix("xfer:")
         job = self.jobs.get(tid)
         if job is None:
