@@ -54,8 +54,10 @@ def vllm_server(module: str, model: str, *args: str) -> ServerProcess:
 
 
 def router(model: str, prefill: ServerProcess, decode: ServerProcess) -> ServerProcess:
+    # Two vLLM servers (each with its engine-core process) share CI's 2 cores: one was seen silent for over
+    # 0.6 s (3 x the default 0.2 s heartbeat) under 8 concurrent requests. 3 x 0.5 s tolerates that.
     return ServerProcess("router", model, "--prefill", prefill.address, "--decode", decode.address,
-                         "--served-model-name", "llama", "--disagg-threshold-tokens", "0")
+                         "--served-model-name", "llama", "--disagg-threshold-tokens", "0", "--heartbeat-s", "0.5")
 
 
 def kill_tree(proc: ServerProcess) -> None:
