@@ -11,7 +11,7 @@ import re
 from engine.detokenizer import IncrementalDetokenizer
 from engine.router.dispatcher import TokenDelta
 
-from engine.router.openai_protocol import APIError  # noqa: E402 - shared error type
+from engine.router.api_error import APIError
 
 
 # ---- one choice's output -------------------------------------------------------------------------------------

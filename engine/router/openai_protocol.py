@@ -23,6 +23,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 
+from engine.router.api_error import APIError
 from engine.sampling_params import SamplingParams
 
 MAX_N = 16
@@ -38,24 +39,6 @@ SAFE_SCALE_RANGE = (1e-5, 1e5)
 sampler divides or multiplies float32 logits by them, and values far outside overflow to inf/NaN."""
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
-_ERROR_TYPES = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error",
-                504: "timeout_error"}
-
-
-class APIError(Exception):
-    """A request the front end refuses or could not serve; rendered as an OpenAI error body."""
-
-    def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return error_body(self.message, status=self.status, param=self.param, code=self.code)
 
 
 @dataclass(frozen=True)
@@ -94,11 +77,6 @@ class RequestLimits:
             raise ValueError(f"max_logprobs must be <= {MAX_LOGPROBS} (the engine's cap), got {self.max_logprobs}")
         if self.max_choices < self.max_n:
             raise ValueError(f"max_choices ({self.max_choices}) must be >= max_n ({self.max_n})")
-
-
-def error_body(message: str, *, status: int = 400, param: str | None = None, code: str | None = None) -> dict:
-    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def param_of(message: str, default: str | None = None) -> str | None:
