@@ -18,7 +18,7 @@ import torch
 import zmq
 import zmq.asyncio
 
-from engine.security import (
+from transfer.curve import (
     ZmqKeys,
     load_keys,
     make_keys,
