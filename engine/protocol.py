@@ -318,18 +318,29 @@ class Stats(Message):
 
 
 @dataclass
+class Load:
+    """A server's scheduler as the router's scorer sees it (what ``LoadReport`` carries)."""
+
+    waiting: int = 0
+    running: int = 0
+    waiting_for_kv: int = 0
+    free_blocks: int = 0
+    total_blocks: int = 0
+    queued_prefill_tokens: int = 0
+    """Prompt tokens still to prefill over the waiting requests."""
+    running_tokens: int = 0
+    """Context tokens (prompt + generated) of the running requests."""
+
+
+@dataclass
 class LoadReport(Message):
+    """Every heartbeat on the PUB socket (and at once when the server starts draining)."""
+
     TYPE = "load"
     engine_id: str
     epoch: str
     role: Role
-    waiting: int
-    running: int
-    waiting_for_kv: int
-    free_blocks: int
-    total_blocks: int
-    queued_prefill_tokens: int = 0
-    running_tokens: int = 0
+    load: Load
     draining: bool = False
 
 

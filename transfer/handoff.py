@@ -105,6 +105,7 @@ class Handoff:
         self.traces: dict[str, dict[str, float]] = {}
         self._packing: list[SendTransfer] = []  # this step's sends, in plan_gather order
         self._arrived: list[KVLayers] = []  # notifications taken mid-step, applied by the next advance
+        self._ended: dict[str, float] = {}  # transfer id -> until when a late notice for it is ignored
 
     # ---- prefill side -----------------------------------------------------------------------------------
     def expect_send(self, transfer_id: str, request_id: str = "", timeout_s: float | None = None,
@@ -231,6 +232,7 @@ class Handoff:
         for tid, t in list(self.sends.items()):
             if t.advance(now):
                 del self.sends[tid]
+                self._ended[tid] = now + self.timeout_s
                 ended.sends.append(t)
                 if t.error:
                     logger.warning("KV send %s failed: %s", tid, t.error)
@@ -240,6 +242,8 @@ class Handoff:
                 ended.recvs.append(t)
                 if t.error and not t.cancelled:
                     logger.warning("KV receive %s failed: %s", tid, t.error)
+        while self._ended and next(iter(self._ended.values())) < now:  # insertion order is expiry order
+            self._ended.pop(next(iter(self._ended)))
         return ended
 
     @property
@@ -275,6 +279,8 @@ class Handoff:
                 continue
             if isinstance(msg, KVLayers):
                 self._arrived.append(msg)
+            elif isinstance(msg, (KVDest, KVCancel)) and msg.transfer_id in self._ended:
+                self.stats.late_notifications += 1  # a send that ended already: do not start a new one
             elif isinstance(msg, KVDest):
                 self.expect_send(msg.transfer_id).set_dest(msg)
             elif isinstance(msg, KVCancel):

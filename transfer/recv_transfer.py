@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from transfer.messages import KVCancel, KVDest, KVLayers
+from transfer.transfer_machine import TransferMachine, chain_table
 from transfer.transport import TransferError
 from transfer.wire import encode
 
@@ -41,42 +42,30 @@ class RecvState(enum.Enum):
     FAILED = "failed"
 
 
-RECV_TRANSITIONS: dict[RecvState, frozenset[RecvState]] = {
-    RecvState.AWAITING_PEER: frozenset({RecvState.AWAITING_KV, RecvState.FAILED}),
-    RecvState.AWAITING_KV: frozenset({RecvState.COMPLETE, RecvState.FAILED}),
-    RecvState.COMPLETE: frozenset(),
-    RecvState.FAILED: frozenset(),
-}
+RECV_TRANSITIONS = chain_table([RecvState.AWAITING_PEER, RecvState.AWAITING_KV, RecvState.COMPLETE], RecvState.FAILED)
 
 
 # The stage each state is traced as (``Stats.traces``; stable names, tools read them).
 RECV_TRACE = {RecvState.AWAITING_KV: "kv_dest_sent", RecvState.COMPLETE: "kv_complete", RecvState.FAILED: "kv_failed"}
 
 
-class RecvTransfer:
+class RecvTransfer(TransferMachine):
+    TRANSITIONS = RECV_TRANSITIONS
+    TRACE = RECV_TRACE
+
     def __init__(self, owner: Handoff, transfer_id: str, now: float, timeout_s: float):
-        self.owner = owner
-        self.transfer_id = transfer_id
-        self.request_id = ""
-        self.started_at = now
-        self.deadline = now + timeout_s
-        self.state = RecvState.AWAITING_PEER
+        super().__init__(owner, transfer_id, RecvState.AWAITING_PEER, now, timeout_s)
         self.block_ids: torch.Tensor | None = None  # [num_blocks] int64: destination blocks in the local cache
         self.num_skip_blocks = 0
         self.peer: str | None = None
         """The prefill side's transport name."""
-        self.offset = -1
-        self.nbytes = 0
-        self.slab: torch.Tensor | None = None  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
         self.layers_received: set[int] = set()
         self.first: KVLayers | None = None
         """The notification that carried the first token (token, logprobs, generator state)."""
-        self.error: str | None = None
         self.cancelled = False
         """Failed because its request went away (not a transfer fault)."""
         self.peer_failed = False
         """The prefill side reported the failure (so it need not be told to stop)."""
-        self.released = False
 
     # ---- inputs -----------------------------------------------------------------------------------------
     def set_blocks(self, request_id: str, block_ids: torch.Tensor, num_skip_blocks: int) -> None:
@@ -115,13 +104,9 @@ class RecvTransfer:
         if msg.first_token is not None and self.first is None:
             self.first = msg
 
-    def fail(self, reason: str) -> None:
-        if self.state not in (RecvState.COMPLETE, RecvState.FAILED) and self.error is None:
-            self.error = reason
-
     def cancel(self) -> None:
         """The request no longer wants this KV (aborted, finished, or fell back another way)."""
-        if self.error is None and self.state not in (RecvState.COMPLETE, RecvState.FAILED):
+        if self.error is None and not self.final:
             self.cancelled = True
             self.error = "cancelled"
 
@@ -149,23 +134,12 @@ class RecvTransfer:
         return False
 
     # ---- internals ----------------------------------------------------------------------------------------
-    def _to(self, state: RecvState) -> None:
-        if state not in RECV_TRANSITIONS[self.state]:
-            raise AssertionError(f"recv {self.transfer_id}: {self.state.value} -> {state.value} is not a transition")
-        self.state = state
-        self.owner.trace(self.request_id or self.transfer_id, RECV_TRACE[state])
-
     def _offer(self) -> None:
         owner = self.owner
         n = self.block_ids.numel()
-        nbytes = owner.port.slab_bytes(n)
-        offset = owner.staging.alloc(nbytes)
-        if offset is None:
-            self.fail(f"decode staging full ({owner.staging.free_bytes} bytes free, {nbytes} needed)")
+        if not self._reserve_slab(n, "decode"):
             return
-        self.offset, self.nbytes = offset, nbytes
-        self.slab = owner.staging.view(offset, nbytes, owner.port.kv_dtype, owner.port.slab_shape(n))
-        dest = KVDest(self.transfer_id, owner.transport.name, owner.region, offset, self.num_skip_blocks, n)
+        dest = KVDest(self.transfer_id, owner.transport.name, owner.region, self.offset, self.num_skip_blocks, n)
         try:
             owner.transport.send_notif(self.peer, encode(dest))
         except TransferError as e:
@@ -175,8 +149,7 @@ class RecvTransfer:
 
     def _release(self, now: float) -> None:
         owner = self.owner
-        if self.offset >= 0:
-            owner.staging.free(self.offset, self.nbytes, quarantine=self.state is RecvState.FAILED)
+        self._free_slab(quarantine=self.state is RecvState.FAILED)
         self.released = True
         if self.state is RecvState.COMPLETE:
             owner.stats.transfers_received += 1

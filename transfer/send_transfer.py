@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from transfer.messages import KVDest, KVLayers
+from transfer.transfer_machine import TransferMachine, chain_table
 from transfer.transport import DONE, ERROR, TransferError, TransferHandle
 from transfer.wire import encode
 
@@ -48,14 +49,8 @@ class SendState(enum.Enum):
     FAILED = "failed"
 
 
-SEND_TRANSITIONS: dict[SendState, frozenset[SendState]] = {
-    SendState.PENDING: frozenset({SendState.ADMITTED, SendState.FAILED}),
-    SendState.ADMITTED: frozenset({SendState.PACKING, SendState.FAILED}),
-    SendState.PACKING: frozenset({SendState.POSTED, SendState.FAILED}),
-    SendState.POSTED: frozenset({SendState.DONE, SendState.FAILED}),
-    SendState.DONE: frozenset(),
-    SendState.FAILED: frozenset(),
-}
+SEND_TRANSITIONS = chain_table([SendState.PENDING, SendState.ADMITTED, SendState.PACKING, SendState.POSTED,
+                                SendState.DONE], SendState.FAILED)
 
 
 # The stage each state is traced as (``Stats.traces``; stable names, tools read them).
@@ -63,20 +58,15 @@ SEND_TRACE = {SendState.ADMITTED: "send_admitted", SendState.PACKING: "send_pack
               SendState.DONE: "transfer_done", SendState.FAILED: "transfer_failed"}
 
 
-class SendTransfer:
+class SendTransfer(TransferMachine):
+    TRANSITIONS = SEND_TRANSITIONS
+    TRACE = SEND_TRACE
+
     def __init__(self, owner: Handoff, transfer_id: str, now: float, timeout_s: float):
-        self.owner = owner
-        self.transfer_id = transfer_id
-        self.request_id = ""
-        """The router's request id, for traces and messages ('' until the prefill request says it)."""
+        super().__init__(owner, transfer_id, SendState.PENDING, now, timeout_s)
         self.local_id = ""
         """The owner's id for the prompt this transfer packs (its engine request id)."""
-        self.deadline = now + timeout_s
-        self.state = SendState.PENDING
         self.dest: KVDest | None = None
-        self.offset = -1
-        self.nbytes = 0
-        self.slab: torch.Tensor | None = None  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
         self.block_ids: torch.Tensor | None = None  # [num_blocks] int64: the prompt's blocks in the local cache
         self.num_cached_tokens = 0
         self.layers_packed = 0
@@ -85,10 +75,8 @@ class SendTransfer:
         """The last layer's notification, with the first token, once it was sampled."""
         self.handles: list[TransferHandle] = []
         self.step_open = False
-        self.error: str | None = None
         self.peer_cancelled = False
         """The decode side said it wants nothing (``KVCancel``): it is not told about the failure."""
-        self.released = False
         self.admitted_at = 0.0
         self.first_token_at = 0.0
 
@@ -101,15 +89,8 @@ class SendTransfer:
         if self.state is not SendState.PENDING:
             self.fail(f"transfer {self.transfer_id} admitted twice (state {self.state.value})")
             return
-        owner = self.owner
-        nbytes = owner.port.slab_bytes(num_blocks)
-        offset = owner.staging.alloc(nbytes)
-        if offset is None:
-            self.fail(f"prefill staging full ({owner.staging.free_bytes} bytes free, {nbytes} needed)")
-            return
-        self.offset, self.nbytes = offset, nbytes
-        self.slab = owner.staging.view(offset, nbytes, owner.port.kv_dtype, owner.port.slab_shape(num_blocks))
-        self._to(SendState.ADMITTED)
+        if self._reserve_slab(num_blocks, "prefill"):
+            self._to(SendState.ADMITTED)
         if self.dest is not None:
             self._check_dest()
 
@@ -142,10 +123,6 @@ class SendTransfer:
         last = self.owner.port.num_layers - 1
         self.last_notif = KVLayers(self.transfer_id, last, last + 1, token, logprobs, generator_state)
         self.first_token_at = now
-
-    def fail(self, reason: str) -> None:
-        if self.state not in (SendState.DONE, SendState.FAILED) and self.error is None:
-            self.error = reason
 
     # ---- the machine --------------------------------------------------------------------------------------
     def advance(self, now: float) -> bool:
@@ -198,12 +175,6 @@ class SendTransfer:
         return out
 
     # ---- internals ----------------------------------------------------------------------------------------
-    def _to(self, state: SendState) -> None:
-        if state not in SEND_TRANSITIONS[self.state]:
-            raise AssertionError(f"send {self.transfer_id}: {self.state.value} -> {state.value} is not a transition")
-        self.state = state
-        self.owner.trace(self.request_id or self.transfer_id, SEND_TRACE[state])
-
     def _check_dest(self) -> None:
         n = self.slab.shape[2]
         if self.dest.num_skip_blocks + self.dest.num_blocks != n:
@@ -246,8 +217,7 @@ class SendTransfer:
         owner = self.owner
         for h in self.handles:
             owner.transport.release(h)
-        if self.offset >= 0:
-            owner.staging.free(self.offset, self.nbytes)
+        self._free_slab(quarantine=False)
         self.released = True
         if self.state is SendState.DONE:
             owner.stats.transfers_sent += 1

@@ -37,19 +37,11 @@ from transfer.recv_transfer import RecvState
 from transfer.send_transfer import SendState
 from transfer.staging import StagingPool
 from transfer.transport import TransferError
-from transfer.vllm_control import (
-    AbortSend,
-    ConnectPeer,
-    FailRecv,
-    FirstToken,
-    PeerReady,
-    RecvFailed,
-    SendEnded,
-    WorkerReady,
-    WorkerStats,
-)
+from transfer.vllm_control import (AbortSend, ConnectPeer, FailRecv, FirstToken, PeerReady, RecvFailed, SendEnded,
+                                   WorkerReady, WorkerStats)
 from transfer.vllm_kv_port import VllmKVPort
-from transfer.wire import ProtocolError, decode, encode
+from transfer.wire import encode
+from transfer.zmq_messages import recv_messages
 
 logger = logging.getLogger(__name__)
 
@@ -219,16 +211,7 @@ class KVMover:
                     t.cancel()
 
     def _drain_control(self) -> None:
-        while True:
-            try:
-                raw = self.control.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = decode(raw)
-            except ProtocolError as e:
-                logger.warning("bad control message: %s", e)
-                continue
+        for _, msg in recv_messages(self.control):
             if isinstance(msg, ConnectPeer):
                 try:
                     self.handoff.transport.connect(msg.transport_name, msg.transport_metadata)

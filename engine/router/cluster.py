@@ -24,23 +24,8 @@ from typing import AsyncIterator
 import zmq
 import zmq.asyncio
 
-from engine.protocol import (
-    Abort,
-    FinishReason,
-    Generate,
-    Hello,
-    KVFailed,
-    PeerRef,
-    Prefill,
-    PrefillDone,
-    RemotePrefill,
-    Role,
-    ServerInfo,
-    Stats,
-    StatsRequest,
-    TokenDelta,
-    Tokens,
-)
+from engine.protocol import (Abort, FinishReason, Generate, Hello, KVFailed, PeerRef, Prefill, PrefillDone,
+                             RemotePrefill, Role, ServerInfo, Stats, StatsRequest, TokenDelta, Tokens)
 from engine.router.dispatcher import Dispatcher, DispatchError, GenerateRequest
 from engine.router.metrics import Histogram
 from engine.router.scoring import RequestInfo, RouterPolicy, Scorer

@@ -175,10 +175,11 @@ class ServerRegistry:
 
     def _apply_load(self, link: ServerLink, msg: LoadReport) -> None:
         s = link.state
-        s.queued_requests = msg.waiting + msg.waiting_for_kv
-        s.queued_prefill_tokens = msg.queued_prefill_tokens
-        s.running_requests, s.running_tokens = msg.running, msg.running_tokens
-        s.total_blocks, s.free_blocks = msg.total_blocks, min(msg.free_blocks, msg.total_blocks)
+        load = msg.load
+        s.queued_requests = load.waiting + load.waiting_for_kv
+        s.queued_prefill_tokens = load.queued_prefill_tokens
+        s.running_requests, s.running_tokens = load.running, load.running_tokens
+        s.total_blocks, s.free_blocks = load.total_blocks, min(load.free_blocks, load.total_blocks)
         link.last_seen = now = time.monotonic()
         healthy = not msg.draining and now >= link.breaker_until
         if healthy and not s.healthy:

@@ -15,12 +15,7 @@ from collections.abc import AsyncIterator
 
 from engine.config import EngineConfig
 from engine.protocol import Tokens
-from engine.router.dispatcher import (
-    Dispatcher,
-    DispatchError,
-    GenerateRequest,
-    TokenDelta,
-)
+from engine.router.dispatcher import Dispatcher, DispatchError, GenerateRequest, TokenDelta
 from engine.server.vllm_engine import VllmEngine, engine_args
 
 logger = logging.getLogger(__name__)

@@ -13,8 +13,9 @@ Contract. Every method is called from the server's loop thread only, and none bl
 excepted). Requests are named by *engine request ids*, chosen by the server: the router's request id for
 requests that generate here, ``xfer:<transfer id>`` for prompts prefilled here for another server. Bad input
 raises ``ValueError`` naming the field before anything is allocated. Outcomes come back from ``run_once`` as
-events, in order: ``Tokens`` (request id = engine request id), ``SendEnded`` and ``KVLost``. After an
-``abort`` the executor still reports the request's end once (a final ``Tokens`` or ``SendEnded``).
+events, in order: ``Tokens`` (request id = engine request id), ``PrefillDone`` (a hand-off this server sent
+ended; request id = engine request id, the server fills in the rest) and ``KVLost``. After an ``abort`` the
+executor still reports the request's end once (a final ``Tokens`` or ``PrefillDone``).
 """
 from __future__ import annotations
 
@@ -24,25 +25,11 @@ from dataclasses import dataclass
 import zmq
 
 from engine.kv_events import KVEvent
-from engine.protocol import ServerStats, Tokens
+from engine.protocol import Load, PrefillDone, ServerStats, Tokens
 from engine.sampling_params import SamplingParams
 from transfer.compat import KVLayout
 from transfer.handoff import HandoffStats
 from transfer.transport import RemoteRegion
-
-
-@dataclass
-class SendEnded:
-    """Prefill side: the hand-off of ``transfer_id`` (engine request ``request_id``) ended."""
-
-    request_id: str
-    transfer_id: str
-    ok: bool
-    error: str | None = None
-    compute_s: float = 0.0
-    """From admission to the first token sampled."""
-    num_cached_tokens: int = 0
-    num_bytes: int = 0
 
 
 @dataclass
@@ -54,7 +41,7 @@ class KVLost:
     reason: str
 
 
-ExecutorEvent = Tokens | SendEnded | KVLost
+ExecutorEvent = Tokens | PrefillDone | KVLost
 
 
 @dataclass
@@ -72,19 +59,6 @@ class ExecutorInfo:
     num_total_blocks: int
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-
-
-@dataclass
-class Load:
-    """The executor's scheduler, as a load report shows it."""
-
-    waiting: int = 0
-    running: int = 0
-    waiting_for_kv: int = 0
-    free_blocks: int = 0
-    total_blocks: int = 0
-    queued_prefill_tokens: int = 0
-    running_tokens: int = 0
 
 
 def handoff_stats_into(stats: ServerStats, h: HandoffStats) -> None:
@@ -139,7 +113,7 @@ class Executor(abc.ABC):
     def add_prefill(self, request_id: str, transfer_id: str, router_request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, timeout_s: float) -> None:
         """Prefill here and stream the KV (and the first token) to the decode server of ``transfer_id``;
-        ``params`` already ask for one token. Its end is reported as ``SendEnded``."""
+        ``params`` already ask for one token. Its end is reported as ``PrefillDone``."""
 
     @abc.abstractmethod
     def abort(self, request_id: str, transfer_id: str | None) -> None:

@@ -28,18 +28,10 @@ from engine.kv_events import KVEvent
 from engine.llm_engine import LLMEngine
 from engine.loader import model_identity
 from engine.outputs import RequestOutput
-from engine.protocol import FinishReason, ServerStats, TokenDelta, Tokens
+from engine.protocol import FinishReason, PrefillDone, ServerStats, TokenDelta, Tokens
 from engine.sampler import SampleResult
 from engine.sampling_params import SamplingParams
-from engine.server.executor import (
-    Executor,
-    ExecutorEvent,
-    ExecutorInfo,
-    KVLost,
-    Load,
-    SendEnded,
-    handoff_stats_into,
-)
+from engine.server.executor import Executor, ExecutorEvent, ExecutorInfo, KVLost, Load, handoff_stats_into
 from engine.server.server_config import ServerConfig
 from transfer.compat import KVLayout
 from transfer.factory import make_transport
@@ -158,7 +150,7 @@ class NativeExecutor(Executor):
                 self.engine.abort_request(s.local_id)  # a failed send's prompt may still be queued; no-op when done
             ok = s.state is SendState.DONE
             compute_s = max(0.0, s.first_token_at - s.admitted_at) if s.first_token_at else 0.0
-            events.append(SendEnded(s.local_id, s.transfer_id, ok, s.error, compute_s, s.num_cached_tokens,
+            events.append(PrefillDone(s.local_id, s.transfer_id, ok, s.error, compute_s, s.num_cached_tokens,
                                     s.num_bytes))
         return events
 

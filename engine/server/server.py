@@ -17,7 +17,7 @@ Every request the server works on is one ``ServerRequest`` keyed by its engine r
     Generate, remote KV      -> AWAITING_KV -(first Tokens: the KV and the prefill's token arrived)-> GENERATING
                                     | peer unusable / KVLost / KVFailed: policy recompute -> GENERATING,
                                     |                                   policy fail      -> error Tokens, gone
-    Prefill (for a peer)     -> PREFILLING -(SendEnded: PrefillDone to the router)-> gone
+    Prefill (for a peer)     -> PREFILLING -(the executor's PrefillDone, to the router)-> gone
 
 A request is registered before anything can fail it, and it leaves the table in exactly one place
 (``_forget``), so no entry outlives its request. ``Drain`` (or SIGTERM) is a state: nothing new is admitted,
@@ -32,19 +32,20 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import zmq
 
 from engine.protocol import (Abort, Drain, Generate, Hello, KVEvents, KVFailed, LoadReport, PeerRef, Prefill,
                              PrefillDone, Refused, Role, ServerInfo, ServerStats, Stats, StatsRequest, TokenDelta,
                              Tokens, Welcome)
-from engine.server.executor import Executor, KVLost, SendEnded
+from engine.server.executor import Executor, KVLost
 from engine.server.server_config import ServerConfig
 from transfer.compat import IncompatiblePeer, check_compatible
 from transfer.curve import secure_client, secure_server, start_authenticator
 from transfer.transport import TransferError
-from transfer.wire import Message, ProtocolError, decode, encode
+from transfer.wire import Message, ProtocolError, encode
+from transfer.zmq_messages import recv_messages
 
 logger = logging.getLogger(__name__)
 
@@ -159,13 +160,13 @@ class Server:
         if not events and 0 < wait_s < 1e-3:
             time.sleep(wait_s)  # transfers progress only when polled: stay close without spinning a core
         if self.cmd in events:
-            while (command := self._recv_command()) is not None:
-                self._dispatch(*command)
+            for ident, msg in recv_messages(self.cmd, routed=True, on_bad=self._refuse_malformed):
+                self._dispatch(ident, msg)
         for event in self.executor.run_once():
             if isinstance(event, Tokens):
                 self._on_output(event)
-            elif isinstance(event, SendEnded):
-                self._on_send_ended(event)
+            elif isinstance(event, PrefillDone):
+                self._on_prefill_done(event)
             elif isinstance(event, KVLost):
                 req = self.requests.get(event.request_id)
                 if req is not None and req.phase is Phase.AWAITING_KV:
@@ -202,20 +203,8 @@ class Server:
         self.executor.close()
 
     # ---- commands -----------------------------------------------------------------------------------------
-    def _recv_command(self) -> tuple[bytes, Message] | None:
-        """The next decoded command, or None when none is waiting. Malformed ones are answered and skipped."""
-        while True:
-            try:
-                ident, raw = self.cmd.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return None
-            except ValueError:
-                continue  # wrong frame count: not one of ours
-            try:
-                return ident, decode(raw)
-            except ProtocolError as e:
-                logger.warning("dropping malformed command: %s", e)
-                self._reply(ident, Refused(f"malformed message: {e}"))
+    def _refuse_malformed(self, ident: bytes, error: ProtocolError) -> None:
+        self._reply(ident, Refused(f"malformed message: {error}"))
 
     def _dispatch(self, ident: bytes, msg: Message) -> None:
         handler = self._handlers.get(type(msg))
@@ -355,7 +344,7 @@ class Server:
     def _on_output(self, out: Tokens) -> None:
         req = self.requests.get(out.request_id)
         if req is None or req.phase is Phase.PREFILLING:
-            return  # aborted or failed by policy already; a prefill's progress is reported by SendEnded
+            return  # aborted or failed by policy already; a prefill's progress is reported by PrefillDone
         if req.phase is not Phase.GENERATING:
             req.phase = Phase.GENERATING  # the remote KV arrived (this carries the prefill's first token)
         self._reply(req.client, Tokens(req.request_id, out.delta))
@@ -365,14 +354,13 @@ class Server:
             self._trace(req.request_id, "finished")
             self._forget(req)
 
-    def _on_send_ended(self, ev: SendEnded) -> None:
-        req = self.requests.get(ev.request_id)
+    def _on_prefill_done(self, done: PrefillDone) -> None:
+        req = self.requests.get(done.request_id)
         if req is None:
             return
-        self._trace(req.request_id, "transfer_done" if ev.ok else "transfer_failed")
-        self._reply(req.client, PrefillDone(req.request_id, ev.transfer_id, ev.ok, ev.error, ev.compute_s,
-                                            ev.num_cached_tokens, ev.num_bytes,
-                                            max(0, req.num_prompt_tokens - ev.num_cached_tokens)))
+        self._trace(req.request_id, "transfer_done" if done.ok else "transfer_failed")
+        self._reply(req.client, replace(done, request_id=req.request_id,
+                                        num_tokens=max(0, req.num_prompt_tokens - done.num_cached_tokens)))
         self._forget(req)
 
     def _forget(self, req: ServerRequest) -> None:
@@ -406,7 +394,7 @@ class Server:
 
     def _load_report(self) -> LoadReport:
         load = self.executor.load()
-        return LoadReport(self.engine_id, self.epoch, self.config.role, **asdict(load), draining=self.draining)
+        return LoadReport(self.engine_id, self.epoch, self.config.role, load, self.draining)
 
     def _publish_load(self) -> None:
         self._load = self._load_report()

@@ -11,7 +11,7 @@ server (``transfer.vllm_kv_mover``). The executor reaches that worker over a loc
     Prefill at P            submit("xfer:<tid>", max_tokens=1, {"duet_send": tid}); the worker packs each
                             layer as vLLM saves it and WRITEs it once D's KVDest is in
     P's first token         vLLM's output here -> FirstToken -> the worker, which posts the last layer with it
-    P's send ends           worker -> SendEnded -> this executor's event (the server answers the router)
+    P's send ends           worker -> SendEnded -> PrefillDone (the server answers the router)
     D's receive fails       worker -> RecvFailed -> KVLost (vLLM's kv_load_failure_policy also acts on it)
 
 KV events: vLLM's publisher connects to a SUB socket bound here; ``KVEventTranslator`` turns vLLM's block
@@ -31,34 +31,19 @@ import zmq
 from engine import envs
 from engine.config import EngineConfig
 from engine.kv_events import KVEvent
-from engine.protocol import ServerStats, Tokens
+from engine.protocol import PrefillDone, ServerStats, Tokens
 from engine.sampling_params import SamplingParams
-from engine.server.executor import (
-    Executor,
-    ExecutorEvent,
-    ExecutorInfo,
-    KVLost,
-    Load,
-    SendEnded,
-    handoff_stats_into,
-)
+from engine.server.executor import Executor, ExecutorEvent, ExecutorInfo, KVLost, Load, handoff_stats_into
 from engine.server.server_config import ServerConfig
 from engine.server.vllm_engine import VllmEngine, engine_args, model_id
 from engine.server.vllm_kv_events import KVEventTranslator
 from transfer.curve import secure_server
 from transfer.handoff import HandoffStats
-from transfer.vllm_control import (
-    AbortSend,
-    ConnectPeer,
-    FailRecv,
-    FirstToken,
-    PeerReady,
-    RecvFailed,
-    WorkerReady,
-    WorkerStats,
-)
+from transfer.vllm_control import (AbortSend, ConnectPeer, FailRecv, FirstToken, PeerReady, RecvFailed, WorkerReady,
+                                   WorkerStats)
 from transfer.vllm_control import SendEnded as WorkerSendEnded
-from transfer.wire import Message, ProtocolError, decode, encode
+from transfer.wire import Message, decode, encode
+from transfer.zmq_messages import recv_messages
 
 logger = logging.getLogger(__name__)
 
@@ -207,26 +192,15 @@ class VllmExecutor(Executor):
             self._to_worker(FirstToken(job.transfer_id, error=why))
 
     def _drain_control(self, events: list[ExecutorEvent]) -> None:
-        while True:
-            try:
-                _, raw = self.control.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except ValueError:
-                continue
-            try:
-                msg = decode(raw)
-            except ProtocolError as e:
-                logger.warning("bad message from the vLLM worker: %s", e)
-                continue
+        for _, msg in recv_messages(self.control, routed=True):
             if isinstance(msg, WorkerStats):
                 self.worker_stats, self.worker_open_transfers = msg.stats, msg.open_transfers
             elif isinstance(msg, WorkerSendEnded):
                 request_id = next((rid for rid, j in self.jobs.items() if j.transfer_id == msg.transfer_id), None)
                 job = self.jobs.pop(request_id, None) if request_id is not None else None
                 if job is not None:
-                    events.append(SendEnded(request_id, msg.transfer_id, msg.ok, msg.error, job.compute_s,
-                                            msg.num_cached_tokens, msg.num_bytes))
+                    events.append(PrefillDone(request_id, msg.transfer_id, msg.ok, msg.error, job.compute_s,
+                                              msg.num_cached_tokens, msg.num_bytes))
             elif isinstance(msg, RecvFailed):
                 events.append(KVLost(msg.request_id, msg.transfer_id, msg.reason))
 

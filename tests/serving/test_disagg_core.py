@@ -8,16 +8,7 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.launcher import ServerProcess, query_server
-from engine.protocol import (
-    Generate,
-    Hello,
-    PeerRef,
-    RemotePrefill,
-    ServerInfo,
-    StatsRequest,
-    Tokens,
-    Welcome,
-)
+from engine.protocol import Generate, Hello, PeerRef, RemotePrefill, ServerInfo, StatsRequest, Tokens, Welcome
 from engine.router.cluster import ClusterDispatcher
 from engine.router.dispatcher import DispatchError, GenerateRequest
 from engine.router.scoring import RouterPolicy

@@ -19,11 +19,7 @@ from engine.launcher import ServerProcess, query_server
 from engine.llm_engine import LLMEngine
 from engine.protocol import Hello, PeerRef, Prefill, PrefillDone, ServerInfo, Welcome
 from tests.parallel.helpers import child_pids, one_omp_thread, pid_alive
-from tests.serving.test_router_http import (
-    greedy_completions,
-    mixed_prompts,
-    server_stats,
-)
+from tests.serving.test_router_http import greedy_completions, mixed_prompts, server_stats
 
 NUM_BLOCKS = "96"
 # The acceptance is CPU + gloo; on a GPU host a two-rank engine would want two GPUs.

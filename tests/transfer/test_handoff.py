@@ -171,6 +171,10 @@ def test_every_transition_of_a_successful_handoff(sides):
     assert states_seen(d, "t1", RECV_TRACE) == ["awaiting_kv", "complete"]
     assert p.stats.transfers_sent == 1 and d.stats.transfers_received == 1
     assert p.stats.bytes_sent == d.stats.bytes_received == NUM_LAYERS * 2 * 3 * BLOCK_SIZE * HEADS * HEAD_DIM * 4
+    # A cancel that comes after the send ended (the decode side gave up late) starts nothing new.
+    d.transport.send_notif(p.transport.name, encode(KVCancel("t1", "late")))
+    drive(p, d, until=lambda: p.stats.late_notifications == 1)
+    assert not p.sends
     assert_clean(p, d)
 
 
