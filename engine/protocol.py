@@ -32,6 +32,23 @@ from transfer.transport import RemoteRegion
 from transfer.wire import Message
 
 
+MAX_ID_CHARS = 256
+MAX_PROMPT_TOKENS = 1 << 22
+MAX_ATTEMPTS = 1 << 16
+
+
+def check_id(name: str, value: str) -> None:
+    """ValueError unless ``value`` is a usable id: 1..256 printable characters (ids end up in logs, traces and
+    engine tables, so a peer cannot make them huge or unprintable)."""
+    if not 0 < len(value) <= MAX_ID_CHARS or not value.isprintable():
+        raise ValueError(f"{name} must be 1-{MAX_ID_CHARS} printable characters, got {value!r:.80}")
+
+
+def check_attempt(value: int) -> None:
+    if not 0 <= value < MAX_ATTEMPTS:
+        raise ValueError(f"attempt must be in [0, {MAX_ATTEMPTS}), got {value}")
+
+
 class WireEnum(str, enum.Enum):
     """A string enum whose ``str()`` and ``format()`` are its value (``f"{Role.DECODE}"`` is ``decode``)."""
 
@@ -134,6 +151,12 @@ class PeerRef:
     transport_metadata: bytes
     """What the peer's ``KVTransport.metadata()`` returned; passed to ``connect`` (validated there)."""
 
+    def __post_init__(self) -> None:
+        check_id("engine_id", self.engine_id)
+        check_id("transport_name", self.transport_name)
+        if len(self.transport_metadata) > 1 << 20:
+            raise ValueError(f"transport_metadata of {len(self.transport_metadata)} bytes is over 1 MiB")
+
     @classmethod
     def of(cls, info: ServerInfo) -> "PeerRef":
         if info.layout is None:
@@ -148,6 +171,7 @@ class RemotePrefill:
     kv_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
+        check_id("transfer_id", self.transfer_id)
         if not 0 < self.kv_timeout_s <= 3600:
             raise ValueError(f"kv_timeout_s must be in (0, 3600], got {self.kv_timeout_s}")
 
@@ -161,6 +185,15 @@ class Generate(Message):
     prompt_token_ids: list[int]
     sampling: SamplingParams
     remote: RemotePrefill | None = None
+    attempt: int = 0
+    """Which try of the request this is (the router moves a request to another server under a new attempt);
+    every ``Tokens`` of it carries the number back, so a superseded attempt's late output is recognised."""
+
+    def __post_init__(self) -> None:
+        check_id("request_id", self.request_id)
+        check_attempt(self.attempt)
+        if not 0 < len(self.prompt_token_ids) <= MAX_PROMPT_TOKENS:
+            raise ValueError(f"prompt_token_ids must hold 1-{MAX_PROMPT_TOKENS} tokens")
 
 
 @dataclass
@@ -174,8 +207,14 @@ class Prefill(Message):
     sampling: SamplingParams
     decode: PeerRef
     timeout_s: float = 30.0
+    attempt: int = 0
 
     def __post_init__(self) -> None:
+        check_id("request_id", self.request_id)
+        check_id("transfer_id", self.transfer_id)
+        check_attempt(self.attempt)
+        if not 0 < len(self.prompt_token_ids) <= MAX_PROMPT_TOKENS:
+            raise ValueError(f"prompt_token_ids must hold 1-{MAX_PROMPT_TOKENS} tokens")
         if not 0 < self.timeout_s <= 3600:
             raise ValueError(f"timeout_s must be in (0, 3600], got {self.timeout_s}")
 
@@ -193,6 +232,7 @@ class PrefillDone(Message):
     num_bytes: int = 0
     num_tokens: int = 0
     """Prompt tokens the prefill server computed (its own prefix hits excluded)."""
+    attempt: int = 0
 
 
 @dataclass
@@ -229,6 +269,8 @@ class Tokens(Message):
     TYPE = "tokens"
     request_id: str
     delta: TokenDelta
+    attempt: int = 0
+    """The attempt (``Generate.attempt``) these tokens belong to."""
 
 
 @dataclass
@@ -236,6 +278,8 @@ class Abort(Message):
     TYPE = "abort"
     request_id: str
     transfer_id: str | None = None
+    attempt: int | None = None
+    """Only this attempt (None: whichever the server runs)."""
 
 
 @dataclass
@@ -246,6 +290,20 @@ class KVFailed(Message):
     request_id: str
     transfer_id: str
     reason: str = ""
+
+
+@dataclass
+class Lease(Message):
+    """Router -> every server, every second or so: this router is alive; if nothing (this or any other message)
+    comes from it for ``ttl_s``, the server aborts the router's requests and frees what they hold."""
+
+    TYPE = "lease"
+    router_id: str
+    ttl_s: float
+
+    def __post_init__(self) -> None:
+        if not 0.5 <= self.ttl_s <= 3600:
+            raise ValueError(f"ttl_s must be in [0.5, 3600], got {self.ttl_s}")
 
 
 @dataclass

@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="prefill remotely only when more prompt tokens than this are uncached on the decode server")
     ap.add_argument("--ttft-budget-s", type=float, default=RouterPolicy.default_ttft_budget_s)
     ap.add_argument("--heartbeat-s", type=float, default=0.2, help="servers' heartbeat period (3 missed = dead)")
+    ap.add_argument("--lease-ttl-s", type=float, default=5.0,
+                    help="servers abort this router's requests when they hear nothing from it for this long")
     ap.add_argument("--max-queue", type=int, default=256, help="admission queue bound (then 429)")
     ap.add_argument("--queue-timeout-s", type=float, default=10.0, help="longest wait in the admission queue")
     ap.add_argument("--kv-timeout-s", type=float, default=30.0)
@@ -58,11 +60,14 @@ async def amain(args: argparse.Namespace) -> None:
     policy = RouterPolicy(policy=args.policy, disagg_threshold_tokens=args.disagg_threshold_tokens,
                           default_ttft_budget_s=args.ttft_budget_s)
     registry = f"tcp://{args.host}:{args.registry_port}" if args.registry_port else None
+    if not args.zmq_keys:
+        logger.warning("the ZeroMQ control plane to the servers is plaintext; turn on CURVE with --zmq-keys DIR "
+                       "(python -m engine.tools.keys DIR) on the router and every server")
     dispatcher = ClusterDispatcher(
         args.prefill, args.decode, name, policy, connect_timeout_s=args.connect_timeout_s,
         kv_timeout_s=args.kv_timeout_s, request_timeout_s=args.request_timeout_s, heartbeat_s=args.heartbeat_s,
         max_queue=args.max_queue, queue_timeout_s=args.queue_timeout_s, registry_address=registry,
-        zmq_keys=load_keys(args.zmq_keys))
+        zmq_keys=load_keys(args.zmq_keys), lease_ttl_s=args.lease_ttl_s)
     try:
         await dispatcher.start()
     except Exception:

@@ -44,12 +44,14 @@ from aiohttp import web
 from engine.detokenizer import IncrementalDetokenizer
 from engine.router import openai_protocol as proto
 from engine.router.dispatcher import DispatchError, Dispatcher, GenerateRequest, TokenDelta
-from engine.router.error_server import use_json_errors
+from engine.router.http_server import HttpLimits, use_duet_server
 from engine.router.metrics import CONTENT_TYPE, Registry, render_samples
 from engine.router.openai_protocol import APIError, ChoiceState, ParsedRequest, RequestLimits
 from engine.tokenizer import apply_chat_template
 
 logger = logging.getLogger(__name__)
+
+MAX_ZONE_CHARS = 64
 
 _DISCONNECTED = object()
 _TIMEOUT = object()
@@ -141,8 +143,9 @@ class _Run:
 class _FrontEnd:
     def __init__(self, dispatcher: Dispatcher, tokenizer, model_name: str, *, max_model_len: int,
                  api_key: str | None, request_timeout_s: float, max_default_tokens: int,
-                 default_sampling: dict | None, limits: RequestLimits):
+                 default_sampling: dict | None, limits: RequestLimits, http_limits: HttpLimits):
         self.dispatcher = dispatcher
+        self.http_limits = http_limits
         self.tokenizer = tokenizer
         self.strings = proto.TokenStrings(tokenizer)
         self.model_name = model_name
@@ -185,7 +188,10 @@ class _FrontEnd:
 
     async def _read_json(self, request: web.Request):
         try:
-            raw = await request.read()
+            raw = await asyncio.wait_for(request.read(), self.http_limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(f"request body not received within {self.http_limits.body_timeout_s:g} s",
+                           status=408) from None
         except web.HTTPRequestEntityTooLarge:
             raise APIError(f"request body exceeds {request.client_max_size} bytes", status=413) from None
         except web.RequestPayloadError as e:  # bad chunked encoding, undecodable Content-Encoding
@@ -274,6 +280,9 @@ class _FrontEnd:
         request_id = f"{'cmpl' if parsed.kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
         jobs, states = [], []
         zone = request.headers.get("X-Duet-Zone") or None
+        if zone is not None and (len(zone) > MAX_ZONE_CHARS or not zone.isprintable()):
+            raise APIError(f"X-Duet-Zone: a zone name is at most {MAX_ZONE_CHARS} printable characters, got "
+                           f"{zone[:16]!r}...", param="X-Duet-Zone")
         for p_idx, ids in enumerate(prompts):
             parsed.check_prompt(ids, self.vocab_size)
             for j in range(parsed.n):
@@ -307,7 +316,7 @@ class _FrontEnd:
             headers = {}
             if item.status == 429 or item.retry_after_s is not None:
                 headers["Retry-After"] = str(max(1, math.ceil(item.retry_after_s or 1)))
-            param = proto.param_of(str(item)) if item.status == 400 else None
+            param = item.param or (proto.param_of(str(item)) if item.status == 400 else None)
             raise APIError(str(item), status=item.status, param=param, headers=headers)
         if isinstance(item, BaseException):
             raise APIError("internal server error", status=500)
@@ -407,7 +416,10 @@ def _dumps(obj) -> str:
 
 
 def _error_response(error: APIError) -> web.Response:
-    return web.json_response(error.body(), status=error.status, headers=error.headers)
+    response = web.json_response(error.body(), status=error.status, headers=error.headers)
+    if error.status in (408, 413):  # the rest of the body is not wanted: close now rather than drain it
+        response.force_close()
+    return response
 
 
 FRONTEND_KEY = web.AppKey("duet_frontend", _FrontEnd)
@@ -417,13 +429,14 @@ def create_app(dispatcher: Dispatcher, tokenizer, model_name: str, *, max_model_
                api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, limits: RequestLimits | None = None,
                request_timeout_s: float = 600.0, max_default_tokens: int = 4096,
-               default_sampling: dict | None = None, debug_traces: bool = False) -> web.Application:
+               default_sampling: dict | None = None, debug_traces: bool = False,
+               http_limits: HttpLimits | None = None) -> web.Application:
     """The OpenAI-compatible app. ``dispatcher.start()`` runs at startup and ``dispatcher.close()`` at cleanup.
 
     ``api_key``: every route but ``/health`` requires ``Authorization: Bearer <api_key>`` (else 401).
     ``max_body_bytes``: larger bodies get 413. ``max_header_bytes``: longest request line or header line;
     aiohttp refuses a longer one while parsing; ``run_app`` serves that 400 as OpenAI JSON too
-    (``error_server``). ``limits``: per-request caps (400 naming the field); ``max_prompt_tokens=None``
+    (``http_server``). ``http_limits``: header / body deadlines and the connection cap (``http_server``). ``limits``: per-request caps (400 naming the field); ``max_prompt_tokens=None``
     becomes ``max_model_len``.
     ``max_default_tokens``: cap of ``max_tokens`` when a request omits it (else: the rest of the context).
     ``default_sampling``: SamplingParams fields used when a request omits them (e.g. the checkpoint's
@@ -434,11 +447,18 @@ def create_app(dispatcher: Dispatcher, tokenizer, model_name: str, *, max_model_
     limits = limits or RequestLimits()
     if limits.max_prompt_tokens is None:
         limits = dataclasses.replace(limits, max_prompt_tokens=max_model_len)
+    http_limits = dataclasses.replace(http_limits or HttpLimits(), max_body_bytes=max_body_bytes)
     front = _FrontEnd(dispatcher, tokenizer, model_name, max_model_len=max_model_len, api_key=api_key,
                       request_timeout_s=request_timeout_s, max_default_tokens=max_default_tokens,
-                      default_sampling=default_sampling, limits=limits)
+                      default_sampling=default_sampling, limits=limits, http_limits=http_limits)
+    # aiohttp's keep-alive timer closes a connection whose next request's headers are not complete in time:
+    # that is the header deadline (and the idle one) of ``http_server``.
     app = web.Application(client_max_size=max_body_bytes, middlewares=[front.middleware],
-                          handler_args={"max_line_size": max_header_bytes, "max_field_size": max_header_bytes})
+                          handler_args={"max_line_size": max_header_bytes, "max_field_size": max_header_bytes,
+                                        "keepalive_timeout": http_limits.header_timeout_s,
+                                        # after an early answer (413, 408, 401) aiohttp drains the unread body
+                                        # for this long (default 10 s) before it closes the connection
+                                        "lingering_time": 1.0})
     app[FRONTEND_KEY] = front
     app.router.add_post("/v1/completions", front.completions)
     app.router.add_post("/v1/chat/completions", front.chat)
@@ -481,7 +501,7 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8000,
     loop = asyncio.get_running_loop()
     runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout_s, handle_signals=False)
     await runner.setup()
-    use_json_errors(runner)
+    use_duet_server(runner, app[FRONTEND_KEY].http_limits)
     signals = []
     try:
         await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
@@ -522,6 +542,12 @@ def add_http_args(ap: argparse.ArgumentParser) -> None:
         default = "the model's context" if f.default is None else "%(default)s"
         group.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default,
                            help=f"RequestLimits.{f.name} (default: {default})")
+    group.add_argument("--header-timeout-s", type=float, default=HttpLimits.header_timeout_s,
+                       help="a request's headers must arrive within this long (idle connections close after it too)")
+    group.add_argument("--body-timeout-s", type=float, default=HttpLimits.body_timeout_s,
+                       help="a request's body must arrive within this long of its headers (else 408)")
+    group.add_argument("--max-connections", type=int, default=HttpLimits.max_connections,
+                       help="open HTTP connections at most (one more gets 503)")
     group.add_argument("--ssl-certfile", help="serve HTTPS with this PEM certificate (chain)")
     group.add_argument("--ssl-keyfile", help="the certificate's PEM private key (default: inside --ssl-certfile)")
 
@@ -533,6 +559,7 @@ def http_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
         if args.max_body_bytes < 1 or args.max_header_bytes < 1:
             raise ValueError("--max-body-bytes and --max-header-bytes must be positive")
         limits = RequestLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RequestLimits)})
+        http_limits = HttpLimits(args.header_timeout_s, args.body_timeout_s, args.max_connections)
         if args.ssl_keyfile and not args.ssl_certfile:
             raise ValueError("--ssl-keyfile needs --ssl-certfile")
     except ValueError as e:
@@ -542,4 +569,4 @@ def http_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
     except OSError as e:  # ssl.SSLError is an OSError
         ap.error(f"--ssl-certfile {args.ssl_certfile} / --ssl-keyfile {args.ssl_keyfile}: {e}")
     return {"max_body_bytes": args.max_body_bytes, "max_header_bytes": args.max_header_bytes,
-            "limits": limits}, context
+            "limits": limits, "http_limits": http_limits}, context

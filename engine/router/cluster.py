@@ -18,17 +18,17 @@ import logging
 import time
 import uuid
 from collections import Counter as CountMap
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import AsyncIterator
 
 import zmq
 import zmq.asyncio
 
-from engine.protocol import (Abort, FinishReason, Generate, Hello, KVFailed, PeerRef, Prefill, PrefillDone,
+from engine.protocol import (Abort, FinishReason, Generate, Hello, KVFailed, Lease, PeerRef, Prefill, PrefillDone,
                              RemotePrefill, Role, ServerInfo, Stats, StatsRequest, TokenDelta, Tokens)
 from engine.router.dispatcher import Dispatcher, DispatchError, GenerateRequest
 from engine.router.metrics import Histogram
-from engine.router.scoring import RequestInfo, RouterPolicy, Scorer
+from engine.router.scoring import NO_SERVER_IN_ZONE, RequestInfo, RouterPolicy, Scorer
 from engine.router.server_registry import ServerLink, ServerRegistry
 from transfer.curve import ZmqKeys, start_async_authenticator
 from transfer.wire import Message, encode
@@ -36,13 +36,25 @@ from transfer.wire import Message, encode
 logger = logging.getLogger(__name__)
 
 _SERVER_GONE = object()  # queued to a request whose decode server died
+MAX_STALE_ABORTS = 10_000
+
+
+@dataclass
+class _Placement:
+    """Where one attempt of a request runs. A message from another attempt is stale."""
+
+    decode: ServerLink
+    prefill: ServerLink | None
+    transfer_id: str | None
+    attempt: int
 
 
 class ClusterDispatcher(Dispatcher):
     def __init__(self, prefill: list[str], decode: list[str], model_name: str, policy: RouterPolicy | None = None, *,
                  connect_timeout_s: float = 120.0, kv_timeout_s: float = 30.0, request_timeout_s: float = 600.0,
                  heartbeat_s: float = 0.2, max_queue: int = 256, queue_timeout_s: float = 10.0,
-                 registry_address: str | None = None, max_migrations: int = 2, zmq_keys: ZmqKeys | None = None):
+                 registry_address: str | None = None, max_migrations: int = 2, zmq_keys: ZmqKeys | None = None,
+                 lease_ttl_s: float = 5.0):
         if not decode and registry_address is None:
             raise ValueError("decode: at least one decode server (or a registry address) is required")
         self.ctx = zmq.asyncio.Context.instance()
@@ -64,7 +76,11 @@ class ClusterDispatcher(Dispatcher):
         self.vocab_size = 0
         self.block_size = 16
         self._queues: dict[str, asyncio.Queue] = {}
-        self._placement: dict[str, tuple[ServerLink, ServerLink | None, str | None]] = {}
+        self._placement: dict[str, _Placement] = {}
+        self._stale_aborted: set[tuple[str, int]] = set()
+        self.lease_ttl_s = lease_ttl_s
+        self.router_id = f"router-{uuid.uuid4().hex[:8]}"
+        self._lease_task: asyncio.Task | None = None
         self._stats_waiters: dict[int, asyncio.Future] = {}
         self._next_token = 0
         self._capacity_changed = asyncio.Event()
@@ -83,7 +99,7 @@ class ClusterDispatcher(Dispatcher):
         if self._watch_task is not None:
             return
         self._auth = start_async_authenticator(self.ctx, self.keys)
-        hello = Hello(ServerInfo(f"router-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex, Role.ROUTER, self.model_name))
+        hello = Hello(ServerInfo(self.router_id, uuid.uuid4().hex, Role.ROUTER, self.model_name))
         self.registry.hello = hello
         try:
             infos = await asyncio.gather(*(self.registry.greet(a, hello, self.connect_timeout_s)
@@ -113,6 +129,7 @@ class ClusterDispatcher(Dispatcher):
                     raise DispatchError(f"no decode server registered within {self.connect_timeout_s}s")
                 await asyncio.sleep(0.05)
         self._watch_task = asyncio.create_task(self.registry.watch())
+        self._lease_task = asyncio.create_task(self._hold_leases())
         self._refresh_limits()
 
     def _refresh_limits(self) -> None:
@@ -122,9 +139,18 @@ class ClusterDispatcher(Dispatcher):
             self.vocab_size = infos[0].vocab_size
             self.block_size = infos[0].layout.block_size
 
+    async def _hold_leases(self) -> None:
+        """Renew this router's lease on every server: if the router dies, they abort its requests."""
+        lease = encode(Lease(self.router_id, self.lease_ttl_s))
+        while True:
+            for link in list(self.registry.links.values()):
+                await link.socket.send(lease)
+            await asyncio.sleep(min(1.0, self.lease_ttl_s / 4))
+
     async def close(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
+        for task in (self._watch_task, self._lease_task):
+            if task is not None:
+                task.cancel()
         for q in self._queues.values():
             q.put_nowait(Tokens("", TokenDelta(finished=True, finish_reason=FinishReason.ABORT)))
         self.registry.close()
@@ -137,12 +163,17 @@ class ClusterDispatcher(Dispatcher):
     # ---- messages from servers ---------------------------------------------------------------------
     def _on_message(self, link: ServerLink, msg: Message) -> None:
         if isinstance(msg, Tokens):
-            q = self._queues.get(msg.request_id)
-            if q is not None:
-                q.put_nowait(msg)
             if msg.delta.finished:
                 self._capacity_changed.set()
+            placement = self._placement.get(msg.request_id)
+            if placement is None or placement.attempt != msg.attempt or placement.decode is not link:
+                self._stale(link, msg)
+                return
+            self._queues[msg.request_id].put_nowait(msg)
         elif isinstance(msg, PrefillDone):
+            placement = self._placement.get(msg.request_id)
+            if placement is None or placement.attempt != msg.attempt:
+                return
             if msg.ok:
                 self.prefill_compute.observe(msg.compute_s)
                 self.scorer.observe_prefill(link.engine_id, max(1, msg.num_tokens), msg.compute_s)
@@ -155,13 +186,29 @@ class ClusterDispatcher(Dispatcher):
             if fut is not None and not fut.done():
                 fut.set_result(msg)
 
+    def _stale(self, link: ServerLink, msg: Tokens) -> None:
+        """Output of an attempt the router no longer waits for (the request moved on, or ended): drop it, and
+        tell the server to stop that attempt (once)."""
+        placement = self._placement.get(msg.request_id)
+        if placement is not None:
+            self.counters["stale_attempt_messages_dropped"] += 1
+            logger.warning("request %s: dropped output of superseded attempt %d from %s (current: %d)",
+                           msg.request_id, msg.attempt, link.address, placement.attempt)
+        key = (msg.request_id, msg.attempt)
+        if not msg.delta.finished and key not in self._stale_aborted:
+            if len(self._stale_aborted) >= MAX_STALE_ABORTS:
+                self._stale_aborted.clear()
+            self._stale_aborted.add(key)
+            asyncio.create_task(link.socket.send(encode(Abort(msg.request_id, attempt=msg.attempt))))
+
     def _on_dead(self, link: ServerLink) -> None:
         self.counters["server_deaths"] += 1
-        for rid, (d, p, tid) in list(self._placement.items()):
-            if d is link and rid in self._queues:
+        for rid, pl in list(self._placement.items()):
+            if pl.decode is link and rid in self._queues:
                 self._queues[rid].put_nowait(_SERVER_GONE)
-            elif p is link and tid is not None:  # the KV will never come: let decode apply its policy now
-                asyncio.create_task(d.socket.send(encode(KVFailed(rid, tid, f"prefill server {link.address} died"))))
+            elif pl.prefill is link and pl.transfer_id is not None:  # the KV will never come: decode falls back now
+                asyncio.create_task(pl.decode.socket.send(encode(
+                    KVFailed(rid, pl.transfer_id, f"prefill server {link.address} died"))))
 
     # ---- placement ---------------------------------------------------------------------------------
     def _decide(self, request: GenerateRequest, prompt: list[int], max_tokens: int, exclude: set[str]):
@@ -203,10 +250,16 @@ class ClusterDispatcher(Dispatcher):
         self._trace(request.request_id, "placed:" + decision.reason)
         if not decision.accepted:
             self.counters["rejected_" + decision.reason] += 1
+            if decision.reason == NO_SERVER_IN_ZONE:  # the client named a zone no server has: its mistake
+                raise DispatchError(f"X-Duet-Zone: {decision.detail}", 400, param="X-Duet-Zone")
             status = 400 if decision.reason == "request_too_large" else 503
             raise DispatchError(decision.detail or decision.reason, status)
         d = self.registry.links[decision.decode_id]
         p = self.registry.links[decision.prefill_id] if decision.prefill_id else None
+        if p is not None and p.info.compat_hash != d.info.compat_hash:
+            # Mid rolling update (servers of two model versions): KV only moves between equal layouts.
+            self.counters["local_prefill_layout_mismatch"] += 1
+            p = None
         # Count this placement until the next load report says it (bursts must not all pile on one server).
         d.state.running_requests += 1
         d.state.running_tokens += info.num_prompt_tokens
@@ -250,7 +303,8 @@ class ClusterDispatcher(Dispatcher):
                                          min_tokens=max(0, params.min_tokens - len(generated)))
             failure = None
             try:
-                async for delta in self._run_on(rid, prompt + generated, attempt_params, d, p, deadline):
+                async for delta in self._run_on(rid, prompt + generated, attempt_params, d, p, deadline,
+                                                attempts - 1):
                     if delta is _SERVER_GONE:
                         failure = f"decode server {d.address} died"
                         break
@@ -281,11 +335,11 @@ class ClusterDispatcher(Dispatcher):
             await asyncio.sleep(0.05 * 2 ** (attempts - 1))  # backoff
 
     async def _run_on(self, rid: str, prompt: list[int], params, d: ServerLink, p: ServerLink | None,
-                      deadline: float) -> AsyncIterator:
+                      deadline: float, attempt: int) -> AsyncIterator:
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = queue
         tid = uuid.uuid4().hex if p is not None else None
-        self._placement[rid] = (d, p, tid)
+        self._placement[rid] = _Placement(d, p, tid, attempt)
         sampling = params
         finished = False
         try:
@@ -295,17 +349,17 @@ class ClusterDispatcher(Dispatcher):
                 self._handoff_parts[tid] = {"sent": time.monotonic()}
                 while len(self._handoff_parts) > 10_000:  # parts of failed transfers never complete
                     self._handoff_parts.pop(next(iter(self._handoff_parts)))
-            await d.socket.send(encode(Generate(rid, prompt, sampling, remote)))
+            await d.socket.send(encode(Generate(rid, prompt, sampling, remote, attempt)))
             if p is not None:
-                await p.socket.send(encode(Prefill(rid, tid, prompt, sampling, PeerRef.of(d.info), self.kv_timeout_s)))
+                await p.socket.send(encode(Prefill(rid, tid, prompt, sampling, PeerRef.of(d.info), self.kv_timeout_s,
+                                                   attempt)))
             while not finished:
                 try:
                     msg = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
                     yield TokenDelta.failure(f"request timed out after {self.request_timeout_s}s", 504)
                     return
-                if msg is _SERVER_GONE:
-                    finished = True  # nothing to abort there
+                if msg is _SERVER_GONE:  # abort there anyway: a server that stalled (not died) stops this attempt
                     yield msg
                     return
                 delta = msg.delta
@@ -321,7 +375,7 @@ class ClusterDispatcher(Dispatcher):
             if not finished:
                 for link in (d, p):
                     if link is not None:
-                        await link.socket.send(encode(Abort(rid, tid)))
+                        await link.socket.send(encode(Abort(rid, tid, attempt)))
 
     def _handoff_part(self, tid: str, key: str, value: float) -> None:
         parts = self._handoff_parts.get(tid)

@@ -37,11 +37,14 @@ class DispatchError(Exception):
     """A request that cannot be placed; ``status`` is the HTTP status to return (400, 429, 503). ``retryable``:
     the failure says nothing about the request (the server was draining, say), so another server may take it."""
 
-    def __init__(self, message: str, status: int = 503, retry_after_s: float | None = None, retryable: bool = False):
+    def __init__(self, message: str, status: int = 503, retry_after_s: float | None = None, retryable: bool = False,
+                 param: str | None = None):
         super().__init__(message)
         self.status = status
         self.retry_after_s = retry_after_s
         self.retryable = retryable
+        self.param = param
+        """The request field or header at fault (400s)."""
 
 
 class Dispatcher(abc.ABC):

@@ -5,8 +5,11 @@ or registering themselves at run time (a server started with ``--router tcp://H:
 to the router's registry socket every heartbeat). Every server publishes ``LoadReport`` (a heartbeat) and
 ``KVEvents`` on its PUB socket; the registry subscribes to all of them. A server that misses
 ``missed_heartbeats`` heartbeats is marked unhealthy and gets no new request; the dispatcher is told so it
-can rescue the requests that were running there. A server seen again with a new epoch is a new server: its
-prefix-index entries and cost model are dropped.
+can rescue the requests that were running there. From then on its address is greeted again every
+``regreet_period_s``: a process that answers there with a new epoch (a restart, maybe with new weights) is a
+new server (the registry is keyed by (address, epoch)): fresh sockets and event subscription, the old life's
+prefix-index entries and cost model dropped, and the log says so. The same happens when any message from the
+address carries a new epoch.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from typing import Callable
 import zmq
 import zmq.asyncio
 
-from engine.protocol import Hello, KVEvents, LoadReport, ServerInfo, Welcome
+from engine.protocol import SERVER_ROLES, Hello, KVEvents, LoadReport, ServerInfo, Welcome
 from engine.router.prefix_index import PrefixIndex
 from engine.router.scoring import ServerState
 from transfer.curve import ZmqKeys, secure_client, secure_server
@@ -38,6 +41,9 @@ class ServerLink:
     tasks: tuple[asyncio.Task, ...] = ()
     failures: int = 0
     """Consecutive failed requests (the circuit breaker opens at ``breaker_failures``)."""
+    silent_since: float | None = None
+    """When it missed its heartbeats (None while it is heard): the registry greets its address again from
+    then on, so a new process at that address (a restart) is found even on a new event port."""
     breaker_until: float = 0.0
 
     @property
@@ -53,7 +59,7 @@ class ServerRegistry:
     def __init__(self, ctx: zmq.asyncio.Context, on_message: Callable[[ServerLink, Message], None],
                  on_dead: Callable[[ServerLink], None], heartbeat_s: float = 0.2, missed_heartbeats: int = 3,
                  breaker_failures: int = 3, breaker_cooldown_s: float = 5.0, keys: ZmqKeys | None = None,
-                 on_removed: Callable[[ServerLink], None] = lambda link: None):
+                 on_removed: Callable[[ServerLink], None] = lambda link: None, regreet_period_s: float = 1.0):
         """``on_dead``: a server missed its heartbeats (rescue its requests). ``on_removed``: a server left the
         registry for good (e.g. replaced by a new life at its address): forget what was learnt about it."""
         self.keys = keys
@@ -61,6 +67,8 @@ class ServerRegistry:
         self.on_message = on_message
         self.on_dead = on_dead
         self.on_removed = on_removed
+        self.regreet_period_s = regreet_period_s
+        self.regreet_timeout_s = max(1.0, regreet_period_s)
         self.heartbeat_s = heartbeat_s
         self.missed_heartbeats = missed_heartbeats
         self.breaker_failures = breaker_failures
@@ -74,7 +82,8 @@ class ServerRegistry:
         """The router's Hello, for greeting servers that restart at a known address."""
         self._regreeting: set[str] = set()
         self.compat_hash: str | None = None
-        """KV layout every server must have (set from the first server); others are refused."""
+        """The cluster's KV layout (set from the first servers). A server that joins later with another one (a
+        rolling model update) is accepted with a warning; the dispatcher moves KV only between equal layouts."""
 
     async def greet(self, address: str, hello: Hello, timeout_s: float) -> ServerInfo:
         """Hello to a server listed on the command line; its Welcome, or TimeoutError / ValueError."""
@@ -102,13 +111,18 @@ class ServerRegistry:
         return sock
 
     def add(self, info: ServerInfo) -> ServerLink:
-        """Start routing to a server (replacing an older life of it at the same address)."""
+        """Start routing to a server; a new epoch at a known address replaces the old life (the registry is
+        keyed by (address, epoch): fresh sockets and event subscription, the old one's prefix entries dropped)."""
         old = next((lk for lk in self.links.values() if lk.address == info.address), None)
         if old is not None:
             if old.info.epoch == info.epoch:
                 return old
-            logger.warning("server at %s restarted (new epoch): treating it as a new server", info.address)
+            logger.warning("server at %s restarted (epoch %.8s -> %.8s, engine %s -> %s): routing to it again",
+                           info.address, old.info.epoch, info.epoch, old.engine_id, info.engine_id)
             self.remove(old)
+        if self.compat_hash is not None and info.compat_hash != self.compat_hash:
+            logger.warning("server %s at %s joins with another KV layout (a model update?): KV moves only between "
+                           "servers of one layout", info.engine_id, info.address)
         sock = self._dealer(info.address)
         events = self.ctx.socket(zmq.SUB)
         events.setsockopt(zmq.LINGER, 0)
@@ -161,13 +175,11 @@ class ServerRegistry:
 
         async def greet() -> None:
             try:
-                info = await self.greet(link.address, self.hello, timeout_s=10.0)
-                if self.compat_hash is not None and info.compat_hash != self.compat_hash:
-                    logger.error("server restarted at %s with another KV layout: not routing to it", link.address)
-                    return
-                self.add(info)
+                info = await self.greet(link.address, self.hello, timeout_s=self.regreet_timeout_s)
+                if info.epoch != link.info.epoch and info.role in SERVER_ROLES and info.layout is not None:
+                    self.add(info)
             except (TimeoutError, ValueError, ProtocolError) as e:
-                logger.warning("restarted server at %s did not answer: %s", link.address, e)
+                logger.debug("server at %s did not answer a greeting: %s", link.address, e)
             finally:
                 self._regreeting.discard(link.address)
 
@@ -181,6 +193,7 @@ class ServerRegistry:
         s.running_requests, s.running_tokens = load.running, load.running_tokens
         s.total_blocks, s.free_blocks = load.total_blocks, min(load.free_blocks, load.total_blocks)
         link.last_seen = now = time.monotonic()
+        link.silent_since = None
         healthy = not msg.draining and now >= link.breaker_until
         if healthy and not s.healthy:
             logger.info("server %s is back", link.address)
@@ -209,18 +222,26 @@ class ServerRegistry:
                 self.prefix_index.cleared(link.engine_id)
 
     async def watch(self) -> None:
-        """Mark servers that missed their heartbeats unhealthy (runs until cancelled)."""
+        """Mark servers that missed their heartbeats unhealthy, and greet their addresses again every
+        ``regreet_period_s`` until a server answers there (runs until cancelled)."""
         limit = self.heartbeat_s * self.missed_heartbeats
+        next_regreet = 0.0
         while True:
             await asyncio.sleep(self.heartbeat_s / 2)
             now = time.monotonic()
             for link in list(self.links.values()):
-                if link.state.healthy and now - link.last_seen > limit:
+                if link.silent_since is None and now - link.last_seen > limit:
                     logger.warning("server %s missed %d heartbeats: no longer routing to it", link.address,
                                    self.missed_heartbeats)
+                    link.silent_since = now
                     link.state.healthy = False
                     self.prefix_index.cleared(link.engine_id)
                     self.on_dead(link)
+            if now >= next_regreet:
+                next_regreet = now + self.regreet_period_s
+                for link in list(self.links.values()):
+                    if link.silent_since is not None:
+                        self._regreet(link)
 
     def listen(self, address: str) -> None:
         """Accept run-time registrations (servers started with ``--router``) on ``address``."""
@@ -240,11 +261,7 @@ class ServerRegistry:
                 continue
             except zmq.ZMQError:
                 return
-            if isinstance(msg, Hello) and msg.info.role in ("prefill", "decode", "both") and msg.info.layout:
-                if self.compat_hash is not None and msg.info.compat_hash != self.compat_hash:
-                    logger.error("refusing server %s: its KV layout %s differs from the cluster's",
-                                 msg.info.address, msg.info.layout)
-                    continue
+            if isinstance(msg, Hello) and msg.info.role in SERVER_ROLES and msg.info.layout:
                 self.compat_hash = self.compat_hash or msg.info.compat_hash
                 link = self.links.get(msg.info.engine_id)
                 if link is None or link.info.epoch != msg.info.epoch:

@@ -33,10 +33,11 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import zmq
 
-from engine.protocol import (Abort, Drain, Generate, Hello, KVEvents, KVFailed, LoadReport, PeerRef, Prefill,
+from engine.protocol import (Abort, Drain, Generate, Hello, KVEvents, KVFailed, Lease, LoadReport, PeerRef, Prefill,
                              PrefillDone, Refused, Role, ServerInfo, ServerStats, Stats, StatsRequest, TokenDelta,
                              Tokens, Welcome)
 from engine.server.executor import Executor, KVLost
@@ -72,16 +73,28 @@ class ServerRequest:
     phase: Phase
     num_prompt_tokens: int
     transfer_id: str | None = None
+    attempt: int = 0
+    """The router's attempt number, echoed in every reply (a superseded attempt's output is then recognised)."""
+
+
+def engine_request_id(request_id: str, attempt: int) -> str:
+    """The engine's id for one attempt of a router request (attempts of one request never collide)."""
+    return request_id if attempt == 0 else f"{request_id}@{attempt}"
 
 
 class Server:
-    def __init__(self, config: ServerConfig, executor: Executor, engine_id: str):
-        """``executor`` was built for this server (``make_server``); the server owns it."""
+    def __init__(self, config: ServerConfig, make_executor: Callable[[str], Executor], engine_id: str):
+        """``make_executor(engine_id)`` builds this server's executor (``make_server``); the server owns it. The
+        ports are bound first: starting an engine can take minutes, and a port chosen by the caller must not be
+        taken meanwhile by whatever else starts on the host."""
         self.config = config
-        self.executor = executor
         self.engine_id = engine_id
         self.epoch = uuid.uuid4().hex
         keys = config.zmq_keys
+        if keys is None:
+            logger.warning("%s: the ZeroMQ control plane is plaintext: any process that reaches %s can send it "
+                           "commands and KV; turn on CURVE with --zmq-keys DIR (python -m engine.tools.keys DIR)",
+                           engine_id, config.host)
         self.ctx = zmq.Context.instance()
         self._auth = start_authenticator(self.ctx, keys)  # CURVE: only key holders get in (None: plaintext)
         self.cmd = self._socket(zmq.ROUTER, server=True)
@@ -90,6 +103,14 @@ class Server:
         self.pub = self._socket(zmq.PUB, server=True)
         event_port = self._bind(self.pub, config.host, config.event_port)
         self.address, self.event_address = f"tcp://{config.host}:{port}", f"tcp://{config.host}:{event_port}"
+        try:
+            self.executor = executor = make_executor(engine_id)
+        except BaseException:
+            self.cmd.close(0)
+            self.pub.close(0)
+            if self._auth is not None:
+                self._auth.stop()
+            raise
         x = executor.info
         self.info = ServerInfo(
             engine_id=engine_id, epoch=self.epoch, role=config.role, model_name=config.model_name,
@@ -107,7 +128,10 @@ class Server:
         self._handlers = {
             Hello: self._on_hello, Generate: self._on_generate, Prefill: self._on_prefill, Abort: self._on_abort,
             KVFailed: self._on_kv_failed, StatsRequest: self._on_stats_request, Drain: self._on_drain,
+            Lease: self._on_lease,
         }
+        self._leases: dict[bytes, tuple[str, float, float]] = {}  # router identity -> (router id, ttl, expiry)
+        self._next_lease_check = 0.0
         self.num_kv_fallbacks = 0
         self.num_kv_failed_requests = 0
         self.num_peers_refused = 0
@@ -172,6 +196,10 @@ class Server:
                 if req is not None and req.phase is Phase.AWAITING_KV:
                     self._kv_lost(req, event.reason)
         self._publish_events()
+        now = time.monotonic()
+        if self._leases and now >= self._next_lease_check:
+            self._next_lease_check = now + 0.25
+            self._expire_leases(now)
         if self.draining:
             self._check_drained()
         if not self.executor.healthy():
@@ -207,6 +235,9 @@ class Server:
         self._reply(ident, Refused(f"malformed message: {error}"))
 
     def _dispatch(self, ident: bytes, msg: Message) -> None:
+        lease = self._leases.get(ident)
+        if lease is not None:  # any message from a leasing router renews its lease
+            self._leases[ident] = (lease[0], lease[1], time.monotonic() + lease[1])
         handler = self._handlers.get(type(msg))
         if handler is None:
             self._reply(ident, Refused(f"{type(msg).__name__} is not a command for a {self.config.role} server"))
@@ -228,33 +259,38 @@ class Server:
             why = "server is draining" if self.draining else "a prefill server does not generate"
             self._reply(ident, Tokens(rid, TokenDelta.failure(why, 503, retryable=True)))
             return
-        if rid in self.requests or rid.startswith(PREFILL_PREFIX):
-            self._reply(ident, Tokens(rid, TokenDelta.failure(f"request_id {rid!r} is already in use", 400)))
+        erid = engine_request_id(rid, msg.attempt)
+        if erid in self.requests or rid.startswith(PREFILL_PREFIX):
+            self._reply(ident, Tokens(rid, TokenDelta.failure(f"request_id {rid!r} is already in use", 400),
+                                      msg.attempt))
             return
+        for old in [r for r in self.requests.values() if r.request_id == rid and r.attempt < msg.attempt]:
+            self._supersede(old)
         remote, x = msg.remote, self.executor
-        req = ServerRequest(rid, rid, ident, Phase.GENERATING, len(msg.prompt_token_ids))
+        req = ServerRequest(rid, erid, ident, Phase.GENERATING, len(msg.prompt_token_ids), attempt=msg.attempt)
         try:
             unusable = None if remote is None else self._reach(remote.prefill)
             if remote is None:
-                x.add_request(rid, msg.prompt_token_ids, msg.sampling)
+                x.add_request(erid, msg.prompt_token_ids, msg.sampling)
             elif unusable is not None:
                 if self.config.kv_failure_policy == "fail":
                     self.num_kv_failed_requests += 1
-                    self._reply(ident, Tokens(rid, TokenDelta.failure(f"KV transfer impossible: {unusable}", 503)))
+                    self._reply(ident, Tokens(rid, TokenDelta.failure(f"KV transfer impossible: {unusable}", 503),
+                                              msg.attempt))
                     return
                 logger.warning("request %s: prefilling locally (%s)", rid, unusable)
                 self.num_kv_fallbacks += 1
-                x.add_request(rid, msg.prompt_token_ids, msg.sampling)
-            elif x.add_remote(rid, msg.prompt_token_ids, msg.sampling, remote.transfer_id,
+                x.add_request(erid, msg.prompt_token_ids, msg.sampling)
+            elif x.add_remote(erid, msg.prompt_token_ids, msg.sampling, remote.transfer_id,
                               remote.prefill.transport_name, remote.kv_timeout_s):
                 req.phase, req.transfer_id = Phase.AWAITING_KV, remote.transfer_id
             else:  # no KV room now: prefill here when room frees up (the executor told the prefill side)
                 self.num_kv_fallbacks += 1
-                x.add_request(rid, msg.prompt_token_ids, msg.sampling)
+                x.add_request(erid, msg.prompt_token_ids, msg.sampling)
         except ValueError as e:
-            self._reply(ident, Tokens(rid, TokenDelta.failure(str(e), 400)))
+            self._reply(ident, Tokens(rid, TokenDelta.failure(str(e), 400), msg.attempt))
             return
-        self.requests[rid] = req  # registered before anything can end it
+        self.requests[erid] = req  # registered before anything can end it
         self._trace(rid, "decode_admitted" if req.phase is Phase.AWAITING_KV else "queued")
 
     def _on_prefill(self, ident: bytes, msg: Prefill) -> None:
@@ -275,20 +311,44 @@ class Server:
             self._reply(ident, PrefillDone(msg.request_id, msg.transfer_id, False, str(e)))
             return
         self.requests[engine_rid] = ServerRequest(msg.request_id, engine_rid, ident, Phase.PREFILLING,
-                                                  len(msg.prompt_token_ids), msg.transfer_id)
+                                                  len(msg.prompt_token_ids), msg.transfer_id, msg.attempt)
         self._trace(msg.request_id, "prefill_admitted")
 
     def _on_abort(self, ident: bytes, msg: Abort) -> None:
-        req = self.requests.get(msg.request_id)
-        if req is None and msg.transfer_id:
-            req = self.requests.get(PREFILL_PREFIX + msg.transfer_id)
-        if req is not None:
-            self.executor.abort(req.engine_request_id, req.transfer_id)
+        for req in list(self.requests.values()):
+            if (req.request_id == msg.request_id or (msg.transfer_id and req.transfer_id == msg.transfer_id)) \
+                    and msg.attempt in (None, req.attempt):
+                self.executor.abort(req.engine_request_id, req.transfer_id)
+
+    def _on_lease(self, ident: bytes, msg: Lease) -> None:
+        if ident not in self._leases:
+            logger.info("%s: router %s holds a lease (%.1fs): its requests end if it goes silent", self.engine_id,
+                        msg.router_id, msg.ttl_s)
+        self._leases[ident] = (msg.router_id, msg.ttl_s, time.monotonic() + msg.ttl_s)
+
+    def _expire_leases(self, now: float) -> None:
+        """Abort the requests of every router that went silent past its lease (it died, or cannot reach us)."""
+        for ident, (router_id, _, expiry) in list(self._leases.items()):
+            if now <= expiry:
+                continue
+            del self._leases[ident]
+            orphans = [r for r in self.requests.values() if r.client == ident]
+            logger.warning("%s: router %s went silent past its lease: aborting its %d requests", self.engine_id,
+                           router_id, len(orphans))
+            for req in orphans:
+                self.executor.abort(req.engine_request_id, req.transfer_id)
+                self._forget(req)
+
+    def _supersede(self, req: ServerRequest) -> None:
+        logger.warning("request %s: attempt %d supersedes attempt %d here", req.request_id, req.attempt + 1,
+                       req.attempt)
+        self.executor.abort(req.engine_request_id, req.transfer_id)
+        self._forget(req)
 
     def _on_kv_failed(self, ident: bytes, msg: KVFailed) -> None:
-        req = self.requests.get(msg.request_id)
-        if req is not None and req.transfer_id == msg.transfer_id and req.phase is Phase.AWAITING_KV:
-            self._kv_lost(req, msg.reason or "prefill server failed")
+        for req in list(self.requests.values()):
+            if req.transfer_id == msg.transfer_id and req.phase is Phase.AWAITING_KV:
+                self._kv_lost(req, msg.reason or "prefill server failed")
 
     def _on_stats_request(self, ident: bytes, msg: StatsRequest) -> None:
         traces: dict[str, dict[str, float]] = {}
@@ -347,7 +407,7 @@ class Server:
             return  # aborted or failed by policy already; a prefill's progress is reported by PrefillDone
         if req.phase is not Phase.GENERATING:
             req.phase = Phase.GENERATING  # the remote KV arrived (this carries the prefill's first token)
-        self._reply(req.client, Tokens(req.request_id, out.delta))
+        self._reply(req.client, Tokens(req.request_id, out.delta, req.attempt))
         if out.delta.token_ids:
             self._trace(req.request_id, "first_token_sent")
         if out.delta.finished:
@@ -359,7 +419,7 @@ class Server:
         if req is None:
             return
         self._trace(req.request_id, "transfer_done" if done.ok else "transfer_failed")
-        self._reply(req.client, replace(done, request_id=req.request_id,
+        self._reply(req.client, replace(done, request_id=req.request_id, attempt=req.attempt,
                                         num_tokens=max(0, req.num_prompt_tokens - done.num_cached_tokens)))
         self._forget(req)
 
@@ -368,9 +428,10 @@ class Server:
 
     def _reply_failure(self, req: ServerRequest, error: str, status: int, retryable: bool = False) -> None:
         if req.phase is Phase.PREFILLING:
-            self._reply(req.client, PrefillDone(req.request_id, req.transfer_id or "", False, error))
+            self._reply(req.client, PrefillDone(req.request_id, req.transfer_id or "", False, error,
+                                                attempt=req.attempt))
         else:
-            self._reply(req.client, Tokens(req.request_id, TokenDelta.failure(error, status, retryable)))
+            self._reply(req.client, Tokens(req.request_id, TokenDelta.failure(error, status, retryable), req.attempt))
 
     # ---- events, stats, heartbeats ----------------------------------------------------------------------
     def stats(self) -> ServerStats:
@@ -448,12 +509,14 @@ class Server:
 def make_server(engine_config, config: ServerConfig) -> Server:
     """A server with the executor ``config.executor`` names (``engine_config`` configures its engine)."""
     engine_id = f"{config.role}-{'vllm-' if config.executor == 'vllm' else ''}{uuid.uuid4().hex[:8]}"
-    if config.executor == "vllm":
-        from engine.server.vllm_executor import VllmExecutor
 
-        executor: Executor = VllmExecutor(engine_config, config)
-    else:
+    def make_executor(engine_id: str) -> Executor:
+        if config.executor == "vllm":
+            from engine.server.vllm_executor import VllmExecutor
+
+            return VllmExecutor(engine_config, config)
         from engine.server.native_executor import NativeExecutor
 
-        executor = NativeExecutor(engine_config, config, engine_id)
-    return Server(config, executor, engine_id)
+        return NativeExecutor(engine_config, config, engine_id)
+
+    return Server(config, make_executor, engine_id)

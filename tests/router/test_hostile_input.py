@@ -25,6 +25,7 @@ from engine import AsyncEngine, EngineConfig  # noqa: E402
 from engine.router import app as app_module  # noqa: E402
 from engine.router.app import create_app  # noqa: E402
 from engine.router.local_dispatcher import LocalDispatcher  # noqa: E402
+from engine.router.http_server import HttpLimits
 from engine.router.openai_protocol import RequestLimits  # noqa: E402
 from tests.router.test_http_local import running  # noqa: E402
 
@@ -324,7 +325,7 @@ def test_huge_body_is_413(server):
 
 
 def test_huge_header_is_4xx(server):
-    # aiohttp refuses these while parsing, before any handler; engine.router.error_server makes the answer JSON.
+    # aiohttp refuses these while parsing, before any handler; engine.router.http_server makes the answer JSON.
     status, headers, payload = send(server["port"], "/v1/models", None, {"X-Junk": "a" * 100_000}, method="GET")
     assert_sane(status, headers, payload)
     assert "got more than" in json.loads(payload)["error"]["message"].lower()
@@ -403,12 +404,14 @@ def test_cli_limit_flags():
     from engine.router.__main__ import parse_args
 
     args = parse_args(["--model", "m", "--max-n", "4", "--max-prompt-tokens", "100", "--max-body-bytes", "1000",
-                       "--max-header-bytes", "2000", "--max-stop-chars", "7"])
+                       "--max-header-bytes", "2000", "--max-stop-chars", "7", "--header-timeout-s", "3",
+                       "--max-connections", "9"])
     assert args.http_kwargs == {"max_body_bytes": 1000, "max_header_bytes": 2000,
-                                "limits": RequestLimits(max_n=4, max_prompt_tokens=100, max_stop_chars=7)}
+                                "limits": RequestLimits(max_n=4, max_prompt_tokens=100, max_stop_chars=7),
+                                "http_limits": HttpLimits(header_timeout_s=3, max_connections=9)}
     assert parse_args(["--model", "m"]).http_kwargs["limits"] == RequestLimits()
     for bad in (["--max-n", "0"], ["--max-logprobs", "21"], ["--max-body-bytes", "0"], ["--max-json-depth", "-1"],
-                ["--max-choices", "2", "--max-n", "4"]):
+                ["--max-choices", "2", "--max-n", "4"], ["--header-timeout-s", "0"], ["--max-connections", "0"]):
         with pytest.raises(SystemExit):
             parse_args(["--model", "m", *bad])
 
@@ -448,3 +451,89 @@ def test_api_key_guards_every_route_but_health(server, monkeypatch):
         assert status == 200, payload
     # Every comparison was between equal-length bytes (digests): no early exit on the key's length.
     assert compared and all(a is bytes and b is bytes and la == lb == 32 for a, b, la, lb in compared), compared
+
+
+# ---- connection limits: deadlines, a connection cap, announced-oversize chunks -------------------------------------
+TIGHT = HttpLimits(header_timeout_s=1.5, body_timeout_s=1.0, max_connections=40)
+
+
+@pytest.fixture(scope="module")
+def tight_server(server):
+    dispatcher = LocalDispatcher(server["engine"], MODEL, owns_engine=False)
+    app = create_app(dispatcher, server["engine"].tokenizer, MODEL, max_model_len=MAX_MODEL_LEN, max_default_tokens=2,
+                     max_body_bytes=1 << 20, http_limits=TIGHT)
+    with running(app) as port:
+        yield port
+
+
+def _closed_within(sock: socket.socket, timeout_s: float) -> tuple[bool, bytes]:
+    """(the server closed the connection within ``timeout_s``, what it sent before)."""
+    sock.settimeout(timeout_s)
+    data = b""
+    try:
+        while chunk := sock.recv(1 << 16):
+            data += chunk
+    except (TimeoutError, socket.timeout):
+        return False, data
+    except ConnectionResetError:
+        pass
+    return True, data
+
+
+def test_slowloris_connections_are_closed_at_the_header_deadline(tight_server):
+    socks = []
+    try:
+        for _ in range(30):  # each trickles a header line and never finishes its headers
+            s = socket.create_connection(("127.0.0.1", tight_server), timeout=10)
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+            socks.append(s)
+        time.sleep(0.5)
+        for s in socks:
+            s.sendall(b"a")  # still trickling: the deadline counts from the connection's start, not the last byte
+        start = time.monotonic()
+        assert all(_closed_within(s, 5)[0] for s in socks)
+        assert time.monotonic() - start < 4
+    finally:
+        for s in socks:
+            s.close()
+    status, body = post_json(tight_server, "/v1/completions", {"prompt": "still serving", "max_tokens": 2})
+    assert status == 200, body
+
+
+def test_stalled_body_gets_408_and_announced_oversize_chunk_413(tight_server):
+    with socket.create_connection(("127.0.0.1", tight_server), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{\"prompt\"")
+        closed, data = _closed_within(s, 5)
+    assert closed and data.split(b" ")[1] == b"408" and b"not received within" in data, data[:300]
+    with socket.create_connection(("127.0.0.1", tight_server), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nffffffffff\r\n")
+        start = time.monotonic()
+        closed, data = _closed_within(s, 5)
+    assert closed and time.monotonic() - start < 1, data[:300]
+    assert data.split(b" ")[1] == b"413" and json.loads(data.partition(b"\r\n\r\n")[2])["error"]["code"] == 413
+
+
+def test_connections_over_the_cap_get_503(tight_server):
+    socks = [socket.create_connection(("127.0.0.1", tight_server), timeout=10) for _ in range(TIGHT.max_connections)]
+    try:
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", tight_server), timeout=10) as extra:
+            closed, data = _closed_within(extra, 5)
+        assert closed and data.split(b" ")[1] == b"503", data[:200]
+    finally:
+        for s in socks:
+            s.close()
+    time.sleep(0.3)
+    assert post_json(tight_server, "/v1/completions", {"prompt": "room again", "max_tokens": 2})[0] == 200
+
+
+def test_malformed_http_is_one_warning_line_not_a_traceback(tight_server, caplog):
+    with caplog.at_level(logging.INFO, logger="engine.router.http_server"):
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", tight_server), timeout=10) as s:
+                s.sendall(b"GARBAGE / HTTP/1.1\r\nHost: x\r\n\r\n")
+                _closed_within(s, 5)
+    lines = [r for r in caplog.records if r.name == "engine.router.http_server"]
+    assert lines and all(r.levelno == logging.WARNING and r.exc_info is None for r in lines)
+    assert all("malformed HTTP from" in r.getMessage() for r in lines)

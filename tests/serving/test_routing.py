@@ -178,7 +178,9 @@ def test_zones_and_admission_control(model):
         complete(r.url, [5, 6, 7], 4, headers={"X-Duet-Zone": "b"})
         assert stats(b)["generated_tokens"] - before == 4
         status, body, _ = post(r.url, {"prompt": [5, 6], "max_tokens": 2}, {"X-Duet-Zone": "nowhere"})
-        assert status == 503 and "zone" in body["error"]["message"]
+        assert status == 400 and body["error"]["param"] == "X-Duet-Zone" and "nowhere" in body["error"]["message"]
+        status, body, _ = post(r.url, {"prompt": [5, 6], "max_tokens": 2}, {"X-Duet-Zone": "z" * 8000})
+        assert status == 400 and body["error"]["param"] == "X-Duet-Zone" and len(body["error"]["message"]) < 200
 
         # Zone a holds 8 blocks = 128 tokens; each request needs 6 blocks, so one runs at a time, two wait
         # in the bounded queue and the rest are turned away with 429.
