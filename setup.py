@@ -125,6 +125,7 @@ setup(
         "msgpack>=1.0",
         "pyzmq>=25",
         "aiohttp>=3.9",
+        "prometheus_client>=0.20",
     ],
     extras_require={
         "nixl": ["nixl-cu13==1.5.1"],

@@ -70,7 +70,7 @@ async def amain(args: argparse.Namespace) -> None:
         raise
     app = create_app(dispatcher, tokenizer, name, max_model_len=dispatcher.max_model_len, api_key=args.api_key,
                      request_timeout_s=args.request_timeout_s, default_sampling=generation_defaults(args.model),
-                     debug_traces=args.debug_traces, **args.http_kwargs)
+                     debug_traces=args.debug_traces, metrics_engine="router", **args.http_kwargs)
     scheme = "https" if args.ssl_context is not None else "http"
     await serve(app, args.host, args.port, ssl_context=args.ssl_context,
                 on_ready=lambda addrs: print(f"DUET_READY router {scheme}://{args.host}:{args.port}", flush=True))

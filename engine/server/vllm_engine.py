@@ -113,6 +113,8 @@ class EngineLoad:
     prompt_tokens_computed: int = 0
     prompt_tokens_external: int = 0
     prompt_tokens_local_hit: int = 0
+    prefix_query_tokens: int = 0
+    """Prompt tokens looked up in vLLM's prefix cache."""
     generated_tokens: int = 0
     preemptions: int = 0
 
@@ -202,6 +204,9 @@ class VllmEngine:
             load.running, load.waiting = sched.num_running_reqs, sched.num_waiting_reqs
             load.waiting_blocked = getattr(sched, "num_skipped_waiting_reqs", 0)
             load.kv_cache_usage = sched.kv_cache_usage
+            prefix = getattr(sched, "prefix_cache_stats", None)
+            if prefix is not None:  # a delta since the previous report, as vLLM's own loggers read it
+                load.prefix_query_tokens += prefix.queries
         if it is not None:
             pts = it.prompt_token_stats
             load.prompt_tokens_computed += pts.computed

@@ -17,6 +17,7 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.launcher import ServerProcess, query_server
 from engine.protocol import StatsRequest
+from tests.metrics.exposition import VLLM_ENGINE_FAMILIES, VLLM_REQUEST_FAMILIES, check_vllm_families, samples
 
 NUM_BLOCKS = "96"
 
@@ -148,14 +149,41 @@ def test_openai_client_features_through_the_router(cluster, colocated):
 
     with urllib.request.urlopen(r.url + "/health", timeout=10) as resp:
         assert resp.status == 200
-    with urllib.request.urlopen(r.url + "/metrics", timeout=10) as resp:
-        metrics = resp.read().decode()
-    assert "duet_server_kv_bytes_received" in metrics and "duet_" in metrics
     models = json.loads(urllib.request.urlopen(r.url + "/v1/models", timeout=10).read())
     assert models["data"][0]["id"] == "llama"
     for proc in (p, d):
         stats = server_stats(proc)
         assert stats["free_blocks"] == stats["total_blocks"]
+
+
+def test_router_metrics_read_like_vllms(cluster, colocated):
+    """Router and colocated ``/metrics`` through prometheus_client's parser: vLLM's names, types and labels
+    (the recorded vLLM exposition), per-server engine families from the servers' stats, the router's own."""
+    kind, p, d, r = cluster
+    prompt = list(range(5, 45))
+    for url in (r.url, colocated.url):
+        client(url).completions.create(model="llama", prompt=prompt, max_tokens=4, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    text = urllib.request.urlopen(colocated.url + "/metrics", timeout=10).read().decode()
+    check_vllm_families(text, VLLM_ENGINE_FAMILIES + VLLM_REQUEST_FAMILIES + ("vllm:prefix_cache_queries",))
+
+    text = urllib.request.urlopen(r.url + "/metrics", timeout=30).read().decode()
+    fams = check_vllm_families(text, VLLM_ENGINE_FAMILIES + VLLM_REQUEST_FAMILIES + ("vllm:admission_rejections",))
+    ids = {s[0]["engine"]: s[0]["role"] for s in samples(text, "duet_router_server_healthy")}
+    assert sorted(ids.values()) == ["decode", "prefill"]
+    engines = {lb["engine"] for lb, _ in samples(text, "vllm:num_requests_running")}
+    assert engines == set(ids), "one vllm:num_requests_running series per server, engine = its id"
+    decode_id = next(e for e, role in ids.items() if role == "decode")
+    received = [v for lb, v in samples(text, "duet_kv_received_bytes_total") if lb["engine"] == decode_id]
+    assert received and received[0] > 0
+    assert [v for lb, v in samples(text, "duet_router_decisions_total") if lb["reason"] == "disaggregated"][0] >= 1
+    assert samples(text, "duet_handoff_seconds_count")[0][1] >= 1
+    assert fams["duet_prefill_compute_seconds"] == ("histogram", {"model_name"})
+    usage = {lb["role"]: v for lb, v in samples(text, "duet_router_kv_cache_usage_perc")}
+    assert set(usage) == {"prefill", "decode"} and all(0 <= v <= 1 for v in usage.values())
+    assert not [n for n in fams if n.startswith("duet_server_")], "a server stat without a name in the table"
+    ttft = samples(text, "vllm:time_to_first_token_seconds_count")
+    assert ttft[0][0] == {"model_name": "llama", "engine": "router"} and ttft[0][1] >= 1
 
 
 def test_request_trace_spans_router_prefill_and_decode(cluster):

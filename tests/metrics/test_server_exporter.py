@@ -1,0 +1,111 @@
+"""``ServerMetricsExporter`` on its own: a real HTTP server on 127.0.0.1, scraped with urllib, read with
+prometheus_client's parser and compared with vLLM's recorded exposition."""
+from __future__ import annotations
+
+import dataclasses
+import socket
+import urllib.request
+
+import pytest
+
+from engine.metrics.server_exporter import ServerMetricsExporter
+from engine.protocol import ServerStats
+from tests.metrics.exposition import VLLM_ENGINE_FAMILIES, check_vllm_families, parse, samples
+
+# Every key a server reports (ServerStats), with values; plus the colocated server's two extra keys.
+SERVER_STATS = {
+    **dataclasses.asdict(ServerStats(
+        free_blocks=48, total_blocks=64, waiting=2, running=3, waiting_for_kv=1, open_requests=6, open_transfers=1,
+        prompt_tokens_computed=100, prompt_tokens_external=30, generated_tokens=40, prefix_hit_tokens=16,
+        preemptions=1, kv_bytes_sent=4096, kv_descriptors_sent=8, kv_layer_sends=4, kv_transfers_sent=2,
+        kv_bytes_received=2048, kv_layers_received=4, kv_transfers_received=2, kv_transfers_failed=1,
+        kv_transfer_seconds_sum=0.5, kv_transfer_seconds_max=0.3, kv_fallbacks=1, kv_events_published=7)),
+    "prefix_query_tokens": 146, "cached_blocks": 5,
+}
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert resp.status == 200
+        return resp.read().decode()
+
+
+def test_exporter_serves_typed_vllm_and_duet_families():
+    calls = []
+
+    def stats():
+        calls.append(1)
+        return dict(SERVER_STATS, new_thing=3)
+
+    with ServerMetricsExporter(stats, model_name="m", role="decode", engine_id="decode-1") as exporter:
+        assert exporter.port > 0
+        ttft = exporter.histogram("vllm:request_queue_time_seconds", "Queue time.", [0.1, 1.0])
+        ttft.observe(0.05)
+        handoff = exporter.histogram("duet_kv_hand_off_seconds", "Hand-off time.", [0.1, 1.0])
+        handoff.observe(2.0)
+        text = scrape(exporter.url)
+    assert len(calls) == 1
+    fams = check_vllm_families(text, VLLM_ENGINE_FAMILIES + ("vllm:prefix_cache_queries",
+                                                              "vllm:request_queue_time_seconds"))
+    labels = {"model_name": "m", "engine": "decode-1"}
+    duet = dict(labels, role="decode")
+    assert samples(text, "vllm:kv_cache_usage_perc") == [(labels, 0.25)]
+    assert samples(text, "vllm:num_requests_waiting") == [(labels, 2.0)]
+    assert samples(text, "vllm:prompt_tokens_total") == [(labels, 146.0)]  # computed + cache hit + external
+    assert samples(text, "vllm:prompt_tokens_cached_total") == [(labels, 46.0)]
+    by_source = {lb["source"]: v for lb, v in samples(text, "vllm:prompt_tokens_by_source_total")}
+    assert by_source == {"local_compute": 100.0, "local_cache_hit": 16.0, "external_kv_transfer": 30.0}
+    assert fams["duet_kv_sent_bytes"] == ("counter", frozenset(duet))
+    assert samples(text, "duet_kv_sent_bytes_total") == [(duet, 4096.0)]
+    assert samples(text, "duet_kv_fallbacks_total") == [(duet, 1.0)]
+    assert fams["duet_kv_transfer_seconds_max"] == ("gauge", frozenset(duet))
+    assert fams["duet_kv_hand_off_seconds"][0] == "histogram"
+    assert samples(text, "duet_kv_hand_off_seconds_bucket")[-1] == (dict(duet, le="+Inf"), 1.0)
+    assert fams["process_resident_memory_bytes"][0] == "gauge"
+    # Every key servers report today has a name; a new key is still exported, as a gauge.
+    unlisted = [n for n in fams if n.startswith("duet_server_") and not n.startswith("duet_server_stats_errors")]
+    assert unlisted == ["duet_server_new_thing"] and fams["duet_server_new_thing"][0] == "gauge"
+
+
+def test_exporter_accepts_a_dataclass_and_survives_a_failing_stats_call():
+    @dataclasses.dataclass
+    class Stats:
+        running: int = 1
+        waiting: int = 0
+        free_blocks: int = 10
+        total_blocks: int = 10
+
+    state = {"fail": False}
+
+    def stats():
+        if state["fail"]:
+            raise RuntimeError("dictionary changed size during iteration")
+        return Stats()
+
+    exporter = ServerMetricsExporter(stats, model_name="m", role="prefill", engine_id="p-1",
+                                     process_metrics=False).start()
+    try:
+        assert samples(scrape(exporter.url), "vllm:num_requests_running") == \
+            [({"model_name": "m", "engine": "p-1"}, 1.0)]
+        state["fail"] = True
+        text = scrape(exporter.url)
+        assert "vllm:num_requests_running" not in parse(text)
+        assert samples(text, "duet_server_stats_errors_total") == \
+            [({"model_name": "m", "engine": "p-1", "role": "prefill"}, 1.0)]
+    finally:
+        exporter.close()
+    exporter.close()  # idempotent
+    with pytest.raises(OSError):
+        scrape(exporter.url)
+
+
+def test_exporter_port_in_use_names_the_address():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        exporter = ServerMetricsExporter(dict, model_name="m", role="decode", engine_id="d", port=port)
+        with pytest.raises(OSError, match=f"--metrics-port: cannot listen on 127.0.0.1:{port}"):
+            exporter.start()
+    with pytest.raises(ValueError, match="engine_id"):
+        ServerMetricsExporter(dict, model_name="m", role="decode", engine_id="")
