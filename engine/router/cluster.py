@@ -35,6 +35,8 @@ from transfer.wire import Message, encode
 logger = logging.getLogger(__name__)
 
 _SERVER_GONE = object()  # queued to a request whose decode server died
+WAIT_LOG_FIRST_S = 1.0  # at start-up: first "waiting for ..." line after this long, then every WAIT_LOG_EVERY_S
+WAIT_LOG_EVERY_S = 5.0
 
 
 class ClusterDispatcher(Dispatcher):
@@ -81,11 +83,7 @@ class ClusterDispatcher(Dispatcher):
         self._auth = start_async_authenticator(self.ctx, self.keys)
         hello = Hello(ServerInfo(f"router-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex, Role.ROUTER, self.model_name))
         self.registry.hello = hello
-        try:
-            infos = await asyncio.gather(*(self.registry.greet(a, hello, self.connect_timeout_s)
-                                           for a, _ in self.addresses))
-        except (TimeoutError, ValueError) as e:
-            raise DispatchError(str(e)) from e
+        infos = await self._greet_all(hello)
         for (address, kind), info in zip(self.addresses, infos):
             ok = ("prefill", "both") if kind == "prefill" else ("decode", "both")
             if info.role not in ok:
@@ -103,13 +101,50 @@ class ClusterDispatcher(Dispatcher):
             self.registry.add(info)
         if self.registry_address:
             self.registry.listen(self.registry_address)
-            deadline = time.monotonic() + self.connect_timeout_s
+            started = time.monotonic()
+            next_log = started + WAIT_LOG_FIRST_S
             while not self.healthy():  # no decode server listed: wait for one to register
-                if time.monotonic() > deadline:
-                    raise DispatchError(f"no decode server registered within {self.connect_timeout_s}s")
+                now = time.monotonic()
+                if now - started > self.connect_timeout_s:
+                    raise DispatchError(f"no decode server registered at {self.registry_address} within "
+                                        f"{self.connect_timeout_s}s")
+                if now >= next_log:
+                    logger.info("waiting for a decode server to register at %s (%.0fs of %.0fs)",
+                                self.registry_address, now - started, self.connect_timeout_s)
+                    next_log = now + WAIT_LOG_EVERY_S
                 await asyncio.sleep(0.05)
         self._watch_task = asyncio.create_task(self.registry.watch())
         self._refresh_limits()
+
+    async def _greet_all(self, hello: Hello) -> list[ServerInfo]:
+        """Every listed server's Welcome, in ``self.addresses`` order; logs the ones not heard from yet every few
+        seconds while waiting. DispatchError naming every silent server when ``connect_timeout_s`` passes."""
+        tasks = {asyncio.create_task(self.registry.greet(a, hello, self.connect_timeout_s)): (a, kind)
+                 for a, kind in self.addresses}
+        pending, started = set(tasks), time.monotonic()
+        wait_s = WAIT_LOG_FIRST_S
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, timeout=wait_s, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    try:
+                        task.result()
+                    except TimeoutError:
+                        silent = [f"{kind} {a}" for t, (a, kind) in tasks.items()
+                                  if not t.done() or t.cancelled() or t.exception() is not None]
+                        raise DispatchError(f"no answer within {self.connect_timeout_s:g}s from "
+                                            f"{', '.join(silent)}") from None
+                    except ValueError as e:
+                        raise DispatchError(str(e)) from e
+                if pending:
+                    waiting = [f"{kind} {a}" for t, (a, kind) in tasks.items() if t in pending]
+                    logger.info("waiting for %d of %d servers (%.0fs of %.0fs): %s", len(waiting), len(tasks),
+                                time.monotonic() - started, self.connect_timeout_s, ", ".join(waiting))
+                wait_s = WAIT_LOG_EVERY_S
+        finally:
+            for task in pending:
+                task.cancel()
+        return [task.result() for task in tasks]
 
     def _refresh_limits(self) -> None:
         infos = [lk.info for lk in self.registry.links.values() if lk.info.role != "prefill"]
