@@ -97,7 +97,8 @@ class RouterMetrics:
         for lk in links:
             stats = stats_by_address.get(lk.address)
             if stats is not None:
-                engines.append(EngineStats(lk.engine_id, lk.info.role, as_stats(getattr(stats, "values", stats))))
+                values = stats if isinstance(stats, Mapping) else stats.values
+                engines.append(EngineStats(lk.engine_id, lk.info.role, as_stats(values)))
         out.extend(stats_families(self.model_name, engines))
         out.extend(_link_families(self.model_name, links))
         return out

@@ -5,10 +5,13 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from engine.protocol import ServerStats
 
 VLLM_FIXTURE = Path(__file__).resolve().parent / "data" / "vllm_exposition.txt"
 _NOT_LABELS = {"le", "quantile"}
@@ -24,6 +27,17 @@ VLLM_REQUEST_FAMILIES = ("vllm:time_to_first_token_seconds", "vllm:inter_token_l
                          "vllm:request_prompt_tokens", "vllm:request_generation_tokens",
                          "vllm:request_max_num_generation_tokens", "vllm:request_params_n",
                          "vllm:request_params_max_tokens", "vllm:request_success")
+
+# Every key a server reports (ServerStats), with values; plus the colocated server's two extra keys.
+SERVER_STATS = {
+    **dataclasses.asdict(ServerStats(
+        free_blocks=48, total_blocks=64, waiting=2, running=3, waiting_for_kv=1, open_requests=6, open_transfers=1,
+        prompt_tokens_computed=100, prompt_tokens_external=30, generated_tokens=40, prefix_hit_tokens=16,
+        preemptions=1, kv_bytes_sent=4096, kv_descriptors_sent=8, kv_layer_sends=4, kv_transfers_sent=2,
+        kv_bytes_received=2048, kv_layers_received=4, kv_transfers_received=2, kv_transfers_failed=1,
+        kv_transfer_seconds_sum=0.5, kv_transfer_seconds_max=0.3, kv_fallbacks=1, kv_events_published=7)),
+    "prefix_query_tokens": 146, "cached_blocks": 5,
+}
 
 
 def parse(text: str) -> dict[str, tuple[str, frozenset[str]]]:
