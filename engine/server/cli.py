@@ -211,6 +211,8 @@ def server_main(role: str, argv: list[str] | None = None, prog: str | None = Non
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True, help="ZeroMQ command port (0 = random)")
     ap.add_argument("--event-port", type=int, help="ZeroMQ event (PUB) port (default: random)")
+    ap.add_argument("--metrics-port", type=int,
+                    help="serve this server's Prometheus metrics at http://HOST:PORT/metrics")
     ap.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "zmq"])
     ap.add_argument("--zone")
     ap.add_argument("--staging-mib", type=int, default=64, help="registered staging memory for KV slabs")
@@ -235,8 +237,23 @@ def server_main(role: str, argv: list[str] | None = None, prog: str | None = Non
         from engine.server.server import make_server
 
         server = make_server(config, server_config(role, args))
+        exporter = None
+        if args.metrics_port is not None:
+            from engine.metrics.server_exporter import ServerMetricsExporter
+
+            exporter = ServerMetricsExporter(server.stats, model_name=args.served_model_name, role=role,
+                                             engine_id=server.engine_id, host=args.host, port=args.metrics_port)
+            try:
+                exporter.start()
+            except OSError:
+                server.close()
+                raise
     print(f"DUET_READY {role} {server.address} {server.event_address}", flush=True)
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    finally:
+        if exporter is not None:
+            exporter.close()
 
 
 def server_config(role: str, args: argparse.Namespace) -> ServerConfig:

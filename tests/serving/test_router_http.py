@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.launcher import ServerProcess, query_server
+from engine.launcher import ServerProcess, free_port, query_server
 from engine.protocol import StatsRequest
 from tests.metrics.exposition import VLLM_ENGINE_FAMILIES, VLLM_REQUEST_FAMILIES, check_vllm_families, samples
 
@@ -46,8 +46,10 @@ def colocated(model):
 @pytest.fixture(scope="module", params=["nixl", "zmq"])
 def cluster(request, model):
     kind = request.param
-    p = ServerProcess("prefill", model, "--kv-transport", kind, "--num-kv-blocks", NUM_BLOCKS)
-    d = ServerProcess("decode", model, "--kv-transport", kind, "--num-kv-blocks", NUM_BLOCKS)
+    p = ServerProcess("prefill", model, "--kv-transport", kind, "--num-kv-blocks", NUM_BLOCKS,
+                      "--metrics-port", str(free_port()))
+    d = ServerProcess("decode", model, "--kv-transport", kind, "--num-kv-blocks", NUM_BLOCKS,
+                      "--metrics-port", str(free_port()))
     r = ServerProcess("router", model, "--prefill", p.address, "--decode", d.address, "--served-model-name", "llama",
                       "--disagg-threshold-tokens", "0", "--debug-traces")
     try:
@@ -184,6 +186,17 @@ def test_router_metrics_read_like_vllms(cluster, colocated):
     assert not [n for n in fams if n.startswith("duet_server_")], "a server stat without a name in the table"
     ttft = samples(text, "vllm:time_to_first_token_seconds_count")
     assert ttft[0][0] == {"model_name": "llama", "engine": "router"} and ttft[0][1] >= 1
+
+    # Each server's own --metrics-port: the same engine families, the same engine id as the router shows.
+    for proc, role in ((p, "prefill"), (d, "decode")):
+        port = proc.proc.args[proc.proc.args.index("--metrics-port") + 1]
+        own = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        own_fams = check_vllm_families(own, VLLM_ENGINE_FAMILIES)
+        [(labels, _)] = samples(own, "vllm:num_requests_running")
+        assert ids[labels["engine"]] == role and labels["model_name"] == proc.proc.args[proc.proc.args.index(
+            "--model") + 1]
+        assert own_fams["process_cpu_seconds"][0] == "counter"
+        assert not [n for n in own_fams if n.startswith("duet_server_") and "stats_errors" not in n]
 
 
 def test_request_trace_spans_router_prefill_and_decode(cluster):
