@@ -65,7 +65,8 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int,
                    help="tokens per KV block (default: 16; with --executor vllm on CPU, 32: vLLM's CPU attention "
                    "needs a multiple of 32)")
-    g.add_argument("--num-kv-blocks", type=int)
+    g.add_argument("--num-kv-blocks", "--num-gpu-blocks-override", type=int,
+                   help="KV pool size in blocks, instead of sizing it from memory")
     g.add_argument("--kv-cache-memory-bytes", type=int)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -90,7 +91,7 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="ranks each layer is split over (attention by heads, MLPs by columns)")
     p.add_argument("--pipeline-parallel-size", type=int, default=1, help="stages the layers are split over")
-    p.add_argument("--expert-parallel", action="store_true",
+    p.add_argument("--expert-parallel", "--enable-expert-parallel", action="store_true",
                    help="MoE: each tensor-parallel rank holds whole experts instead of a slice of each")
     p.add_argument("--distributed-timeout-s", type=float, default=300.0,
                    help="deadline of worker start-up and of every collective between ranks")

@@ -42,6 +42,8 @@ def test_vllm_flag_names_map_onto_the_engine_config(tmp_path):
     assert config.block_size == 16
     old = engine_config(parse("--model", "models/m", "--no-prefix-caching", "--no-cuda-graphs"))
     assert not old.enable_prefix_caching and not old.cuda_graphs
+    vllm_spelling = engine_config(parse("m", "--num-gpu-blocks-override", "12", "--enable-expert-parallel"))
+    assert vllm_spelling.num_kv_blocks == 12 and vllm_spelling.expert_parallel
     assert engine_config(parse("models/m")).enable_prefix_caching
     assert parse("--model", "m").served_model_names == ["m"]
     with pytest.raises(SystemExit):
