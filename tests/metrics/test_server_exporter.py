@@ -3,11 +3,15 @@ prometheus_client's parser and compared with vLLM's recorded exposition."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
+import subprocess
+import sys
 import urllib.request
 
 import pytest
 
+from engine.launcher import ROOT
 from engine.metrics.server_exporter import ServerMetricsExporter
 from tests.metrics.exposition import SERVER_STATS, VLLM_ENGINE_FAMILIES, check_vllm_families, parse, samples
 
@@ -97,3 +101,28 @@ def test_exporter_port_in_use_names_the_address():
             exporter.start()
     with pytest.raises(ValueError, match="engine_id"):
         ServerMetricsExporter(dict, model_name="m", role="decode", engine_id="")
+
+
+def test_exporter_and_front_end_families_under_prometheus_multiproc_dir(tmp_path):
+    """A process started with PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode, which a vLLM
+    environment may set) still serves correct values: they live in that directory's files per process."""
+    code = """
+import urllib.request
+from prometheus_client import CollectorRegistry, generate_latest
+from engine.metrics.request_metrics import RequestMetrics
+from engine.launcher import ROOT
+from engine.metrics.server_exporter import ServerMetricsExporter
+registry = CollectorRegistry()
+RequestMetrics(registry, "m").first_token(0.25)
+with ServerMetricsExporter(lambda: {"running": 2}, model_name="m", role="decode", engine_id="d") as e:
+    e.histogram("duet_x_seconds", "x", [1.0]).observe(0.5)
+    print(urllib.request.urlopen(e.url, timeout=10).read().decode() + generate_latest(registry).decode())
+"""
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert samples(out.stdout, "vllm:num_requests_running") == [({"model_name": "m", "engine": "d"}, 2.0)]
+    assert samples(out.stdout, "duet_x_seconds_count")[0][1] == 1.0
+    assert samples(out.stdout, "vllm:time_to_first_token_seconds_sum")[0][1] == 0.25
+    assert any(tmp_path.iterdir()), "values went through the multiprocess files"
