@@ -69,7 +69,8 @@ class EngineConfig:
         if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer):
             raise ValueError(f"tokenizer must be a non-empty path or None, got {self.tokenizer!r}")
         if not isinstance(self.generation_config, str) or not self.generation_config:
-            raise ValueError(f"generation_config must be auto, vllm, none or a directory, got {self.generation_config!r}")
+            raise ValueError(f"generation_config must be auto, vllm, none or a directory, "
+                             f"got {self.generation_config!r}")
         if self.generation_config not in ("auto", "vllm", "none") and not os.path.isdir(self.generation_config):
             raise ValueError(f"generation_config: {self.generation_config!r} is not a directory (nor auto, vllm, none)")
         if self.dtype != "auto":

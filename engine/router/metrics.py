@@ -115,7 +115,8 @@ def _link_families(model_name: str, links: list) -> list[Metric]:
                    lambda s: float(s.queued_prefill_tokens)),
         "free": ("duet_router_server_free_blocks", "Free KV blocks on the server, as the router estimates them.",
                  lambda s: float(s.free_blocks)),
-        "total": ("duet_router_server_total_blocks", "KV blocks in the server's pool.", lambda s: float(s.total_blocks)),
+        "total": ("duet_router_server_total_blocks", "KV blocks in the server's pool.",
+                  lambda s: float(s.total_blocks)),
     }
     families = {k: GaugeMetricFamily(name, doc, labels=labels) for k, (name, doc, _) in per_link.items()}
     used: dict[str, list[float]] = {}

@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
-    shown = " ".join(["vllm.entrypoints.openai.api_server", "--model", "<tiny llama, head_dim 32>", *cmd[5:7], "--max-model-len",
-                      "512"])
+    shown = " ".join(["vllm.entrypoints.openai.api_server", "--model", "<tiny llama, head_dim 32>", *cmd[5:7],
+                      "--max-model-len", "512"])
     header = (f"# Recorded by tests/metrics/record_vllm_exposition.py from vLLM {vllm.__version__}\n"
               f"# ({shown}); model_name={SERVED_NAME}.\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.metrics.exposition import StaticCollector
 from engine.metrics.request_metrics import RequestMetrics
-from engine.metrics.server_stats import EngineStats, stats_families
 from engine.router.metrics import RouterMetrics
 from engine.router.scoring import ServerState
 from tests.metrics.exposition import SERVER_STATS
