@@ -22,6 +22,8 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+# Console scripts: one `duet` command; its subcommands (serve, prefill, decode, router, bench) are in engine/cli.py.
+CONSOLE_SCRIPTS = ["duet = engine.cli:main"]
 # Two translation units at most: more parallel jobs would only cost memory.
 BUILD_JOBS = 2
 
@@ -114,6 +116,7 @@ setup(
     package_data={"engine.tools": ["data/*.txt"]},
     ext_modules=[CMakeExtension("kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
     install_requires=[
         "torch>=2.4",
         "numpy",
@@ -125,6 +128,7 @@ setup(
         "msgpack>=1.0",
         "pyzmq>=25",
         "aiohttp>=3.9",
+        "prometheus_client>=0.20",
     ],
     extras_require={
         "nixl": ["nixl-cu13==1.5.1"],

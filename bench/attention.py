@@ -17,7 +17,8 @@ Every row is one shape, timed in this run next to its baselines:
 Default shapes are the targets on CUDA: bf16, 32 query heads, 8 KV heads, head_dim 128, block 16;
 decode batch 1-256 x context 1k-32k, prefill 4k-16k new tokens with and without a paged prefix.
 ``--quick`` runs tiny fp32 shapes, meant for CPU through the Triton interpreter, where times measure the
-interpreter, not a kernel. Results land in ``bench/results/<device>/attention.{json,md,png}``.
+interpreter, not a kernel. Results land in ``bench/runs/<device>/attention.{json,md,png}`` (``--record``:
+``bench/results/<device>/``).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bench.report import copy_bandwidth_bytes_per_s, time_fn, time_fn_graph, write_results
+from bench.report import add_record_arg, copy_bandwidth_bytes_per_s, time_fn, time_fn_graph, write_results
 from engine import envs
 
 logger = logging.getLogger(__name__)
@@ -266,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny fp32 shapes (CPU interpreter smoke run)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    add_record_arg(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = torch.device(args.device)
@@ -293,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     write_results(
-        "attention", rows, COLUMNS, device=device,
+        "attention", rows, COLUMNS, device=device, record=args.record,
         plot=plot(rows, "Triton interpreter: times measure numpy emulation, not GPU kernels"
                   if envs.triton_interpret() else ""),
         extra={"copy_GB/s": copy_bytes_per_s / 1e9, "quick": args.quick,

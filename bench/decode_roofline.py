@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench.report import copy_bandwidth_bytes_per_s, write_results
+from bench.report import add_record_arg, copy_bandwidth_bytes_per_s, write_results
 from engine import LLM, SamplingParams
 from engine.tools.make_tiny_model import make_tiny_model
 
@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="the tiny model, batch 1,4, context 64, 5 steps")
+    add_record_arg(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.quick:
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         ax.set_ylabel("% of bandwidth roofline (roofline / step time)")
         ax.legend(fontsize=7)
 
-    write_results("decode_roofline", rows, COLUMNS, device=device, plot=plot,
+    write_results("decode_roofline", rows, COLUMNS, device=device, plot=plot, record=args.record,
                   extra={"copy_GBps": copy_bw / 1e9, "steps": args.steps, "dtype": "bfloat16" if device.type == "cuda"
                          else "float32"})
 

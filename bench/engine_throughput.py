@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench.report import write_results
+from bench.report import add_record_arg, write_results
 from engine import LLM, SamplingParams
 
 
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--quick", action="store_true", help="batch 1,4; prompt 32; output 8")
+    add_record_arg(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.batch, args.prompt_len, args.output_len = "1,4", 32, 8
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     write_results("engine_throughput", rows, cols, device=llm.engine.runner.device,
                   extra={"model": f"{mc.architecture} hidden={mc.hidden_size} layers={mc.num_layers}",
                          "dtype": str(llm.engine.runner.dtype), "torch_threads": torch.get_num_threads()},
-                  plot=plot)
+                  plot=plot, record=args.record)
 
 
 if __name__ == "__main__":

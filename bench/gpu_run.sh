@@ -54,11 +54,11 @@ for s in $STEPS; do
     tests_quick) step tests_quick 120 python3 -m pytest -q -p no:cacheprovider -n 4 --timeout 90 -rfE \
              tests/kernels/test_kv_blocks.py tests/engine/test_cuda_graphs.py tests/engine/test_triton_backend.py \
              tests/engine/test_models_vs_hf.py tests/engine/test_attention_backend.py tests/kernels/test_layer_kernels.py ;;
-    roofline) step roofline 200 python3 -m bench.decode_roofline ;;
-    transfer) step transfer 90 python3 -m bench.transfer --backend nixl --tokens 4096 --device cuda ;;
-    attention) step attention 120 python3 -m bench.attention --device cuda ;;
-    kv_pack) step kv_pack 60 python3 -m bench.kv_pack --device cuda ;;
-    serving) step serving 150 python3 -m bench.pd_vs_colocated --gpu --kv-transport nixl --prompt-lens 1024,4096 \
+    roofline) step roofline 200 python3 -m bench.decode_roofline --record ;;
+    transfer) step transfer 90 python3 -m bench.transfer --backend nixl --tokens 4096 --device cuda --record ;;
+    attention) step attention 120 python3 -m bench.attention --device cuda --record ;;
+    kv_pack) step kv_pack 60 python3 -m bench.kv_pack --device cuda --record ;;
+    serving) step serving 150 python3 -m bench.pd_vs_colocated --gpu --kv-transport nixl --record --prompt-lens 1024,4096 \
                --output-len 128 --concurrency 8 --num-requests 24 ;;
     *) echo "unknown step $s" | tee -a "$OUT/summary.txt" ;;
   esac

@@ -17,7 +17,8 @@ bandwidth measured in this run (``copy_GB/s``), so ``%copy_bw`` is the share of 
 Default shapes (for CUDA): Llama-3-8B (32 layers, 8 KV heads, head_dim 128, bf16, 16-token blocks,
 256 blocks = a 4k-token prompt) with all layers in one launch and with one layer (the layer-wise streaming
 step), and a Llama-3-70B TP-8 shard (80 layers, 1 KV head per GPU: 4 KiB chunks). ``--quick`` runs small
-shapes on CPU in seconds. Results land in ``bench/results/<device>/kv_pack.{json,md,png}``.
+shapes on CPU in seconds. Results land in ``bench/runs/<device>/kv_pack.{json,md,png}`` (``--record``:
+``bench/results/<device>/``).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from bench.report import copy_bandwidth_bytes_per_s, time_fn, write_results
+from bench.report import add_record_arg, copy_bandwidth_bytes_per_s, time_fn, write_results
 from kernels import kv_blocks, reference
 
 COLUMNS = [
@@ -166,11 +167,12 @@ def plot_rows(rows: list[dict], copy_bw: float) -> Callable:
     return plot
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, seconds on CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    add_record_arg(parser)
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
 
     duet_impl = "duet" if kv_blocks.extension_available() else "duet (reference fallback)"
@@ -184,7 +186,7 @@ def main() -> None:
             "copy_GB/s": round(copy_bw / 1e9, 2), "quick": args.quick, "extension": kv_blocks.extension_available(),
             "torch_threads": torch.get_num_threads(), "pool_blocks_per_request_block": POOL_FACTOR,
         },
-        plot=plot_rows(rows, copy_bw),
+        plot=plot_rows(rows, copy_bw), record=args.record,
     )
 
 

@@ -14,7 +14,7 @@ Configurations (random weights, made now): ``tiny`` = Llama hidden 128, 2 layers
 On a GPU (``--gpu``): the Qwen3-0.6B shape in bf16 with ``--load-format dummy`` weights, every server on the
 one GPU with its own KV pool (``--num-kv-blocks``), KV over NIXL (CUDA IPC), CUDA graphs for decode;
 ``--prompt-lens 1024,4096 --output-len 128 --concurrency 8`` is the issue's shape. Results land in
-``bench/results/<gpu>/``.
+``bench/runs/<gpu>/`` (``--record``: ``bench/results/<gpu>/``).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from bench.report import write_results
+from bench.report import add_record_arg, write_results
 from bench.serving import Histogram, build_trace, parse_prometheus, run_benchmark
 from engine.launcher import ServerProcess
 from engine.tools.make_tiny_model import make_tiny_model
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--gpu", action="store_true", help="the Qwen3-0.6B shape on the local GPU (see above)")
+    add_record_arg(ap)
     args = ap.parse_args(argv)
     configs = ["tiny"] if args.quick else args.configs.split(",")
     if args.gpu:
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
 
     write_results("pd_vs_colocated", rows, columns, device="cuda" if args.gpu else "cpu",
                   extra={"kv_transport": args.kv_transport, "prompt_lens": args.prompt_lens,
-                         "output_len": args.output_len, "concurrency": args.concurrency}, plot=plot)
+                         "output_len": args.output_len, "concurrency": args.concurrency}, plot=plot,
+                  record=args.record)
 
 
 if __name__ == "__main__":

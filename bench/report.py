@@ -1,8 +1,10 @@
 """Shared plumbing for benchmarks: device naming, timing, copy-bandwidth roofline, and result files.
 
-A result is a list of row dicts. ``write_results`` prints a Markdown table and writes
-``bench/results/<device>/<name>.json`` (rows + environment: commit, device, torch version) and, when
-``plot`` is given, ``<name>.png``.
+A result is a list of row dicts. ``write_results`` prints a Markdown table and writes ``<name>.json`` (rows +
+environment: commit, device, torch version), ``<name>.md`` and, when ``plot`` is given, ``<name>.png`` under
+``bench/runs/<device>/`` (untracked), or, with ``record=True`` (every benchmark's ``--record``), under
+``bench/results/<device>/``: the recorded results bench/NOTES.md cites, tracked by git. A plain run never
+overwrites a recorded result.
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ from engine import envs
 logger = logging.getLogger(__name__)
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+"""Recorded results (tracked): written only with ``--record``."""
+RUNS_ROOT = Path(__file__).resolve().parent / "runs"
+"""Every other run (in .gitignore)."""
 
 
 def device_slug(device: torch.device | str | None = None) -> str:
@@ -121,8 +126,15 @@ def copy_bandwidth_bytes_per_s(device: torch.device, num_bytes: int | None = Non
     return 2 * num_bytes / seconds
 
 
-def results_dir(device: torch.device | str | None = None) -> Path:
-    path = RESULTS_ROOT / device_slug(device)
+def add_record_arg(parser) -> None:
+    """``--record``: the flag every benchmark takes to write its result where recorded results live."""
+    parser.add_argument("--record", action="store_true",
+                        help="write the result into bench/results/<device>/ (tracked; see bench/NOTES.md) instead of "
+                        "bench/runs/<device>/ (untracked)")
+
+
+def results_dir(device: torch.device | str | None = None, record: bool = False) -> Path:
+    path = (RESULTS_ROOT if record else RUNS_ROOT) / device_slug(device)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -145,9 +157,11 @@ def write_results(
     device: torch.device | str | None = None,
     extra: dict | None = None,
     plot: Callable[["object"], None] | None = None,
+    record: bool = False,
 ) -> Path:
-    """Print the table and write ``<name>.json`` (+ ``<name>.md``, + ``<name>.png`` via ``plot(ax)``)."""
-    out_dir = results_dir(device)
+    """Print the table and write ``<name>.json`` (+ ``<name>.md``, + ``<name>.png`` via ``plot(ax)``) under
+    ``bench/runs/<device>/``, or ``bench/results/<device>/`` when ``record``."""
+    out_dir = results_dir(device, record)
     table = format_table(rows, columns)
     print(table)
     meta = {
@@ -174,4 +188,6 @@ def write_results(
         fig.tight_layout()
         fig.savefig(out_dir / f"{name}.png", dpi=120)
         plt.close(fig)
+    note = "recorded" if record else "not recorded; --record writes bench/results/ instead"
+    print(f"wrote {out_dir / name}.json ({note})")
     return out_dir / f"{name}.json"

@@ -513,6 +513,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--servers", type=int, help="total servers (1/4 prefill, 3/4 decode); load scales with it")
     parser.add_argument("--duration", type=float, help="seconds of arrivals")
     parser.add_argument("--seed", type=int, default=0)
+    from bench.report import add_record_arg
+
+    add_record_arg(parser)
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else SimConfig()
     if args.servers:
@@ -554,7 +557,7 @@ def main(argv: list[str] | None = None) -> None:
     name = "router_sim_quick" if args.quick else f"router_sim_{cfg.num_prefill}p{cfg.num_decode}d"
     write_results(name, rows, columns, device="cpu", plot=plot, extra={
         "config": cfg.__dict__, "conversations": len(trace), "turns": sum(len(c.turns) for c in trace),
-        "trace_s": trace_s})
+        "trace_s": trace_s}, record=args.record)
 
 
 if __name__ == "__main__":

@@ -457,8 +457,8 @@ def plot_runs(runs: Sequence[dict]):
     return plot
 
 
-def _write(name: str, rows: list[dict], columns: list[str], slug: str, extra: dict, plot) -> Path:
-    """``report.write_results`` under ``results/<slug>``, also when ``slug`` is the server's GPU.
+def _write(name: str, rows: list[dict], columns: list[str], slug: str, extra: dict, plot, record: bool) -> Path:
+    """``report.write_results`` under ``<runs or results>/<slug>``, also when ``slug`` is the server's GPU.
 
     report.py derives the folder from a torch device of this machine; the client rarely runs where the
     server's GPU is, so a slug like ``h100`` is substituted for the duration of the call.
@@ -466,12 +466,12 @@ def _write(name: str, rows: list[dict], columns: list[str], slug: str, extra: di
     from bench import report
 
     if slug == report.device_slug("cpu"):
-        return report.write_results(name, rows, columns, device="cpu", extra=extra, plot=plot)
+        return report.write_results(name, rows, columns, device="cpu", extra=extra, plot=plot, record=record)
     saved = report.device_slug, report.device_description
     report.device_slug = lambda device=None: slug
     report.device_description = lambda device=None: f"server {slug} (--device-slug); client {saved[1]('cpu')}"
     try:
-        return report.write_results(name, rows, columns, device="cpu", extra=extra, plot=plot)
+        return report.write_results(name, rows, columns, device="cpu", extra=extra, plot=plot, record=record)
     finally:
         report.device_slug, report.device_description = saved
 
@@ -509,8 +509,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--request-timeout-s", type=_positive_float, default=600.0)
     p.add_argument("--handoff-from-metrics", nargs="?", const="auto", metavar="SOURCE",
                    help="prefill compute time for the --url run: auto (<url>/metrics), a URL, or a file")
-    p.add_argument("--out-name", default="serving", help="result file name under bench/results/<device>/")
+    p.add_argument("--out-name", default="serving", help="result file name under bench/runs/<device>/")
     p.add_argument("--device-slug", default="cpu", help="results folder: the server's device, e.g. h100")
+    from bench import report  # torch, for the result files
+
+    report.add_record_arg(p)
     args = p.parse_args(argv)
     if args.max_concurrency and not args.request_rate:
         p.error("--max-concurrency goes with --request-rate (use --concurrency for a closed loop)")
@@ -535,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                   "concurrency": concurrency, "request_rate": args.request_rate},
         "runs": runs,
     }
-    path = _write(args.out_name, rows, columns, args.device_slug, extra, plot_runs(runs))
+    path = _write(args.out_name, rows, columns, args.device_slug, extra, plot_runs(runs), args.record)
     for run in runs:
         if run["summary"]["errors"]:
             logger.warning("%s: %d errors, e.g. %s", run["label"], run["summary"]["errors"],

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bench.report import time_fn, write_results
+from bench.report import add_record_arg, time_fn, write_results
 from kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks
 from transfer import RemoteRegion, make_transport
 from transfer.factory import nixl_importable
@@ -210,14 +210,15 @@ def _plot(rows):
     return plot
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small request and few iterations (seconds on CPU)")
     parser.add_argument("--backend", choices=["nixl", "zmq"], help="default: every backend available")
     parser.add_argument("--tokens", type=int, help="request length (default 256 quick, 2048 full)")
     parser.add_argument("--iters", type=int, help="timed iterations per mode (default 3 quick, 10 full)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    add_record_arg(parser)
+    args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     num_tokens = args.tokens or (256 if args.quick else 2048)
     iters = args.iters or (3 if args.quick else 10)
@@ -232,7 +233,7 @@ def main() -> None:
         extra={"tokens": num_tokens, "iters": iters, "geometry": f"L{NUM_LAYERS} H{NUM_KV_HEADS} D{HEAD_DIM} "
                f"B{BLOCK_SIZE} {str(DTYPE).removeprefix('torch.')}", "timing": "writer: first post -> all DONE, median",
                "processes": "2 (spawn), same host"},
-        plot=_plot(rows),
+        plot=_plot(rows), record=args.record,
     )
 
 

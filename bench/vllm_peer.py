@@ -37,7 +37,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.prefill_metrics import parse_prometheus
-from bench.report import write_results
+from bench.report import add_record_arg, write_results
 from bench.serving import build_trace, run_benchmark
 from engine.launcher import ROOT, ServerProcess, free_port, query_server, wait_for_line
 from engine.protocol import StatsRequest
@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-requests", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=32)
+    add_record_arg(ap)
     args = ap.parse_args(argv)
     try:
         import vllm  # noqa: F401
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         ax.set_ylabel("ms, log scale (lower is better)")
         ax.legend(fontsize=7)
 
-    write_results("vllm_peer", rows, columns, device="cpu", plot=plot,
+    write_results("vllm_peer", rows, columns, device="cpu", plot=plot, record=args.record,
                   extra={"model": MODEL, "prompt_len": prompt_len, "output_len": args.output_len, "concurrency": 1,
                          "num_requests": n, "kv_transport (Duet rows)": kv, "vllm_serve_flags": VLLM_SERVE_FLAGS,
                          "nixl_kv_transfer_config": NIXL_KV_CONFIG, "targets": targets})

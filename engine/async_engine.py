@@ -44,6 +44,8 @@ class EngineSnapshot:
     prefix_cache_hit_tokens: int = 0
     num_preemptions: int = 0
     num_unfinished: int = 0
+    num_prompt_tokens_computed: int = 0
+    num_generated_tokens: int = 0
 
 
 class AsyncEngine:
@@ -164,7 +166,8 @@ class AsyncEngine:
             num_total_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks, num_cached_blocks=bm.num_cached_blocks,
             num_running=len(s.running), num_waiting=len(s.waiting), prefix_cache_queries=bm.stats.queries,
             prefix_cache_query_tokens=bm.stats.query_tokens, prefix_cache_hit_tokens=bm.stats.hit_tokens,
-            num_preemptions=s.num_preemptions, num_unfinished=int(e.has_unfinished_requests()))
+            num_preemptions=s.num_preemptions, num_unfinished=int(e.has_unfinished_requests()),
+            num_prompt_tokens_computed=e.num_prompt_tokens_computed, num_generated_tokens=e.num_generated_tokens)
 
     def _deliver(self, request_id: str, item) -> None:
         entry = self._queues.get(request_id)

@@ -1,6 +1,7 @@
 """Engine configuration: one validated dataclass, shared by the library API and every server."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,11 @@ class EngineConfig:
 
     model: str
     """Path to a Hugging Face model directory (config.json, safetensors, tokenizer)."""
+    tokenizer: str | None = None
+    """Directory of the tokenizer (tokenizer.json, tokenizer_config.json); None = the model directory."""
+    generation_config: str = "auto"
+    """Where sampling defaults and extra EOS ids come from: ``auto`` (the model directory's
+    generation_config.json), ``vllm`` or ``none`` (nowhere: neutral defaults), or a directory holding one."""
     dtype: str = "auto"
     """``auto`` (the checkpoint's dtype; float16 becomes float32 on CPU), float32, bfloat16 or float16."""
     device: str = "auto"
@@ -60,6 +66,13 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("model must be a non-empty path")
+        if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer):
+            raise ValueError(f"tokenizer must be a non-empty path or None, got {self.tokenizer!r}")
+        if not isinstance(self.generation_config, str) or not self.generation_config:
+            raise ValueError(f"generation_config must be auto, vllm, none or a directory, "
+                             f"got {self.generation_config!r}")
+        if self.generation_config not in ("auto", "vllm", "none") and not os.path.isdir(self.generation_config):
+            raise ValueError(f"generation_config: {self.generation_config!r} is not a directory (nor auto, vllm, none)")
         if self.dtype != "auto":
             parse_dtype(self.dtype, "dtype")
         if self.device != "auto":

@@ -1,4 +1,4 @@
-"""``python -m engine.decode --model DIR --port P``: a decode server (receives KV, generates tokens)."""
+"""``duet decode MODEL --port P`` (``python -m engine.decode``): a decode server (receives KV, generates tokens)."""
 from engine.server.cli import server_main
 
 if __name__ == "__main__":

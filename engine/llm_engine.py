@@ -25,7 +25,7 @@ from engine.request import Request
 from engine.sampler import SampleResult
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
-from engine.tokenizer import generation_defaults, generation_eos_ids, load_tokenizer
+from engine.tokenizer import generation_config_dir, generation_defaults, generation_eos_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +49,10 @@ class LLMEngine:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's limit of {limit} tokens")
         self.max_model_len = config.max_model_len or limit
         validate_parallel(config.tensor_parallel_size, config.pipeline_parallel_size, config.expert_parallel, mc)
-        self.tokenizer = load_tokenizer(config.model) if load_tokenizer_ else None
-        self.eos_token_ids = tuple(dict.fromkeys(mc.eos_token_ids + generation_eos_ids(config.model)))
-        self.default_sampling = generation_defaults(config.model)
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model) if load_tokenizer_ else None
+        generation_dir = generation_config_dir(config.model, config.generation_config)
+        self.eos_token_ids = tuple(dict.fromkeys(mc.eos_token_ids + generation_eos_ids(generation_dir)))
+        self.default_sampling = generation_defaults(generation_dir)
         if config.world_size > 1:
             from engine.parallel.workers import start_parallel_runner  # starts worker processes
 

@@ -1,4 +1,4 @@
-"""``python -m engine.prefill --model DIR --port P``: a prefill server (computes prompts, streams KV out)."""
+"""``duet prefill MODEL --port P`` (``python -m engine.prefill``): a prefill server (computes prompts, streams KV out)."""
 from engine.server.cli import server_main
 
 if __name__ == "__main__":

@@ -8,14 +8,48 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
-def load_tokenizer(model_dir: str | Path):
-    """A ``transformers`` fast tokenizer from a local directory; never touches the network."""
+def load_tokenizer(model_dir: str | Path, chat_template: str | None = None):
+    """A ``transformers`` fast tokenizer from a local directory; never touches the network.
+
+    ``chat_template``: a Jinja template (``load_chat_template``) replacing the checkpoint's."""
     model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: tokenizer directory does not exist")
     if not (model_dir / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{model_dir / 'tokenizer.json'}: missing tokenizer file")
+        raise FileNotFoundError(f"{model_dir / 'tokenizer.json'}: missing tokenizer file (--tokenizer DIR names "
+                                "another directory)")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """``--chat-template``: a file's contents, or the value itself when it is a template (has ``{{`` or
+    ``{%``), as vLLM reads it. Raises ``FileNotFoundError`` for a path that does not exist."""
+    if value is None:
+        return None
+    path = Path(value)
+    try:
+        if path.is_file():
+            return path.read_text()
+    except OSError:  # a template too long to be a path
+        pass
+    if "{{" in value or "{%" in value:
+        return value
+    raise FileNotFoundError(f"--chat-template {value}: no such file (and not a Jinja template)")
+
+
+def generation_config_dir(model_dir: str | Path, generation_config: str = "auto") -> Path | None:
+    """The directory whose generation_config.json applies: the model's (``auto``), none (``vllm``/``none``),
+    or the one given."""
+    if generation_config == "auto":
+        return Path(model_dir)
+    if generation_config in ("vllm", "none"):
+        return None
+    return Path(generation_config)
 
 
 def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
@@ -26,8 +60,10 @@ def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: 
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def generation_defaults(model_dir: str | Path) -> dict:
-    """Sampling defaults from ``generation_config.json`` mapped onto SamplingParams field names."""
+def generation_defaults(model_dir: str | Path | None) -> dict:
+    """Sampling defaults from ``generation_config.json`` mapped onto SamplingParams field names ({} for None)."""
+    if model_dir is None:
+        return {}
     path = Path(model_dir) / "generation_config.json"
     if not path.is_file():
         return {}
@@ -49,7 +85,9 @@ def generation_defaults(model_dir: str | Path) -> dict:
     return out
 
 
-def generation_eos_ids(model_dir: str | Path) -> tuple[int, ...]:
+def generation_eos_ids(model_dir: str | Path | None) -> tuple[int, ...]:
+    if model_dir is None:
+        return ()
     path = Path(model_dir) / "generation_config.json"
     if not path.is_file():
         return ()

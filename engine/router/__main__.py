@@ -1,8 +1,10 @@
-"""``python -m engine.router``: the OpenAI HTTP router in front of prefill and decode servers.
+"""``duet router MODEL`` (``python -m engine.router``): the OpenAI HTTP router in front of prefill and decode
+servers.
 
-    python -m engine.router --model DIR --prefill tcp://127.0.0.1:7001 --decode tcp://127.0.0.1:7002 --port 8000
+    duet router DIR --prefill tcp://127.0.0.1:7001 --decode tcp://127.0.0.1:7002 --port 8000
 
-The router tokenizes and detokenizes (with the model directory's tokenizer); servers exchange token ids.
+The router tokenizes and detokenizes (with the model directory's tokenizer, or ``--tokenizer``); servers
+exchange token ids. While it waits for the listed servers at start-up it logs which ones have not answered.
 """
 from __future__ import annotations
 
@@ -13,18 +15,30 @@ import os
 
 from engine.router.app import add_http_args, create_app, http_options, serve
 from engine.router.cluster import ClusterDispatcher
+from engine.router.dispatcher import DispatchError
 from engine.router.scoring import POLICIES, RouterPolicy
-from engine.server.cli import add_logging_args, setup_logging
-from engine.tokenizer import generation_defaults, load_tokenizer
+from engine.server.cli import (
+    add_frontend_args,
+    add_logging_args,
+    add_model_args,
+    resolve_model_args,
+    setup_logging,
+    startup_errors,
+)
+from engine.tokenizer import generation_config_dir, generation_defaults, load_chat_template, load_tokenizer
 from transfer.curve import load_keys
 
 logger = logging.getLogger("engine.router")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m engine.router", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="model directory (tokenizer, chat template, defaults)")
-    ap.add_argument("--served-model-name")
+def parse_args(argv: list[str] | None = None, prog: str = "python -m engine.router") -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    add_model_args(ap)
+    ap.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    ap.add_argument("--generation-config", default="auto",
+                    help="sampling defaults: 'auto' (the model's generation_config.json), 'vllm' (none), or a "
+                    "directory holding a generation_config.json")
+    add_frontend_args(ap)
     ap.add_argument("--prefill", nargs="+", action="extend", default=[],
                     help="prefill servers' command sockets (tcp://H:P)")
     ap.add_argument("--decode", nargs="+", action="extend", default=[], help="decode servers' command sockets (tcp://H:P)")
@@ -50,13 +64,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_http_args(ap)
     add_logging_args(ap)
     args = ap.parse_args(argv)
+    resolve_model_args(ap, args)
+    args.prog = prog
     args.http_kwargs, args.ssl_context = http_options(ap, args)
     return args
 
 
 async def amain(args: argparse.Namespace) -> None:
-    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    tokenizer = load_tokenizer(args.model)
+    names = args.served_model_names
+    tokenizer = load_tokenizer(args.tokenizer or args.model, load_chat_template(args.chat_template))
+    default_sampling = generation_defaults(_generation_dir(args))
     policy = RouterPolicy(policy=args.policy, disagg_threshold_tokens=args.disagg_threshold_tokens,
                           default_ttft_budget_s=args.ttft_budget_s)
     registry = f"tcp://{args.host}:{args.registry_port}" if args.registry_port else None
@@ -64,35 +81,38 @@ async def amain(args: argparse.Namespace) -> None:
         logger.warning("the ZeroMQ control plane to the servers is plaintext; turn on CURVE with --zmq-keys DIR "
                        "(python -m engine.tools.keys DIR) on the router and every server")
     dispatcher = ClusterDispatcher(
-        args.prefill, args.decode, name, policy, connect_timeout_s=args.connect_timeout_s,
+        args.prefill, args.decode, names[0], policy, connect_timeout_s=args.connect_timeout_s,
         kv_timeout_s=args.kv_timeout_s, request_timeout_s=args.request_timeout_s, heartbeat_s=args.heartbeat_s,
         max_queue=args.max_queue, queue_timeout_s=args.queue_timeout_s, registry_address=registry,
         zmq_keys=load_keys(args.zmq_keys), lease_ttl_s=args.lease_ttl_s)
     try:
         await dispatcher.start()
+    except DispatchError as e:
+        await dispatcher.close()
+        raise ConnectionError(f"router cannot start: {e}") from None
     except Exception:
         await dispatcher.close()
         raise
-    app = create_app(dispatcher, tokenizer, name, max_model_len=dispatcher.max_model_len, api_key=args.api_key,
-                     request_timeout_s=args.request_timeout_s, default_sampling=generation_defaults(args.model),
-                     debug_traces=args.debug_traces, **args.http_kwargs)
+    app = create_app(dispatcher, tokenizer, names, max_model_len=dispatcher.max_model_len, api_key=args.api_key,
+                     request_timeout_s=args.request_timeout_s, default_sampling=default_sampling,
+                     debug_traces=args.debug_traces, metrics_engine="router", **args.http_kwargs)
     scheme = "https" if args.ssl_context is not None else "http"
     await serve(app, args.host, args.port, ssl_context=args.ssl_context,
                 on_ready=lambda addrs: print(f"DUET_READY router {scheme}://{args.host}:{args.port}", flush=True))
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    setup_logging(args)
-    try:
-        asyncio.run(amain(args))
-    except Exception as e:  # noqa: BLE001 - start-up errors end the process with one clear line
-        from engine.router.dispatcher import DispatchError
+def _generation_dir(args: argparse.Namespace):
+    value = args.generation_config
+    if value not in ("auto", "vllm", "none") and not os.path.isdir(value):
+        raise FileNotFoundError(f"--generation-config {value}: not a directory (nor auto, vllm)")
+    return generation_config_dir(args.model, value)
 
-        if isinstance(e, DispatchError):
-            logger.error("router cannot start: %s", e)
-            raise SystemExit(2) from None
-        raise
+
+def main(argv: list[str] | None = None, prog: str = "python -m engine.router") -> None:
+    args = parse_args(argv, prog)
+    setup_logging(args)
+    with startup_errors(prog, args):
+        asyncio.run(amain(args))
 
 
 if __name__ == "__main__":

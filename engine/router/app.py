@@ -37,15 +37,17 @@ import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 from aiohttp import web
+from prometheus_client import Counter, Gauge, Histogram
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.router import openai_protocol as proto
 from engine.router.dispatcher import DispatchError, Dispatcher, GenerateRequest, TokenDelta
+from engine.metrics.exposition import StaticCollector, new_registry, render
+from engine.metrics.request_metrics import RequestMetrics
 from engine.router.http_server import HttpLimits, use_duet_server
-from engine.router.metrics import CONTENT_TYPE, Registry, render_samples
 from engine.router.openai_protocol import APIError, ChoiceState, ParsedRequest, RequestLimits
 from engine.tokenizer import apply_chat_template
 
@@ -65,24 +67,38 @@ _PROBE_CHARS_PER_TOKEN = 8
 _PROBE_SLACK_TOKENS = 64
 
 
+_HTTP_DURATION_BUCKETS_S = (0.1, 0.5, 1.0)  # prometheus-fastapi-instrumentator's, as vLLM's server exposes them
+
+
 class _Metrics:
-    def __init__(self):
-        r = self.registry = Registry()
-        self.requests = r.counter("duet_http_requests_total", "HTTP requests by endpoint and status.",
-                                  ["endpoint", "status"])
-        self.running = r.gauge("duet_requests_running", "Generation requests being served.")
-        self.ttft = r.histogram("duet_time_to_first_token_seconds", "Request arrival to a choice's first token.")
-        self.itl = r.histogram("duet_inter_token_latency_seconds", "Time between tokens of one choice.")
-        self.e2e = r.histogram("duet_e2e_request_latency_seconds", "Request arrival to its last token.")
-        self.prompt_tokens = r.counter("duet_prompt_tokens_total", "Prompt tokens of served requests.")
-        self.generation_tokens = r.counter("duet_generation_tokens_total", "Tokens generated.")
-        self.cached_tokens = r.counter("duet_prefix_cached_tokens_total", "Prompt tokens served from a prefix cache.")
+    """The front end's registry: process collectors, per-request families under vLLM's names, HTTP counts
+    under the names vLLM's server exposes (prometheus-fastapi-instrumentator's), and the dispatcher's
+    families (``Dispatcher.metrics()``, refreshed right before each render)."""
+
+    def __init__(self, model_name: str, engine: str, max_model_len: int):
+        r = self.registry = new_registry()
+        self.requests = RequestMetrics(r, model_name, engine=engine, max_model_len=max_model_len)
+        self.http_requests = Counter("http_requests", "Total number of requests by method, status and handler.",
+                                     ["handler", "method", "status"], registry=r)
+        self.http_duration = Histogram("http_request_duration_seconds", "Latency of HTTP requests by handler.",
+                                       ["handler", "method"], buckets=_HTTP_DURATION_BUCKETS_S, registry=r)
+        self.running = Gauge("duet_requests_running", "API requests (all their choices) being served now.",
+                             registry=r, multiprocess_mode="livesum")
+        self.backend = StaticCollector()
+        r.register(self.backend)
 
 
 @dataclass
 class _Timing:
+    """Per choice (index): when its first and latest tokens arrived; the request's arrival and jobs."""
+
     start_s: float
+    jobs: list[GenerateRequest]
+    first_token_s: dict[int, float] = field(default_factory=dict)
     last_token_s: dict[int, float] = field(default_factory=dict)
+    recorded: set[int] = field(default_factory=set)
+    failed: bool = False
+    """An error (not a disconnect or timeout) ended the request: unfinished choices count as ``error``."""
 
 
 class _Run:
@@ -141,14 +157,16 @@ class _Run:
 
 
 class _FrontEnd:
-    def __init__(self, dispatcher: Dispatcher, tokenizer, model_name: str, *, max_model_len: int,
+    def __init__(self, dispatcher: Dispatcher, tokenizer, model_names: Sequence[str], *, max_model_len: int,
                  api_key: str | None, request_timeout_s: float, max_default_tokens: int,
-                 default_sampling: dict | None, limits: RequestLimits, http_limits: HttpLimits):
+                 default_sampling: dict | None, limits: RequestLimits, metrics_engine: str,
+                 http_limits: HttpLimits):
         self.dispatcher = dispatcher
         self.http_limits = http_limits
         self.tokenizer = tokenizer
         self.strings = proto.TokenStrings(tokenizer)
-        self.model_name = model_name
+        self.model_names = list(model_names)
+        self.model_name = self.model_names[0]
         self.max_model_len = max_model_len
         self.vocab_size = getattr(dispatcher, "vocab_size", None) or len(tokenizer)
         # Compared as digests: compare_digest is constant-time only between equal lengths.
@@ -158,13 +176,14 @@ class _FrontEnd:
         self.max_default_tokens = max_default_tokens
         self.default_sampling = default_sampling or {}
         self.created = int(time.time())
-        self.metrics = _Metrics()
+        self.metrics = _Metrics(self.model_name, metrics_engine, max_model_len)
 
     # ---- middleware: auth, OpenAI-shaped errors, request counting ------------------------------------
     @web.middleware
     async def middleware(self, request: web.Request, handler) -> web.StreamResponse:
         resource = request.match_info.route.resource
-        endpoint = resource.canonical if resource is not None else "other"
+        endpoint = resource.canonical if resource is not None else "none"
+        started = time.monotonic()
         try:
             if not self._authorized(request):
                 raise APIError("invalid or missing API key (Authorization: Bearer <key>)", status=401,
@@ -177,7 +196,8 @@ class _FrontEnd:
         except Exception:  # noqa: BLE001 - never let one request take the server down
             logger.exception("unhandled error serving %s %s", request.method, request.path)
             response = _error_response(APIError("internal server error", status=500))
-        self.metrics.requests.labels(endpoint=endpoint, status=str(response.status)).inc()
+        self.metrics.http_requests.labels(endpoint, request.method, f"{response.status // 100}xx").inc()
+        self.metrics.http_duration.labels(endpoint, request.method).observe(time.monotonic() - started)
         return response
 
     def _authorized(self, request: web.Request) -> bool:
@@ -238,13 +258,20 @@ class _FrontEnd:
         return web.json_response({"status": "unavailable"}, status=503)
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response(proto.models_response(self.model_name, self.created, self.max_model_len))
+        return web.json_response({"object": "list", "data": [proto.model_card(name, self.created, self.max_model_len)
+                                                             for name in self.model_names]})
 
     async def model(self, request: web.Request) -> web.Response:
-        if request.match_info["model"] != self.model_name:
+        if request.match_info["model"] not in self.model_names:
             raise APIError(f"The model `{request.match_info['model']}` does not exist.", status=404,
                            param="model", code="model_not_found")
-        return web.json_response(proto.model_card(self.model_name, self.created, self.max_model_len))
+        return web.json_response(proto.model_card(request.match_info["model"], self.created, self.max_model_len))
+
+    def _served_name(self, body) -> str:
+        """The served name a request asks for (echoed in its response, as vLLM does); the first served name
+        when it names none or an unknown one (``parse_*`` then answers 404 naming the first)."""
+        model = body.get("model") if isinstance(body, dict) else None
+        return model if model in self.model_names else self.model_name
 
     async def trace(self, request: web.Request) -> web.Response:
         """``GET /debug/requests/{id}``: stage timestamps of one request on the router and every server."""
@@ -256,27 +283,30 @@ class _FrontEnd:
         return web.json_response({"request_id": request_id, "stages": trace})
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        text = self.metrics.registry.render()
         try:
-            text += render_samples(await self.dispatcher.metrics(), skip_names=self.metrics.registry.names())
+            self.metrics.backend.set(await self.dispatcher.metrics())
         except Exception:  # noqa: BLE001 - a broken backend must not break /metrics
             logger.exception("dispatcher metrics failed")
-        return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
+            self.metrics.backend.set(())
+        body, content_type = render(self.metrics.registry, request.headers.get("Accept"))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        parsed = proto.parse_completion(await self._read_json(request), model_name=self.model_name,
-                                        defaults=self.default_sampling, limits=self.limits)
+        body = await self._read_json(request)
+        name = self._served_name(body)
+        parsed = proto.parse_completion(body, model_name=name, defaults=self.default_sampling, limits=self.limits)
         prompts = await self._tokenize("prompt", lambda: self._encode_prompts(parsed))
-        return await self._generate(request, parsed, prompts)
+        return await self._generate(request, parsed, prompts, name)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        parsed = proto.parse_chat(await self._read_json(request), model_name=self.model_name,
-                                  defaults=self.default_sampling, limits=self.limits)
+        body = await self._read_json(request)
+        name = self._served_name(body)
+        parsed = proto.parse_chat(body, model_name=name, defaults=self.default_sampling, limits=self.limits)
         prompts = await self._tokenize("messages", lambda: self._encode_chat(parsed))
-        return await self._generate(request, parsed, prompts)
+        return await self._generate(request, parsed, prompts, name)
 
     # ---- generation ----------------------------------------------------------------------------------
-    async def _generate(self, request: web.Request, parsed: ParsedRequest, prompts: list[list[int]]):
+    async def _generate(self, request: web.Request, parsed: ParsedRequest, prompts: list[list[int]], model_name: str):
         request_id = f"{'cmpl' if parsed.kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
         jobs, states = [], []
         zone = request.headers.get("X-Duet-Zone") or None
@@ -293,10 +323,12 @@ class _FrontEnd:
                 detok = IncrementalDetokenizer(self.tokenizer, ids, parsed.stop, parsed.include_stop_str_in_output)
                 states.append(ChoiceState(index, parsed.kind, detok, min_tokens=params.min_tokens,
                                           top_logprobs=params.logprobs, strings=self.strings))
-        timing = _Timing(time.monotonic())
+        timing = _Timing(time.monotonic(), jobs)
+        for p_idx in range(len(prompts)):  # one vLLM request per prompt, with its n
+            self.metrics.requests.request_started(parsed.n, jobs[p_idx * parsed.n].params.max_tokens)
         run = _Run(self.dispatcher, request, jobs, self.request_timeout_s)
         self.metrics.running.inc()
-        meta = (request_id, int(time.time()), self.model_name)
+        meta = (request_id, int(time.time()), model_name)
         try:
             if parsed.stream:
                 return await self._stream(request, parsed, run, states, timing, meta, prompts)
@@ -304,7 +336,22 @@ class _FrontEnd:
         finally:
             await run.close()
             self.metrics.running.dec()
-            self.metrics.generation_tokens.inc(sum(s.num_tokens for s in states))
+            for state in states:  # choices that never finished: the client left, the deadline passed, or an error
+                self._record_choice(state, timing, "error" if timing.failed else "abort")
+            for p_idx in range(len(prompts)):
+                group = states[p_idx * parsed.n:(p_idx + 1) * parsed.n]
+                self.metrics.requests.request_finished(max((s.num_tokens for s in group), default=0))
+
+    def _record_choice(self, state: ChoiceState, timing: _Timing, finish_reason: str) -> None:
+        if state.index in timing.recorded:
+            return
+        timing.recorded.add(state.index)
+        start = timing.start_s
+        first = timing.first_token_s.get(state.index)
+        job = timing.jobs[state.index]
+        self.metrics.requests.choice_finished(
+            finish_reason, num_prompt_tokens=len(job.prompt_token_ids), num_generation_tokens=state.num_tokens,
+            e2e_s=time.monotonic() - start, ttft_s=None if first is None else first - start, queued_s=job.queued_s)
 
     def _event(self, run: _Run, states: list[ChoiceState], timing: _Timing, index, item) -> ChoiceState | None:
         """Apply one queue event; raises APIError for failures; None when the client went away."""
@@ -312,6 +359,8 @@ class _FrontEnd:
             return None
         if item is _TIMEOUT:
             raise APIError(f"request timed out after {self.request_timeout_s:g} s", status=504, code="timeout")
+        if isinstance(item, BaseException):
+            timing.failed = True
         if isinstance(item, DispatchError):
             headers = {}
             if item.status == 429 or item.retry_after_s is not None:
@@ -326,24 +375,24 @@ class _FrontEnd:
         if item.token_ids:
             last = timing.last_token_s.get(index)
             if last is None:
-                self.metrics.ttft.observe(now - timing.start_s)
+                timing.first_token_s[index] = now
+                self.metrics.requests.first_token(now - timing.start_s)
             else:
-                self.metrics.itl.observe((now - last) / len(item.token_ids))
+                self.metrics.requests.inter_token((now - last) / len(item.token_ids))
             timing.last_token_s[index] = now
         state.add(item)
         if state.error is not None:
+            timing.failed = True
             raise state.error
         if state.finished:
+            self._record_choice(state, timing, state.finish_reason)
             run.stop(index)
         return state
 
     def _usage(self, parsed: ParsedRequest, states: list[ChoiceState], prompts: list[list[int]]) -> dict:
         cached = sum(max(s.num_cached_tokens for s in states[p * parsed.n:(p + 1) * parsed.n])
                      for p in range(len(prompts)))
-        usage = proto.usage(sum(len(p) for p in prompts), sum(s.num_tokens for s in states), cached)
-        self.metrics.prompt_tokens.inc(usage["prompt_tokens"])
-        self.metrics.cached_tokens.inc(cached)
-        return usage
+        return proto.usage(sum(len(p) for p in prompts), sum(s.num_tokens for s in states), cached)
 
     async def _complete(self, parsed, run, states, timing, meta, prompts) -> web.Response:
         remaining = set(range(len(states)))
@@ -357,7 +406,6 @@ class _FrontEnd:
                 return web.Response(status=499)
             if state.finished:
                 remaining.discard(index)
-        self.metrics.e2e.observe(time.monotonic() - timing.start_s)
         choices = [s.choice(*s.take(), stream=False) for s in states]
         build = proto.completion_response if parsed.kind == "completion" else proto.chat_response
         return web.json_response(build(*meta, choices, self._usage(parsed, states, prompts)),
@@ -400,7 +448,6 @@ class _FrontEnd:
                                                                          logprobs.get("content"))):
                     entry = state.choice(text, logprobs, stream=True)
                     await response.write(proto.sse(proto.chunk(parsed.kind, *meta, [entry])))
-            self.metrics.e2e.observe(time.monotonic() - timing.start_s)
             usage = self._usage(parsed, states, prompts)
             if parsed.include_usage:
                 await response.write(proto.sse(proto.chunk(parsed.kind, *meta, [], usage)))
@@ -425,13 +472,18 @@ def _error_response(error: APIError) -> web.Response:
 FRONTEND_KEY = web.AppKey("duet_frontend", _FrontEnd)
 
 
-def create_app(dispatcher: Dispatcher, tokenizer, model_name: str, *, max_model_len: int,
+def create_app(dispatcher: Dispatcher, tokenizer, model_name: str | Sequence[str], *, max_model_len: int,
                api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, limits: RequestLimits | None = None,
                request_timeout_s: float = 600.0, max_default_tokens: int = 4096,
                default_sampling: dict | None = None, debug_traces: bool = False,
-               http_limits: HttpLimits | None = None) -> web.Application:
+               metrics_engine: str = "0", http_limits: HttpLimits | None = None) -> web.Application:
     """The OpenAI-compatible app. ``dispatcher.start()`` runs at startup and ``dispatcher.close()`` at cleanup.
+
+    ``model_name``: the served model id, or several (``--served-model-name a b``): requests may name any of
+    them (and get it back in their response); ``/v1/models`` lists them all; the first is the ``model_name``
+    label of every metric. ``metrics_engine``: the ``engine`` label of the per-request metrics (vLLM's engine
+    index, ``0``, on the colocated server; ``router`` on the router).
 
     ``api_key``: every route but ``/health`` requires ``Authorization: Bearer <api_key>`` (else 401).
     ``max_body_bytes``: larger bodies get 413. ``max_header_bytes``: longest request line or header line;
@@ -447,10 +499,14 @@ def create_app(dispatcher: Dispatcher, tokenizer, model_name: str, *, max_model_
     limits = limits or RequestLimits()
     if limits.max_prompt_tokens is None:
         limits = dataclasses.replace(limits, max_prompt_tokens=max_model_len)
+    names = [model_name] if isinstance(model_name, str) else list(dict.fromkeys(model_name))
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"model_name: need one or more non-empty names, got {model_name!r}")
     http_limits = dataclasses.replace(http_limits or HttpLimits(), max_body_bytes=max_body_bytes)
-    front = _FrontEnd(dispatcher, tokenizer, model_name, max_model_len=max_model_len, api_key=api_key,
+    front = _FrontEnd(dispatcher, tokenizer, names, max_model_len=max_model_len, api_key=api_key,
                       request_timeout_s=request_timeout_s, max_default_tokens=max_default_tokens,
-                      default_sampling=default_sampling, limits=limits, http_limits=http_limits)
+                      default_sampling=default_sampling, limits=limits, metrics_engine=metrics_engine,
+                      http_limits=http_limits)
     # aiohttp's keep-alive timer closes a connection whose next request's headers are not complete in time:
     # that is the header deadline (and the idle one) of ``http_server``.
     app = web.Application(client_max_size=max_body_bytes, middlewares=[front.middleware],

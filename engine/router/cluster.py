@@ -17,8 +17,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import Counter as CountMap
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
 import zmq
@@ -27,7 +26,7 @@ import zmq.asyncio
 from engine.protocol import (Abort, FinishReason, Generate, Hello, KVFailed, Lease, PeerRef, Prefill, PrefillDone,
                              RemotePrefill, Role, ServerInfo, Stats, StatsRequest, TokenDelta, Tokens)
 from engine.router.dispatcher import Dispatcher, DispatchError, GenerateRequest
-from engine.router.metrics import Histogram
+from engine.router.metrics import RouterMetrics
 from engine.router.scoring import NO_SERVER_IN_ZONE, RequestInfo, RouterPolicy, Scorer
 from engine.router.server_registry import ServerLink, ServerRegistry
 from transfer.curve import ZmqKeys, start_async_authenticator
@@ -37,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 _SERVER_GONE = object()  # queued to a request whose decode server died
 MAX_STALE_ABORTS = 10_000
+WAIT_LOG_FIRST_S = 1.0  # at start-up: first "waiting for ..." line after this long, then every WAIT_LOG_EVERY_S
+WAIT_LOG_EVERY_S = 5.0
 
 
 @dataclass
@@ -86,10 +87,7 @@ class ClusterDispatcher(Dispatcher):
         self._capacity_changed = asyncio.Event()
         self._num_queued = 0
         self._watch_task: asyncio.Task | None = None
-        self.decisions: CountMap[str] = CountMap()
-        self.counters: CountMap[str] = CountMap()
-        self.prefill_compute = Histogram("duet_prefill_compute_seconds", "prefill server compute per request")
-        self.handoff = Histogram("duet_handoff_seconds", "disaggregated TTFT minus prefill compute")
+        self.router_metrics = RouterMetrics(model_name)
         self._handoff_parts: dict[str, dict[str, float]] = {}
         self.traces: dict[str, dict[str, float]] = {}  # request id -> router stage -> unix time (bounded)
 
@@ -101,11 +99,7 @@ class ClusterDispatcher(Dispatcher):
         self._auth = start_async_authenticator(self.ctx, self.keys)
         hello = Hello(ServerInfo(self.router_id, uuid.uuid4().hex, Role.ROUTER, self.model_name))
         self.registry.hello = hello
-        try:
-            infos = await asyncio.gather(*(self.registry.greet(a, hello, self.connect_timeout_s)
-                                           for a, _ in self.addresses))
-        except (TimeoutError, ValueError) as e:
-            raise DispatchError(str(e)) from e
+        infos = await self._greet_all(hello)
         for (address, kind), info in zip(self.addresses, infos):
             ok = ("prefill", "both") if kind == "prefill" else ("decode", "both")
             if info.role not in ok:
@@ -123,14 +117,51 @@ class ClusterDispatcher(Dispatcher):
             self.registry.add(info)
         if self.registry_address:
             self.registry.listen(self.registry_address)
-            deadline = time.monotonic() + self.connect_timeout_s
+            started = time.monotonic()
+            next_log = started + WAIT_LOG_FIRST_S
             while not self.healthy():  # no decode server listed: wait for one to register
-                if time.monotonic() > deadline:
-                    raise DispatchError(f"no decode server registered within {self.connect_timeout_s}s")
+                now = time.monotonic()
+                if now - started > self.connect_timeout_s:
+                    raise DispatchError(f"no decode server registered at {self.registry_address} within "
+                                        f"{self.connect_timeout_s}s")
+                if now >= next_log:
+                    logger.info("waiting for a decode server to register at %s (%.0fs of %.0fs)",
+                                self.registry_address, now - started, self.connect_timeout_s)
+                    next_log = now + WAIT_LOG_EVERY_S
                 await asyncio.sleep(0.05)
         self._watch_task = asyncio.create_task(self.registry.watch())
         self._lease_task = asyncio.create_task(self._hold_leases())
         self._refresh_limits()
+
+    async def _greet_all(self, hello: Hello) -> list[ServerInfo]:
+        """Every listed server's Welcome, in ``self.addresses`` order; logs the ones not heard from yet every few
+        seconds while waiting. DispatchError naming every silent server when ``connect_timeout_s`` passes."""
+        tasks = {asyncio.create_task(self.registry.greet(a, hello, self.connect_timeout_s)): (a, kind)
+                 for a, kind in self.addresses}
+        pending, started = set(tasks), time.monotonic()
+        wait_s = WAIT_LOG_FIRST_S
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, timeout=wait_s, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    try:
+                        task.result()
+                    except TimeoutError:
+                        silent = [f"{kind} {a}" for t, (a, kind) in tasks.items()
+                                  if not t.done() or t.cancelled() or t.exception() is not None]
+                        raise DispatchError(f"no answer within {self.connect_timeout_s:g}s from "
+                                            f"{', '.join(silent)}") from None
+                    except ValueError as e:
+                        raise DispatchError(str(e)) from e
+                if pending:
+                    waiting = [f"{kind} {a}" for t, (a, kind) in tasks.items() if t in pending]
+                    logger.info("waiting for %d of %d servers (%.0fs of %.0fs): %s", len(waiting), len(tasks),
+                                time.monotonic() - started, self.connect_timeout_s, ", ".join(waiting))
+                wait_s = WAIT_LOG_EVERY_S
+        finally:
+            for task in pending:
+                task.cancel()
+        return [task.result() for task in tasks]
 
     def _refresh_limits(self) -> None:
         infos = [lk.info for lk in self.registry.links.values() if lk.info.role != "prefill"]
@@ -175,11 +206,11 @@ class ClusterDispatcher(Dispatcher):
             if placement is None or placement.attempt != msg.attempt:
                 return
             if msg.ok:
-                self.prefill_compute.observe(msg.compute_s)
+                self.router_metrics.observe_prefill_compute(msg.compute_s)
                 self.scorer.observe_prefill(link.engine_id, max(1, msg.num_tokens), msg.compute_s)
                 self._handoff_part(msg.transfer_id, "compute", msg.compute_s)
             else:
-                self.counters["prefill_failed"] += 1
+                self.router_metrics.event("prefill_failures")
                 logger.warning("prefill of %s on %s failed: %s", msg.request_id, link.address, msg.error)
         elif isinstance(msg, Stats):
             fut = self._stats_waiters.pop(msg.token, None)
@@ -191,7 +222,7 @@ class ClusterDispatcher(Dispatcher):
         tell the server to stop that attempt (once)."""
         placement = self._placement.get(msg.request_id)
         if placement is not None:
-            self.counters["stale_attempt_messages_dropped"] += 1
+            self.router_metrics.event("stale_attempt_messages_dropped")
             logger.warning("request %s: dropped output of superseded attempt %d from %s (current: %d)",
                            msg.request_id, msg.attempt, link.address, placement.attempt)
         key = (msg.request_id, msg.attempt)
@@ -202,7 +233,7 @@ class ClusterDispatcher(Dispatcher):
             asyncio.create_task(link.socket.send(encode(Abort(msg.request_id, attempt=msg.attempt))))
 
     def _on_dead(self, link: ServerLink) -> None:
-        self.counters["server_deaths"] += 1
+        self.router_metrics.event("server_deaths")
         for rid, pl in list(self._placement.items()):
             if pl.decode is link and rid in self._queues:
                 self._queues[rid].put_nowait(_SERVER_GONE)
@@ -225,17 +256,18 @@ class ClusterDispatcher(Dispatcher):
             raise DispatchError("no other healthy decode server to move the request to", 503)
         if not decision.accepted and decision.retryable:
             if self._num_queued >= self.max_queue:
-                self.counters["rejected_queue_full"] += 1
+                self.router_metrics.rejection("queue_full")
                 raise DispatchError(f"server overloaded ({decision.detail}); admission queue full", 429,
                                     decision.retry_after_s or 1.0)
             self._num_queued += 1
-            self.counters["queued"] += 1
+            self.router_metrics.set_queue_length(self._num_queued)
+            self.router_metrics.event("queued")
             deadline = time.monotonic() + self.queue_timeout_s
             try:
                 while not decision.accepted and decision.retryable:
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        self.counters["rejected_queue_timeout"] += 1
+                        self.router_metrics.rejection("queue_timeout")
                         raise DispatchError(f"server overloaded ({decision.detail}); waited {self.queue_timeout_s}s",
                                             429, decision.retry_after_s or 1.0)
                     self._capacity_changed.clear()
@@ -246,10 +278,11 @@ class ClusterDispatcher(Dispatcher):
                     decision, info = self._decide(request, prompt, max_tokens, exclude)
             finally:
                 self._num_queued -= 1
-        self.decisions[decision.reason] += 1
+                self.router_metrics.set_queue_length(self._num_queued)
+        self.router_metrics.decision(decision.reason)
         self._trace(request.request_id, "placed:" + decision.reason)
         if not decision.accepted:
-            self.counters["rejected_" + decision.reason] += 1
+            self.router_metrics.rejection(decision.reason)
             if decision.reason == NO_SERVER_IN_ZONE:  # the client named a zone no server has: its mistake
                 raise DispatchError(f"X-Duet-Zone: {decision.detail}", 400, param="X-Duet-Zone")
             status = 400 if decision.reason == "request_too_large" else 503
@@ -258,7 +291,7 @@ class ClusterDispatcher(Dispatcher):
         p = self.registry.links[decision.prefill_id] if decision.prefill_id else None
         if p is not None and p.info.compat_hash != d.info.compat_hash:
             # Mid rolling update (servers of two model versions): KV only moves between equal layouts.
-            self.counters["local_prefill_layout_mismatch"] += 1
+            self.router_metrics.event("local_prefill_layout_mismatch")
             p = None
         # Count this placement until the next load report says it (bursts must not all pile on one server).
         d.state.running_requests += 1
@@ -267,7 +300,7 @@ class ClusterDispatcher(Dispatcher):
         if p is not None:
             p.state.queued_requests += 1
             p.state.queued_prefill_tokens += info.num_prompt_tokens
-        self.counters["prefix_hit_tokens_predicted"] += decision.decode_cached_tokens
+        self.router_metrics.event("prefix_hit_tokens_predicted", decision.decode_cached_tokens)
         return d, p
 
     # ---- requests ----------------------------------------------------------------------------------
@@ -296,7 +329,10 @@ class ClusterDispatcher(Dispatcher):
         deadline = time.monotonic() + self.request_timeout_s
         while True:
             attempts += 1
+            placing_since = time.monotonic()
             d, p = await self._place(request, prompt + generated, params.max_tokens - len(generated), excluded)
+            if attempts == 1:
+                request.queued_s = time.monotonic() - placing_since
             attempt_params = params
             if generated:  # migration: continue after the tokens the client already has
                 attempt_params = replace(params, max_tokens=params.max_tokens - len(generated),
@@ -329,7 +365,7 @@ class ClusterDispatcher(Dispatcher):
             if attempts > self.max_migrations:
                 yield TokenDelta.failure(f"request failed on {attempts} servers; last: {failure}", 503)
                 return
-            self.counters["migrations" if generated else "retries"] += 1
+            self.router_metrics.event("migrations" if generated else "retries")
             logger.warning("request %s: %s after %d tokens; moving it to another decode server", rid, failure,
                            len(generated))
             await asyncio.sleep(0.05 * 2 ** (attempts - 1))  # backoff
@@ -383,7 +419,7 @@ class ClusterDispatcher(Dispatcher):
             return
         parts[key] = value
         if {"sent", "first_token", "compute"} <= parts.keys():
-            self.handoff.observe(parts["first_token"] - parts["sent"] - parts["compute"])
+            self.router_metrics.observe_handoff(parts["first_token"] - parts["sent"] - parts["compute"])
             del self._handoff_parts[tid]
 
     async def abort(self, request_id: str) -> None:
@@ -409,30 +445,7 @@ class ClusterDispatcher(Dispatcher):
                 self._stats_waiters.pop(token, None)
         return out
 
-    async def metrics(self) -> list[tuple[str, dict[str, str], float]]:
-        samples: list[tuple[str, dict[str, str], float]] = []
-        roles = {lk.address: lk.info.role for lk in self.registry.links.values()}
-        for address, stats in (await self.server_stats()).items():
-            labels = {"server": address, "role": roles.get(address, "")}
-            samples += [(f"duet_server_{k}", labels, float(v)) for k, v in asdict(stats.values).items()]
-        for lk in self.registry.links.values():
-            labels = {"server": lk.address, "role": lk.info.role}
-            s = lk.state
-            samples += [("duet_router_server_healthy", labels, float(s.healthy)),
-                        ("duet_router_server_running_requests", labels, float(s.running_requests)),
-                        ("duet_router_server_queued_prefill_tokens", labels, float(s.queued_prefill_tokens)),
-                        ("duet_router_server_free_blocks", labels, float(s.free_blocks))]
-        samples += [("duet_router_decisions_total", {"reason": r}, float(n)) for r, n in self.decisions.items()]
-        samples += [(f"duet_router_{k}_total", {}, float(v)) for k, v in self.counters.items()]
-        samples.append(("duet_router_queue_length", {}, float(self._num_queued)))
-        for h in (self.prefill_compute, self.handoff):
-            samples += _histogram_samples(h)
-        return samples
-
-
-def _histogram_samples(h: Histogram) -> list[tuple[str, dict[str, str], float]]:
-    out, cumulative = [], 0
-    for bound, n in zip(h.buckets + (float("inf"),), h.bucket_counts):
-        cumulative += n
-        out.append((f"{h.name}_bucket", {"le": "+Inf" if bound == float("inf") else repr(bound)}, cumulative))
-    return out + [(f"{h.name}_sum", {}, h.sum), (f"{h.name}_count", {}, h.count)]
+    async def metrics(self) -> list:
+        """The router's families (``RouterMetrics.families``), with the stats of every server that answers."""
+        stats = await self.server_stats()
+        return self.router_metrics.families(list(self.registry.links.values()), stats)

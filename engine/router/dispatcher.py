@@ -31,6 +31,10 @@ class GenerateRequest:
     """Sampling parameters; ``stop`` strings are the front end's job and arrive here empty."""
     zone: str | None = None
     """Data-locality zone the request must stay in (``X-Duet-Zone``), or None."""
+    queued_s: float = 0.0
+    """Seconds the request waited in the dispatcher's admission queue before it was first sent to a server;
+    set by the dispatcher before its first delta (0 where there is no admission queue). The front end's
+    ``vllm:request_queue_time_seconds``."""
 
 
 class DispatchError(Exception):
@@ -79,6 +83,8 @@ class Dispatcher(abc.ABC):
         empty when unknown. Served by ``GET /debug/requests/{id}`` when the front end enables it."""
         return {}
 
-    async def metrics(self) -> list[tuple[str, dict[str, str], float]]:
-        """Backend samples for ``GET /metrics``: (name, labels, value). Names start with ``duet_``."""
+    async def metrics(self) -> list:
+        """Backend families for ``GET /metrics`` (``prometheus_client`` ``Metric``s, e.g. from
+        ``engine.metrics.server_stats.stats_families``), served after the front end's own. Their names must not
+        repeat the front end's (``engine.metrics.request_metrics``, ``http_*``, ``duet_requests_running``)."""
         return []

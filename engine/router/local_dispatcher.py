@@ -6,18 +6,18 @@ Closing the delta iterator early closes the engine's iterator, which queues an a
 so the request's KV blocks are freed. ``close()`` aborts whatever is still running, waits for those requests
 to drain (bounded), then stops the engine thread.
 
-The engine runs on its own thread and nothing here calls it directly: ``metrics()`` reads the engine's
+The engine runs on its own thread and nothing here calls it directly: ``stats()`` reads the engine's
 snapshot (refreshed after every step, so a value may be one step stale), ``healthy()`` its public health.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from typing import AsyncIterator
 
 from engine.async_engine import AsyncEngine
+from engine.metrics.server_stats import EngineStats, stats_families
 from engine.protocol import FinishReason, TokenDelta
 from engine.router.dispatcher import Dispatcher, DispatchError, GenerateRequest
 
@@ -31,7 +31,7 @@ class LocalDispatcher(Dispatcher):
         ``close()`` waits for aborted requests to report back."""
         self.engine = engine
         llm = engine.engine
-        self.model_name = model_name or os.path.basename(os.path.normpath(llm.config.model))
+        self.model_name = model_name or llm.config.model
         self.max_model_len = llm.max_model_len
         self.vocab_size = llm.model_config.vocab_size
         self.owns_engine = owns_engine
@@ -89,22 +89,20 @@ class LocalDispatcher(Dispatcher):
     def healthy(self) -> bool:
         return self.engine.healthy()
 
-    async def metrics(self) -> list[tuple[str, dict[str, str], float]]:
+    def stats(self) -> dict[str, float]:
+        """The engine's stats under the keys servers report (``engine.metrics.server_stats``)."""
         snap = self.engine.snapshot()
-        total, free = snap.num_total_blocks, snap.num_free_blocks
-        return [
-            ("duet_kv_num_blocks", {}, total),
-            ("duet_kv_num_free_blocks", {}, free),
-            ("duet_kv_cache_usage_ratio", {}, (total - free) / total if total else 0.0),
-            ("duet_kv_cached_blocks", {}, snap.num_cached_blocks),
-            ("duet_engine_requests_running", {}, snap.num_running),
-            ("duet_engine_requests_waiting", {}, snap.num_waiting),
-            ("duet_prefix_cache_queries_total", {}, snap.prefix_cache_queries),
-            ("duet_prefix_cache_query_tokens_total", {}, snap.prefix_cache_query_tokens),
-            ("duet_prefix_cache_hit_tokens_total", {}, snap.prefix_cache_hit_tokens),
-            ("duet_preemptions_total", {}, snap.num_preemptions),
-            ("duet_engine_healthy", {}, 1.0 if self.healthy() else 0.0),
-        ]
+        return {
+            "free_blocks": snap.num_free_blocks, "total_blocks": snap.num_total_blocks,
+            "cached_blocks": snap.num_cached_blocks, "running": snap.num_running, "waiting": snap.num_waiting,
+            "prefix_query_tokens": snap.prefix_cache_query_tokens, "prefix_hit_tokens": snap.prefix_cache_hit_tokens,
+            "prompt_tokens_computed": snap.num_prompt_tokens_computed, "prompt_tokens_external": 0,
+            "generated_tokens": snap.num_generated_tokens, "preemptions": snap.num_preemptions,
+            "engine_healthy": 1.0 if self.healthy() else 0.0,
+        }
+
+    async def metrics(self) -> list:
+        return stats_families(self.model_name, [EngineStats("0", "both", self.stats())])
 
     async def close(self) -> None:
         if self._closed:

@@ -1,237 +1,141 @@
-"""Prometheus metrics without a dependency: counters, gauges, histograms and the text format 0.0.4.
+"""The router's own metrics (``duet_router_*``, the hand-off histograms) and its view of every server.
 
-The HTTP front end owns one ``Registry``; ``GET /metrics`` renders it followed by the dispatcher's own samples
-(``Dispatcher.metrics()``), which are plain (name, labels, value) triples rendered by ``render_samples``.
-Everything runs on the front end's event loop, so no locking.
+``ClusterDispatcher`` owns one ``RouterMetrics``: it counts placement decisions, retries, migrations,
+rejections and server deaths as they happen, and observes prefill compute and hand-off times. At scrape
+time ``families`` adds what only the router knows about each server (health, the load it last reported)
+and the cluster's KV usage ratio, and turns the servers' stats (``StatsRequest`` answers) into the same
+vLLM-named families a server's own ``--metrics-port`` serves (``engine.metrics.server_stats``), with the
+server's engine id as ``engine``.
 
-    registry = Registry()
-    requests = registry.counter("duet_http_requests_total", "HTTP requests.", ["endpoint", "status"])
-    requests.labels(endpoint="/v1/completions", status="200").inc()
-    text = registry.render()
+The prometheus_client objects here are registered in no registry: ``families`` collects them, and the
+HTTP front end serves the result through its registry. Used from the router's event loop only.
 """
 from __future__ import annotations
 
-import abc
+from typing import Iterable, Mapping
 
-import math
-import re
-from typing import Iterable, Sequence
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 
-_NAME_RE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
-_LABEL_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+from engine.metrics.server_stats import EngineStats, as_stats, stats_families
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ADMISSION_REASONS = ("max_num_queued_reqs", "queue_timeout")
+"""``vllm:admission_rejections`` reasons: the admission queue was full (``--max-queue``, vLLM's
+``max_num_queued_reqs``) or a request waited past ``--queue-timeout-s`` (Duet's own)."""
+EVENTS = ("retries", "migrations", "server_deaths", "prefill_failures", "queued", "prefix_hit_tokens_predicted",
+          "stale_attempt_messages_dropped", "local_prefill_layout_mismatch")
 
 
-def _format_value(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer() and abs(value) < 2**53:
-        return str(int(value))
-    return repr(float(value))
+class RouterMetrics:
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        m = (model_name,)
+        self.decisions = Counter("duet_router_decisions", "Placement decisions by outcome (disaggregated, "
+                                 "local_prefill:<why>, or the rejection reason).", ["model_name", "reason"],
+                                 registry=None)
+        self.rejections = Counter("duet_router_rejections", "Requests the router refused, by reason.",
+                                  ["model_name", "reason"], registry=None)
+        self.admission_rejections = Counter("vllm:admission_rejections",
+                                            "Number of admission attempts rejected by a queue limit, by reason.",
+                                            ["model_name", "reason"], registry=None)
+        for reason in ADMISSION_REASONS:
+            self.admission_rejections.labels(model_name, reason)
+        docs = {"retries": "Requests re-placed on another server before their first token.",
+                "migrations": "Requests moved to another decode server mid-stream (prompt + tokens so far).",
+                "server_deaths": "Servers declared dead (missed heartbeats).",
+                "prefill_failures": "Prefills a prefill server reported as failed.",
+                "queued": "Requests that waited in the admission queue.",
+                "prefix_hit_tokens_predicted": "Prompt tokens the prefix index expected the decode server to hold.",
+                "stale_attempt_messages_dropped": "Output of a superseded attempt of a request (a server that "
+                                                  "stalled and woke after the request moved on), dropped.",
+                "local_prefill_layout_mismatch": "Prefills kept on the decode server because the chosen prefill "
+                                                 "server has another KV layout (mid rolling model update)."}
+        event_counters = [Counter(f"duet_router_{name}", docs[name], ["model_name"], registry=None) for name in EVENTS]
+        self.events = {name: c.labels(*m) for name, c in zip(EVENTS, event_counters)}
+        self.queue_length = Gauge("duet_router_queue_length", "Requests waiting in the admission queue now.",
+                                  ["model_name"], registry=None, multiprocess_mode="mostrecent")
+        self.prefill_compute = Histogram("duet_prefill_compute_seconds", "Prefill server compute per request.",
+                                         ["model_name"], buckets=LATENCY_BUCKETS_S, registry=None)
+        self.handoff = Histogram("duet_handoff_seconds",
+                                 "Disaggregated time to first token minus prefill compute: the hand-off overhead.",
+                                 ["model_name"], buckets=LATENCY_BUCKETS_S, registry=None)
+        for metric in (self.queue_length, self.prefill_compute, self.handoff):
+            metric.labels(model_name)  # present (at zero) from the first scrape on
+        self._owned = (self.decisions, self.rejections, self.admission_rejections, *event_counters,
+                       self.queue_length, self.prefill_compute, self.handoff)
+
+    # ---- recording (event loop) ----------------------------------------------------------------------
+    def decision(self, reason: str) -> None:
+        self.decisions.labels(self.model_name, reason).inc()
+
+    def rejection(self, reason: str) -> None:
+        self.rejections.labels(self.model_name, reason).inc()
+        if reason in ("queue_full", "queue_timeout"):
+            self.admission_rejections.labels(
+                self.model_name, "max_num_queued_reqs" if reason == "queue_full" else reason).inc()
+
+    def event(self, name: str, amount: float = 1.0) -> None:
+        self.events[name].inc(amount)
+
+    def set_queue_length(self, n: int) -> None:
+        self.queue_length.labels(self.model_name).set(n)
+
+    def observe_prefill_compute(self, seconds: float) -> None:
+        self.prefill_compute.labels(self.model_name).observe(seconds)
+
+    def observe_handoff(self, seconds: float) -> None:
+        self.handoff.labels(self.model_name).observe(max(0.0, seconds))
+
+    # ---- scrape --------------------------------------------------------------------------------------
+    def families(self, links: Iterable, stats_by_address: Mapping[str, object]) -> list[Metric]:
+        """Everything the router exposes beyond the front end's own request metrics.
+
+        ``links``: the registry's ``ServerLink``s (``address``, ``engine_id``, ``info.role``, ``state``).
+        ``stats_by_address``: the ``Stats`` messages (or their ``values``) of the servers that answered.
+        """
+        links = list(links)
+        out: list[Metric] = []
+        for metric in self._owned:
+            out.extend(metric.collect())
+        engines = []
+        for lk in links:
+            stats = stats_by_address.get(lk.address)
+            if stats is not None:
+                values = stats if isinstance(stats, Mapping) else stats.values
+                engines.append(EngineStats(lk.engine_id, lk.info.role, as_stats(values)))
+        out.extend(stats_families(self.model_name, engines))
+        out.extend(_link_families(self.model_name, links))
+        return out
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _format_labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items()) + "}"
-
-
-def _sample_line(name: str, labels: dict[str, str], value: float) -> str:
-    return f"{name}{_format_labels(labels)} {_format_value(value)}"
-
-
-class _Metric(abc.ABC):
-    kind = "untyped"
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()):
-        if not _NAME_RE.fullmatch(name or ""):
-            raise ValueError(f"name: {name!r} is not a valid Prometheus metric name")
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], _Metric] = {}
-        self._labelvalues: tuple[str, ...] = ()
-
-    def labels(self, **labelvalues: str):
-        """The child for these label values (created on first use)."""
-        if set(labelvalues) != set(self.labelnames):
-            raise ValueError(f"labels: expected {self.labelnames}, got {tuple(labelvalues)}")
-        key = tuple(str(labelvalues[n]) for n in self.labelnames)
-        child = self._children.get(key)
-        if child is None:
-            child = self._new_child()
-            child._labelvalues = key
-            self._children[key] = child
-        return child
-
-    def _new_child(self) -> "_Metric":
-        return type(self)(self.name, self.documentation)
-
-    def _check_unlabelled(self) -> None:
-        if self.labelnames:
-            raise ValueError(f"{self.name}: labelled metric; call .labels(...) first")
-
-    def _series(self) -> Iterable[tuple[dict[str, str], "_Metric"]]:
-        if not self.labelnames:
-            yield {}, self
-        for key, child in self._children.items():
-            yield dict(zip(self.labelnames, key)), child
-
-    @abc.abstractmethod
-    def _lines(self, labels: dict[str, str]) -> list[str]:
-        """Sample lines of one series (one label combination)."""
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.documentation.replace(chr(10), ' ')}", f"# TYPE {self.name} {self.kind}"]
-        for labels, series in self._series():
-            lines.extend(series._lines(labels))
-        return lines
-
-
-class Counter(_Metric):
-    """Monotonic count. The name should end in ``_total``."""
-
-    kind = "counter"
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()):
-        super().__init__(name, documentation, labelnames)
-        self.value = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        self._check_unlabelled()
-        if amount < 0:
-            raise ValueError(f"amount: counters only go up, got {amount}")
-        self.value += amount
-
-    def _lines(self, labels: dict[str, str]) -> list[str]:
-        return [_sample_line(self.name, labels, self.value)]
-
-
-class Gauge(_Metric):
-    """A value that goes up and down."""
-
-    kind = "gauge"
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()):
-        super().__init__(name, documentation, labelnames)
-        self.value = 0.0
-
-    def set(self, value: float) -> None:
-        self._check_unlabelled()
-        self.value = float(value)
-
-    def inc(self, amount: float = 1.0) -> None:
-        self._check_unlabelled()
-        self.value += amount
-
-    def dec(self, amount: float = 1.0) -> None:
-        self.inc(-amount)
-
-    def _lines(self, labels: dict[str, str]) -> list[str]:
-        return [_sample_line(self.name, labels, self.value)]
-
-
-class Histogram(_Metric):
-    """Observations counted into cumulative buckets (``le`` upper bounds, ``+Inf`` added)."""
-
-    kind = "histogram"
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (),
-                 buckets: Sequence[float] = LATENCY_BUCKETS_S):
-        super().__init__(name, documentation, labelnames)
-        bounds = sorted(float(b) for b in buckets if not math.isinf(b))
-        if not bounds or len(set(bounds)) != len(bounds):
-            raise ValueError(f"buckets: need distinct finite bounds, got {buckets!r}")
-        self.buckets = tuple(bounds)
-        self.bucket_counts = [0] * (len(self.buckets) + 1)  # last: +Inf
-        self.sum = 0.0
-        self.count = 0
-
-    def _new_child(self) -> "Histogram":
-        return Histogram(self.name, self.documentation, buckets=self.buckets)
-
-    def observe(self, value: float) -> None:
-        self._check_unlabelled()
-        idx = len(self.buckets)
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                idx = i
-                break
-        self.bucket_counts[idx] += 1
-        self.sum += value
-        self.count += 1
-
-    def _lines(self, labels: dict[str, str]) -> list[str]:
-        lines, cumulative = [], 0
-        for bound, n in zip(self.buckets + (math.inf,), self.bucket_counts):
-            cumulative += n
-            le = "+Inf" if math.isinf(bound) else repr(bound)
-            lines.append(_sample_line(f"{self.name}_bucket", {**labels, "le": le}, cumulative))
-        lines.append(_sample_line(f"{self.name}_sum", labels, self.sum))
-        lines.append(_sample_line(f"{self.name}_count", labels, self.count))
-        return lines
-
-
-class Registry:
-    """Named metrics rendered together; one per front end."""
-
-    def __init__(self):
-        self._metrics: dict[str, _Metric] = {}
-
-    def register(self, metric: _Metric) -> _Metric:
-        if metric.name in self._metrics:
-            raise ValueError(f"name: metric {metric.name!r} is already registered")
-        self._metrics[metric.name] = metric
-        return metric
-
-    def counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Counter:
-        return self.register(Counter(name, documentation, labelnames))
-
-    def gauge(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Gauge:
-        return self.register(Gauge(name, documentation, labelnames))
-
-    def histogram(self, name: str, documentation: str, labelnames: Sequence[str] = (),
-                  buckets: Sequence[float] = LATENCY_BUCKETS_S) -> Histogram:
-        return self.register(Histogram(name, documentation, labelnames, buckets))
-
-    def names(self) -> list[str]:
-        return list(self._metrics)
-
-    def render(self) -> str:
-        lines: list[str] = []
-        for metric in self._metrics.values():
-            lines.extend(metric.render())
-        return "\n".join(lines) + "\n"
-
-
-def render_samples(samples: Iterable[tuple[str, dict[str, str], float]], skip_names: Iterable[str] = ()) -> str:
-    """Text lines for extra (name, labels, value) samples, grouped by name under an untyped ``# TYPE``.
-
-    Names already rendered by the registry (``skip_names``) or not valid metric names are dropped, so a
-    misbehaving backend cannot corrupt the exposition.
-    """
-    skip = set(skip_names)
-    by_name: dict[str, list[str]] = {}
-    for name, labels, value in samples:
-        if not isinstance(name, str) or name in skip or not name.startswith("duet_"):
-            continue
-        if not _NAME_RE.fullmatch(name) or not all(_LABEL_RE.fullmatch(str(k)) for k in (labels or {})):
-            continue
-        try:
-            line = _sample_line(name, dict(labels or {}), float(value))
-        except (TypeError, ValueError):
-            continue
-        by_name.setdefault(name, []).append(line)
-    lines: list[str] = []
-    for name, samples_ in by_name.items():
-        lines.append(f"# TYPE {name} {'counter' if name.endswith('_total') else 'gauge'}")
-        lines.extend(samples_)
-    return "\n".join(lines) + "\n" if lines else ""
+def _link_families(model_name: str, links: list) -> list[Metric]:
+    labels = ["model_name", "engine", "role", "server"]
+    per_link = {
+        "healthy": ("duet_router_server_healthy", "1 while the router routes to the server (heartbeats arrive).",
+                    lambda s: float(s.healthy)),
+        "running": ("duet_router_server_running_requests", "Requests in the server's batch (its last load report, "
+                    "plus placements since).", lambda s: float(s.running_requests)),
+        "queued": ("duet_router_server_queued_prefill_tokens", "Prompt tokens queued for prefill on the server.",
+                   lambda s: float(s.queued_prefill_tokens)),
+        "free": ("duet_router_server_free_blocks", "Free KV blocks on the server, as the router estimates them.",
+                 lambda s: float(s.free_blocks)),
+        "total": ("duet_router_server_total_blocks", "KV blocks in the server's pool.",
+                  lambda s: float(s.total_blocks)),
+    }
+    families = {k: GaugeMetricFamily(name, doc, labels=labels) for k, (name, doc, _) in per_link.items()}
+    used: dict[str, list[float]] = {}
+    for lk in links:
+        s, role = lk.state, lk.info.role
+        for key, (_, _, value) in per_link.items():
+            families[key].add_metric([model_name, lk.engine_id, role, lk.address], value(s))
+        if s.healthy and s.total_blocks > 0:
+            acc = used.setdefault(role, [0.0, 0.0])
+            acc[0] += s.total_blocks - s.free_blocks
+            acc[1] += s.total_blocks
+    usage = GaugeMetricFamily("duet_router_kv_cache_usage_perc",
+                              "KV-cache usage over the healthy servers of a role (used blocks / all blocks, from "
+                              "their load reports). 1 means 100 percent usage.", labels=["model_name", "role"])
+    for role, (num_used, num_total) in sorted(used.items()):
+        usage.add_metric([model_name, role], min(1.0, max(0.0, num_used / num_total)))
+    return [*families.values(), usage]

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator
 
 from engine.config import EngineConfig
+from engine.metrics.server_stats import EngineStats, stats_families
 from engine.protocol import Tokens
 from engine.router.dispatcher import Dispatcher, DispatchError, GenerateRequest, TokenDelta
 from engine.server.vllm_engine import VllmEngine, engine_args
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 class VllmDispatcher(Dispatcher):
     def __init__(self, config: EngineConfig, model_name: str | None = None):
-        self.model_name = model_name or os.path.basename(os.path.normpath(config.model))
+        self.model_name = model_name or config.model
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.engine = VllmEngine(engine_args(config), self._on_output)
         self.max_model_len = self.engine.max_model_len
@@ -63,18 +63,19 @@ class VllmDispatcher(Dispatcher):
     def healthy(self) -> bool:
         return self.engine.healthy()
 
-    async def metrics(self) -> list[tuple[str, dict[str, str], float]]:
+    def stats(self) -> dict[str, float]:
+        """The engine's stats under the keys servers report (``engine.metrics.server_stats``)."""
         load, total = self.engine.load, self.engine.num_total_blocks
-        return [
-            ("duet_kv_num_blocks", {}, total),
-            ("duet_kv_num_free_blocks", {}, round(total * (1.0 - load.kv_cache_usage))),
-            ("duet_kv_cache_usage_ratio", {}, load.kv_cache_usage),
-            ("duet_engine_requests_running", {}, load.running),
-            ("duet_engine_requests_waiting", {}, load.waiting),
-            ("duet_prefix_cache_hit_tokens_total", {}, load.prompt_tokens_local_hit),
-            ("duet_preemptions_total", {}, load.preemptions),
-            ("duet_engine_healthy", {}, 1.0 if self.healthy() else 0.0),
-        ]
+        return {
+            "free_blocks": round(total * (1.0 - load.kv_cache_usage)), "total_blocks": total,
+            "running": load.running, "waiting": load.waiting, "prefix_query_tokens": load.prefix_query_tokens,
+            "prefix_hit_tokens": load.prompt_tokens_local_hit, "prompt_tokens_computed": load.prompt_tokens_computed,
+            "generated_tokens": load.generated_tokens, "preemptions": load.preemptions,
+            "engine_healthy": 1.0 if self.healthy() else 0.0,
+        }
+
+    async def metrics(self) -> list:
+        return stats_families(self.model_name, [EngineStats("0", "both", self.stats())])
 
     async def close(self) -> None:
         for rid in list(self._queues):

@@ -1,7 +1,19 @@
-"""Command-line flags shared by ``engine.prefill``, ``engine.decode``, ``engine.serve`` (and the router)."""
+"""Command-line flags shared by ``duet serve|prefill|decode|router`` (``engine.serve``, ``engine.prefill``,
+``engine.decode``, ``engine.router``), and their start-up error handling.
+
+Flag names follow ``vllm serve`` wherever the meaning is the same: the model is positional (``--model`` kept
+as an alias), ``--served-model-name`` takes several names, ``--enable-prefix-caching`` /
+``--no-enable-prefix-caching``, ``--tokenizer``, ``--chat-template``, ``--generation-config``,
+``--enforce-eager``. Duet's older spellings stay as hidden aliases (``--no-prefix-caching``).
+
+``startup_errors`` turns an exception while a command starts into one line naming the file, flag or field
+(``duet serve: error: /m/config.json: unsupported architecture ['Foo']; ...``) and exit status 2; with
+``--log-level debug`` the traceback is logged as well.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -11,26 +23,64 @@ from engine import envs
 from engine.config import EngineConfig
 from engine.server.server_config import ServerConfig
 
+logger = logging.getLogger(__name__)
+
+MODEL_HELP = ("model directory (Hugging Face layout: config.json, safetensors, tokenizer). The API serves it "
+              "under this argument exactly as given (not its basename), plus every --served-model-name")
+
+
+def add_model_args(ap: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """``MODEL`` (positional) or ``--model MODEL``, and ``--served-model-name NAME [NAME ...]``;
+    ``resolve_model_args`` checks and normalises them after parsing."""
+    ap.add_argument("model_arg", nargs="?", metavar="MODEL", help=MODEL_HELP)
+    ap.add_argument("--model", help="the same as the positional MODEL (vLLM's spelling)")
+    ap.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                    help="more ids the API answers to (several allowed); the first names the model in metrics "
+                    "and in responses to requests that name none")
+    ap.set_defaults(_model_required=required)
+
+
+def resolve_model_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``args.model``: the model as given (positional or ``--model``); ``args.served_model_names``: every id the
+    API serves (served names first, then the model); ``args.served_model_name``: the first, as a string."""
+    if args.model_arg and args.model and args.model_arg != args.model:
+        ap.error(f"MODEL {args.model_arg!r} and --model {args.model!r} disagree; give one")
+    args.model = args.model or args.model_arg
+    if not args.model and getattr(args, "_model_required", True):
+        ap.error("the model directory is required (MODEL or --model MODEL)")
+    names = list(args.served_model_name or [])
+    args.served_model_names = list(dict.fromkeys(names + ([args.model] if args.model else [])))
+    args.served_model_name = args.served_model_names[0] if args.served_model_names else None
+
 
 def add_engine_args(ap: argparse.ArgumentParser) -> None:
+    add_model_args(ap)
     g = ap.add_argument_group("engine")
-    g.add_argument("--model", required=True, help="Hugging Face model directory")
-    g.add_argument("--served-model-name", help="name in the OpenAI API (default: the model path)")
+    g.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    g.add_argument("--generation-config", default="auto",
+                   help="sampling defaults and extra EOS ids: 'auto' (the model's generation_config.json), 'vllm' "
+                   "(none: neutral defaults), or a directory holding a generation_config.json")
     g.add_argument("--dtype", default="auto")
     g.add_argument("--device", default="auto")
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--num-kv-blocks", type=int)
+    g.add_argument("--block-size", type=int,
+                   help="tokens per KV block (default: 16; with --executor vllm on CPU, 32: vLLM's CPU attention "
+                   "needs a multiple of 32)")
+    g.add_argument("--num-kv-blocks", "--num-gpu-blocks-override", type=int,
+                   help="KV pool size in blocks, instead of sizing it from memory")
     g.add_argument("--kv-cache-memory-bytes", type=int)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--max-num-seqs", type=int, default=128)
     g.add_argument("--max-model-len", type=int)
-    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse KV blocks of identical prompt prefixes")
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", help=argparse.SUPPRESS)
     g.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"])
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights at the checkpoint's shapes (benchmarks; no safetensors needed)")
-    g.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA")
+    g.add_argument("--enforce-eager", action="store_true", help="never capture CUDA graphs (decode runs eagerly)")
+    g.add_argument("--no-cuda-graphs", action="store_true", help="the same as --enforce-eager")
     g.add_argument("--cuda-graph-max-batch", type=int, default=256, help="largest decode batch captured")
     g.add_argument("--executor", default="native", choices=["native", "vllm"],
                    help="native: Duet's engine; vllm: a vLLM V1 engine (pip install -e .[vllm]) with Duet's KV "
@@ -41,29 +91,92 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="ranks each layer is split over (attention by heads, MLPs by columns)")
     p.add_argument("--pipeline-parallel-size", type=int, default=1, help="stages the layers are split over")
-    p.add_argument("--expert-parallel", action="store_true",
+    p.add_argument("--expert-parallel", "--enable-expert-parallel", action="store_true",
                    help="MoE: each tensor-parallel rank holds whole experts instead of a slice of each")
     p.add_argument("--distributed-timeout-s", type=float, default=300.0,
                    help="deadline of worker start-up and of every collective between ranks")
 
 
+def add_frontend_args(ap: argparse.ArgumentParser) -> None:
+    """Flags of the commands that serve the OpenAI API themselves (``serve``, ``router``)."""
+    ap.add_argument("--chat-template", help="Jinja chat template (a file, or the template itself) replacing the "
+                    "tokenizer's")
+
+
 def add_logging_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--log-level", default=envs.log_level())
+    ap.add_argument("--log-level", default=envs.log_level(), type=str.upper,
+                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                    help="debug also prints the traceback of a start-up error")
     ap.add_argument("--log-format", default=envs.log_format(), choices=["text", "json"])
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    block_size = args.block_size
+    if block_size is None:
+        block_size = 16
+        if args.executor == "vllm":
+            from engine.server.vllm_engine import default_block_size
+
+            block_size = default_block_size(args.device)
     return EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+        model=args.model, tokenizer=args.tokenizer, generation_config=args.generation_config, dtype=args.dtype,
+        device=args.device, block_size=block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching, attention_backend=args.attention_backend,
+        enable_prefix_caching=args.enable_prefix_caching, attention_backend=args.attention_backend,
         seed=args.seed, show_progress=sys.stderr.isatty(), tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size, expert_parallel=args.expert_parallel,
         distributed_timeout_s=args.distributed_timeout_s, load_format=args.load_format,
-        cuda_graphs=not args.no_cuda_graphs, cuda_graph_max_batch=args.cuda_graph_max_batch,
+        cuda_graphs=not (args.no_cuda_graphs or args.enforce_eager), cuda_graph_max_batch=args.cuda_graph_max_batch,
     )
+
+
+def check_model_files(config: EngineConfig, *, executor: str = "native", tokenizer: bool = True) -> None:
+    """Fail before loading anything when a file the command needs is missing or wrong: the model directory,
+    its config.json (and, for the native executor, a supported architecture), the tokenizer (``tokenizer``:
+    the command tokenizes), the generation config. Errors name the file or field."""
+    from pathlib import Path
+
+    from engine.model_config import ModelConfig
+    from engine.tokenizer import generation_config_dir, generation_defaults
+
+    model = Path(config.model)
+    if not model.is_dir():
+        raise FileNotFoundError(f"{config.model}: model directory does not exist")
+    if executor == "native":
+        ModelConfig.from_pretrained(model)
+    elif not (model / "config.json").is_file():
+        raise FileNotFoundError(f"{model / 'config.json'}: missing config.json in the model directory")
+    if tokenizer:
+        tok = Path(config.tokenizer or config.model)
+        if not (tok / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{tok / 'tokenizer.json'}: missing tokenizer file"
+                                    + ("" if config.tokenizer else " (--tokenizer DIR names another directory)"))
+    generation_defaults(generation_config_dir(config.model, config.generation_config))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, (ValueError, OSError, LookupError)):
+        return text
+    return f"{type(exc).__name__}: {text}"
+
+
+@contextlib.contextmanager
+def startup_errors(prog: str, args: argparse.Namespace | None = None):
+    """Inside: start a command. An exception becomes one line on stderr naming what is wrong, and exit 2;
+    ``--log-level debug`` logs the traceback too."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # noqa: BLE001 - the user gets one clear line, not a traceback
+        level = str(getattr(args, "log_level", "") or envs.log_level()).upper()
+        if level == "DEBUG":
+            logger.exception("%s failed to start", prog)
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 class _JsonFormatter(logging.Formatter):
@@ -90,14 +203,17 @@ def apply_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.torch_threads)
 
 
-def server_main(role: str, argv: list[str] | None = None) -> None:
-    """``python -m engine.prefill`` / ``engine.decode``: one engine behind ZeroMQ."""
-    ap = argparse.ArgumentParser(prog=f"python -m engine.{role}", description=f"Duet {role} server")
+def server_main(role: str, argv: list[str] | None = None, prog: str | None = None) -> None:
+    """``duet prefill|decode`` (``python -m engine.prefill`` / ``engine.decode``): one engine behind ZeroMQ."""
+    prog = prog or f"python -m engine.{role}"
+    ap = argparse.ArgumentParser(prog=prog, description=f"Duet {role} server")
     add_engine_args(ap)
     add_logging_args(ap)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True, help="ZeroMQ command port (0 = random)")
     ap.add_argument("--event-port", type=int, help="ZeroMQ event (PUB) port (default: random)")
+    ap.add_argument("--metrics-port", type=int,
+                    help="serve this server's Prometheus metrics at http://HOST:PORT/metrics")
     ap.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "zmq"])
     ap.add_argument("--zone")
     ap.add_argument("--staging-mib", type=int, default=64, help="registered staging memory for KV slabs")
@@ -113,13 +229,32 @@ def server_main(role: str, argv: list[str] | None = None) -> None:
     ap.add_argument("--debug-layer-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--debug-step-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    resolve_model_args(ap, args)
     setup_logging(args)
-    apply_threads(args)
-    from engine.server.server import make_server
+    with startup_errors(prog, args):
+        config = engine_config(args)
+        check_model_files(config, executor=args.executor, tokenizer=False)
+        apply_threads(args)
+        from engine.server.server import make_server
 
-    server = make_server(engine_config(args), server_config(role, args))
+        server = make_server(config, server_config(role, args))
+        exporter = None
+        if args.metrics_port is not None:
+            from engine.metrics.server_exporter import ServerMetricsExporter
+
+            exporter = ServerMetricsExporter(server.stats, model_name=args.served_model_name, role=role,
+                                             engine_id=server.engine_id, host=args.host, port=args.metrics_port)
+            try:
+                exporter.start()
+            except OSError:
+                server.close()
+                raise
     print(f"DUET_READY {role} {server.address} {server.event_address}", flush=True)
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    finally:
+        if exporter is not None:
+            exporter.close()
 
 
 def server_config(role: str, args: argparse.Namespace) -> ServerConfig:

@@ -6,12 +6,18 @@ message the server sends on) through the ``on_output`` callback, which runs on t
 only hand the output over (queue, wake-up).
 vLLM itself runs its scheduler and its workers in processes of its own.
 
-``engine_args`` maps Duet's engine flags onto vLLM's: model, dtype, max model length, block size, memory
-fraction, KV blocks, batch limits, prefix caching, seed, tensor parallel size; plus Duet's KV connector
-(``transfer.vllm_connector``) and vLLM's KV-event publisher when the server asks for them. On a CPU-only
-host vLLM's CPU backend needs ``gpu_memory_utilization`` <= 0.3 (it is capped there) and
-``VLLM_CPU_KVCACHE_SPACE`` (GiB; set from ``--kv-cache-memory-bytes`` or 1 GiB when absent), and the engine
-runs eagerly (no torch.compile warm-up).
+``engine_args`` maps Duet's engine flags onto vLLM's: model, tokenizer, generation config, dtype, max model
+length, block size, memory fraction, KV blocks, batch limits, prefix caching, seed, tensor parallel size;
+plus Duet's KV connector (``transfer.vllm_connector``) and vLLM's KV-event publisher when the server asks
+for them. Before vLLM starts, ``check_platform`` holds the configuration against what vLLM's attention
+backend on this platform accepts (``platform_limits``: on CPU vLLM's ``CPU_ATTN`` backend, read from vLLM
+itself) and raises a ``ValueError`` naming the flag or the config.json field otherwise; vLLM would only fail
+later (a head size its CPU kernels lack fails at the first request). ``default_block_size`` is what
+``--block-size`` means when not given: 16 on GPUs, the smallest accepted multiple (32) on CPU.
+The dtype is resolved as the native engine resolves it (``auto``: the checkpoint's, float16 -> float32 on
+CPU), so vLLM and native servers agree on the KV layout. On a CPU-only host vLLM's CPU backend needs
+``gpu_memory_utilization`` <= 0.3 (it is capped there) and ``VLLM_CPU_KVCACHE_SPACE`` (GiB; set from
+``--kv-cache-memory-bytes`` or 1 GiB when absent), and the engine runs eagerly (no torch.compile warm-up).
 """
 from __future__ import annotations
 
@@ -29,13 +35,14 @@ from typing import Any
 from engine import envs
 from engine.config import EngineConfig
 from engine.loader import model_identity
-from engine.model_config import SUPPORTED_ARCHITECTURES
+from engine.model_config import SUPPORTED_ARCHITECTURES, parse_dtype
 from engine.protocol import FinishReason, TokenDelta, Tokens
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 CPU_MAX_MEMORY_FRACTION = 0.3
+GPU_DEFAULT_BLOCK_SIZE = 16
 
 
 def model_id(model: str) -> str:
@@ -46,12 +53,87 @@ def model_id(model: str) -> str:
     return model_identity(model, arch)
 
 
-def _on_cpu(config: EngineConfig) -> bool:
-    if config.device != "auto":
-        return config.device == "cpu"
+def on_cpu(device: str) -> bool:
+    """Whether a ``--device`` value means vLLM's CPU backend."""
+    if device != "auto":
+        return device == "cpu"
     import torch
 
     return not torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class PlatformLimits:
+    """What vLLM's attention backend on this platform accepts; None where vLLM decides per model (GPUs)."""
+
+    backend: str
+    block_size_multiple: int | None
+    head_sizes: tuple[int, ...] | None
+    dtypes: tuple[str, ...] | None
+
+
+def platform_limits(cpu: bool) -> PlatformLimits:
+    """Read from vLLM itself: on CPU its ``CPU_ATTN`` backend's kernel block sizes, head sizes and dtypes."""
+    if not cpu:
+        return PlatformLimits("GPU", None, None, None)
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    multiples = [getattr(b, "base", b) for b in CPUAttentionBackend.get_supported_kernel_block_sizes()]
+    backend_dtypes = set(CPUAttentionBackend.supported_dtypes)
+    dtypes = tuple(str(d).removeprefix("torch.") for d in current_platform.supported_dtypes if d in backend_dtypes)
+    return PlatformLimits(CPUAttentionBackend.get_name(), min(multiples) if multiples else None,
+                          tuple(CPUAttentionBackend.get_supported_head_sizes()), dtypes)
+
+
+def default_block_size(device: str = "auto") -> int:
+    """``--block-size`` when not given, for a vLLM engine: 16 on GPUs; on CPU the smallest size vLLM's CPU
+    attention accepts (a multiple of 32; vLLM's own CPU default is 128) that native servers also support."""
+    return _block_size_for(platform_limits(on_cpu(device)))
+
+
+def _block_size_for(limits: PlatformLimits) -> int:
+    multiple = limits.block_size_multiple or GPU_DEFAULT_BLOCK_SIZE
+    return -(-GPU_DEFAULT_BLOCK_SIZE // multiple) * multiple
+
+
+def _checkpoint(config: EngineConfig) -> tuple[Path, dict]:
+    path = Path(config.model) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: missing config.json in the model directory")
+    try:
+        return path, json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+
+
+def check_platform(config: EngineConfig, limits: PlatformLimits | None = None) -> str:
+    """The dtype to give vLLM, after checking block size, head size and dtype against ``limits`` (default:
+    this platform's). Raises ``ValueError`` naming the flag or config.json field vLLM would refuse."""
+    limits = limits or platform_limits(on_cpu(config.device))
+    path, raw = _checkpoint(config)
+    text = raw.get("text_config") or raw  # multimodal checkpoints nest the language model's fields
+    checkpoint = str(text.get("dtype") or text.get("torch_dtype") or raw.get("dtype") or raw.get("torch_dtype")
+                     or "float32")
+    try:
+        resolved = config.torch_dtype(parse_dtype(checkpoint))
+    except ValueError:  # a dtype Duet does not know: let vLLM resolve it
+        resolved = None
+    dtype = str(resolved).removeprefix("torch.") if resolved is not None else config.dtype
+    m = limits.block_size_multiple
+    if m is not None and config.block_size % m:
+        raise ValueError(f"--block-size {config.block_size}: vLLM's {limits.backend} attention needs a multiple of {m} "
+                         f"(omit --block-size for {_block_size_for(limits)})")
+    if limits.head_sizes is not None:
+        heads = text.get("num_attention_heads")
+        head_dim = text.get("head_dim") or (text["hidden_size"] // heads if heads and text.get("hidden_size") else None)
+        if head_dim is not None and head_dim not in limits.head_sizes:
+            raise ValueError(f"{path}: head_dim {head_dim} is not supported by vLLM's {limits.backend} attention "
+                             f"(head sizes {', '.join(map(str, limits.head_sizes))}); serve it with --executor native")
+    if limits.dtypes is not None and resolved is not None and dtype not in limits.dtypes:
+        what = f"--dtype {config.dtype}" if config.dtype != "auto" else f"{path}: dtype {checkpoint}"
+        raise ValueError(f"{what}: vLLM's {limits.backend} attention supports {', '.join(limits.dtypes)} here")
+    return dtype
 
 
 def engine_args(config: EngineConfig, *, kv_connector_extra: dict[str, Any] | None = None,
@@ -60,7 +142,8 @@ def engine_args(config: EngineConfig, *, kv_connector_extra: dict[str, Any] | No
     from vllm.config import KVEventsConfig, KVTransferConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    cpu = _on_cpu(config)
+    cpu = on_cpu(config.device)
+    dtype = check_platform(config)
     memory_fraction = config.gpu_memory_utilization
     if cpu:
         memory_fraction = min(memory_fraction, CPU_MAX_MEMORY_FRACTION)
@@ -68,11 +151,13 @@ def engine_args(config: EngineConfig, *, kv_connector_extra: dict[str, Any] | No
             gib = max(1, math.ceil((config.kv_cache_memory_bytes or (1 << 30)) / (1 << 30)))
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
     kwargs: dict[str, Any] = dict(
-        model=config.model, dtype=config.dtype, max_model_len=config.max_model_len, block_size=config.block_size,
+        model=config.model, tokenizer=config.tokenizer, generation_config=_vllm_generation_config(config),
+        dtype=dtype, max_model_len=config.max_model_len, block_size=config.block_size,
         gpu_memory_utilization=memory_fraction, max_num_batched_tokens=config.max_num_batched_tokens,
         max_num_seqs=config.max_num_seqs, enable_prefix_caching=config.enable_prefix_caching, seed=config.seed,
         tensor_parallel_size=config.tensor_parallel_size, pipeline_parallel_size=config.pipeline_parallel_size,
-        num_gpu_blocks_override=config.num_kv_blocks, enforce_eager=cpu, disable_log_stats=False)
+        num_gpu_blocks_override=config.num_kv_blocks, enforce_eager=cpu or not config.cuda_graphs,
+        disable_log_stats=False)
     if config.kv_cache_memory_bytes and not cpu:
         kwargs["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
     if kv_connector_extra is not None:
@@ -84,6 +169,11 @@ def engine_args(config: EngineConfig, *, kv_connector_extra: dict[str, Any] | No
         kwargs["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
                                                     endpoint=kv_events_endpoint, topic="kv")
     return AsyncEngineArgs(**kwargs)
+
+
+def _vllm_generation_config(config: EngineConfig) -> str:
+    """Duet's ``--generation-config`` in vLLM's spelling (``auto``, ``vllm`` or a directory)."""
+    return "vllm" if config.generation_config in ("vllm", "none") else config.generation_config
 
 
 def vllm_sampling(params: SamplingParams, kv_transfer_params: dict[str, Any] | None = None):
@@ -113,6 +203,8 @@ class EngineLoad:
     prompt_tokens_computed: int = 0
     prompt_tokens_external: int = 0
     prompt_tokens_local_hit: int = 0
+    prefix_query_tokens: int = 0
+    """Prompt tokens looked up in vLLM's prefix cache."""
     generated_tokens: int = 0
     preemptions: int = 0
 
@@ -202,6 +294,9 @@ class VllmEngine:
             load.running, load.waiting = sched.num_running_reqs, sched.num_waiting_reqs
             load.waiting_blocked = getattr(sched, "num_skipped_waiting_reqs", 0)
             load.kv_cache_usage = sched.kv_cache_usage
+            prefix = getattr(sched, "prefix_cache_stats", None)
+            if prefix is not None:  # a delta since the previous report, as vLLM's own loggers read it
+                load.prefix_query_tokens += prefix.queries
         if it is not None:
             pts = it.prompt_token_stats
             load.prompt_tokens_computed += pts.computed

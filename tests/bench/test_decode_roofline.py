@@ -7,8 +7,10 @@ from bench import decode_roofline, report
 
 
 def test_quick_run_writes_consistent_rows(tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "RESULTS_ROOT", tmp_path)
+    monkeypatch.setattr(report, "RESULTS_ROOT", tmp_path / "recorded")
+    monkeypatch.setattr(report, "RUNS_ROOT", tmp_path)
     decode_roofline.main(["--quick", "--device", "cpu"])
+    assert not (tmp_path / "recorded").exists()  # not recorded without --record
     data = json.loads((tmp_path / "cpu" / "decode_roofline.json").read_text())
     rows = data["rows"]
     assert [r["batch"] for r in rows] == [1, 4]  # no CUDA graphs on CPU: one eager row per batch

@@ -282,14 +282,15 @@ def test_errors_are_counted():
 def test_cli_compare_and_handoff(tmp_path, monkeypatch):
     from bench import report
 
-    monkeypatch.setattr(report, "RESULTS_ROOT", tmp_path)
+    monkeypatch.setattr(report, "RESULTS_ROOT", tmp_path)  # --record below
+    monkeypatch.setattr(report, "RUNS_ROOT", tmp_path / "runs")
     saved = report.device_slug
     with FakeServer(first_delay_s=0.08, gap_s=0.02, prefill_s=0.02) as disagg, \
             FakeServer(first_delay_s=0.03, gap_s=0.02) as colocated:
         runs = serving.main([
             "--url", disagg.url, "--label", "disagg", "--compare-url", colocated.url, "--compare-label", "coloc",
             "--num-requests", "3", "--concurrency", "2", "--prompt-len", "uniform:4-16", "--output-len", "3",
-            "--handoff-from-metrics", "--out-name", "serving_test", "--device-slug", "h100",
+            "--handoff-from-metrics", "--out-name", "serving_test", "--device-slug", "h100", "--record",
         ])
     assert report.device_slug is saved
     assert [r["label"] for r in runs] == ["disagg", "coloc"]
@@ -306,6 +307,7 @@ def test_cli_compare_and_handoff(tmp_path, monkeypatch):
     assert len(saved_json["meta"]["runs"][0]["records"]) == 3
     assert saved_json["meta"]["device"].startswith("server h100")
     assert (tmp_path / "h100" / "serving_test.png").stat().st_size > 0
+    assert not (tmp_path / "runs").exists()  # --record wrote the recorded folder only
 
 
 def test_poisson_release_and_handoff_from_json(tmp_path):

@@ -19,6 +19,7 @@ from engine.router.app import create_app, serve
 from engine.router.dispatcher import DispatchError, Dispatcher, TokenDelta
 from engine.router.local_dispatcher import LocalDispatcher
 from engine.tokenizer import apply_chat_template
+from tests.metrics.exposition import VLLM_ENGINE_FAMILIES, VLLM_REQUEST_FAMILIES, check_vllm_families, samples
 
 MODEL = "tiny-llama"
 ENGINE_KW = dict(show_progress=False, num_kv_blocks=128, max_model_len=512)
@@ -252,15 +253,25 @@ def test_models_health_metrics(server):
     assert raw(port, "GET", f"/v1/models/{MODEL}")[0] == 200
     assert raw(port, "GET", "/health")[:3:2] == (200, {"status": "ok"})
     status, headers, text = raw(port, "GET", "/metrics")
-    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    for needle in ("duet_time_to_first_token_seconds_bucket", "duet_inter_token_latency_seconds_count",
-                   "duet_e2e_request_latency_seconds_sum", 'duet_http_requests_total{endpoint="/v1/completions",'
-                   'status="200"}', "duet_requests_running 0", "duet_prompt_tokens_total",
-                   "duet_generation_tokens_total", "duet_prefix_cached_tokens_total", "duet_kv_num_free_blocks",
-                   "duet_engine_requests_waiting 0", "duet_prefix_cache_hit_tokens_total", "duet_preemptions_total"):
-        assert needle in text, needle
-    count = next(line for line in text.splitlines() if line.startswith("duet_time_to_first_token_seconds_count"))
-    assert int(count.split()[-1]) > 0
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=")
+    fams = check_vllm_families(text, VLLM_ENGINE_FAMILIES + VLLM_REQUEST_FAMILIES + ("vllm:prefix_cache_queries",))
+    assert fams["http_requests"] == ("counter", {"handler", "method", "status"})
+    assert fams["http_request_duration_seconds"][0] == "histogram"
+    assert fams["process_cpu_seconds"][0] == "counter" and fams["python_gc_collections"][0] == "counter"
+    assert not [n for n in fams if n.startswith("duet_server_")], "a server stat without a name in the table"
+    labels = {"model_name": MODEL, "engine": "0"}
+    assert samples(text, "vllm:time_to_first_token_seconds_count")[0] == (labels, pytest.approx(
+        samples(text, "vllm:e2e_request_latency_seconds_count")[0][1]))
+    assert samples(text, "vllm:time_to_first_token_seconds_count")[0][1] > 0
+    assert samples(text, "vllm:request_success_total") and all(
+        v == 0 for lb, v in samples(text, "vllm:request_success_total") if lb["finished_reason"] == "repetition")
+    assert sum(v for lb, v in samples(text, "vllm:request_success_total") if lb["finished_reason"] == "length") > 0
+    assert samples(text, "vllm:num_requests_running") == [(labels, 0.0)]
+    assert samples(text, "vllm:generation_tokens_total")[0][1] >= 2
+    assert samples(text, "duet_requests_running") == [({}, 0.0)]
+    ok = [v for lb, v in samples(text, "http_requests_total") if lb == {"handler": "/v1/completions",
+                                                                        "method": "POST", "status": "2xx"}]
+    assert ok and ok[0] >= 1
 
 
 @pytest.mark.parametrize("body, status, param", [

@@ -1,4 +1,4 @@
-"""OpenAI request parsing, validation and response formatting (no server), plus the metrics exposition."""
+"""OpenAI request parsing, validation and response formatting (no server)."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,6 @@ import pytest
 from engine.detokenizer import IncrementalDetokenizer
 from engine.router import openai_protocol as proto
 from engine.router.dispatcher import TokenDelta
-from engine.router.metrics import Registry, render_samples
 from engine.router.openai_protocol import APIError, ChoiceState, TokenStrings, parse_chat, parse_completion
 
 MODEL = "tiny"
@@ -275,44 +274,3 @@ def test_response_builders_and_sse():
     assert "usage" in proto.chunk("completion", "c", 1, MODEL, [], usage)
     assert proto.sse({"a": "é"}) == 'data: {"a":"é"}\n\n'.encode()
     assert proto.models_response(MODEL, 1, 64)["data"][0]["id"] == MODEL
-
-
-# ---- metrics exposition -----------------------------------------------------------------------------------
-def test_metrics_text_format():
-    reg = Registry()
-    c = reg.counter("duet_requests_total", "Requests.", ["endpoint", "status"])
-    c.labels(endpoint="/v1/completions", status="200").inc()
-    c.labels(endpoint="/v1/completions", status="200").inc(2)
-    g = reg.gauge("duet_running", "Running.")
-    g.inc(3)
-    g.dec()
-    h = reg.histogram("duet_latency_seconds", "Latency.", buckets=(0.1, 1.0))
-    for v in (0.05, 0.5, 5.0):
-        h.observe(v)
-    text = reg.render()
-    assert '# TYPE duet_requests_total counter' in text
-    assert 'duet_requests_total{endpoint="/v1/completions",status="200"} 3' in text
-    assert "duet_running 2" in text
-    assert 'duet_latency_seconds_bucket{le="0.1"} 1' in text
-    assert 'duet_latency_seconds_bucket{le="1.0"} 2' in text
-    assert 'duet_latency_seconds_bucket{le="+Inf"} 3' in text
-    assert "duet_latency_seconds_count 3" in text and "duet_latency_seconds_sum 5.55" in text
-    with pytest.raises(ValueError):
-        reg.counter("duet_running", "again")
-    with pytest.raises(ValueError):
-        c.inc()  # labelled: needs .labels()
-    with pytest.raises(ValueError):
-        Registry().counter("bad name", "x")
-
-
-def test_render_samples_groups_and_filters():
-    text = render_samples([("duet_kv_num_free_blocks", {}, 7), ("duet_hits_total", {"a": 'q"x'}, 2.5),
-                           ("duet_kv_num_free_blocks", {"pool": "b"}, 1), ("other_metric", {}, 1),
-                           ("duet_bad name", {}, 1), ("duet_skip", {}, 1), ("duet_nan", {}, "x")],
-                          skip_names=["duet_skip"])
-    assert text.count("# TYPE duet_kv_num_free_blocks gauge") == 1
-    assert 'duet_kv_num_free_blocks{pool="b"} 1' in text and "duet_kv_num_free_blocks 7" in text
-    assert '# TYPE duet_hits_total counter' in text and 'duet_hits_total{a="q\\"x"} 2.5' in text
-    assert "other_metric" not in text and "bad name" not in text and "duet_skip" not in text
-    assert "duet_nan" not in text
-    assert render_samples([]) == ""

@@ -15,8 +15,9 @@ import openai
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.launcher import ServerProcess, query_server
+from engine.launcher import ServerProcess, free_port, query_server
 from engine.protocol import StatsRequest
+from tests.metrics.exposition import VLLM_ENGINE_FAMILIES, VLLM_REQUEST_FAMILIES, check_vllm_families, samples
 
 NUM_BLOCKS = "96"
 
@@ -45,8 +46,10 @@ def colocated(model):
 @pytest.fixture(scope="module", params=["nixl", "zmq"])
 def cluster(request, model):
     kind = request.param
-    p = ServerProcess("prefill", model, "--kv-transport", kind, "--num-kv-blocks", NUM_BLOCKS)
-    d = ServerProcess("decode", model, "--kv-transport", kind, "--num-kv-blocks", NUM_BLOCKS)
+    p = ServerProcess("prefill", model, "--kv-transport", kind, "--num-kv-blocks", NUM_BLOCKS,
+                      "--metrics-port", str(free_port()))
+    d = ServerProcess("decode", model, "--kv-transport", kind, "--num-kv-blocks", NUM_BLOCKS,
+                      "--metrics-port", str(free_port()))
     r = ServerProcess("router", model, "--prefill", p.address, "--decode", d.address, "--served-model-name", "llama",
                       "--disagg-threshold-tokens", "0", "--debug-traces")
     try:
@@ -148,14 +151,52 @@ def test_openai_client_features_through_the_router(cluster, colocated):
 
     with urllib.request.urlopen(r.url + "/health", timeout=10) as resp:
         assert resp.status == 200
-    with urllib.request.urlopen(r.url + "/metrics", timeout=10) as resp:
-        metrics = resp.read().decode()
-    assert "duet_server_kv_bytes_received" in metrics and "duet_" in metrics
     models = json.loads(urllib.request.urlopen(r.url + "/v1/models", timeout=10).read())
     assert models["data"][0]["id"] == "llama"
     for proc in (p, d):
         stats = server_stats(proc)
         assert stats["free_blocks"] == stats["total_blocks"]
+
+
+def test_router_metrics_read_like_vllms(cluster, colocated):
+    """Router and colocated ``/metrics`` through prometheus_client's parser: vLLM's names, types and labels
+    (the recorded vLLM exposition), per-server engine families from the servers' stats, the router's own."""
+    kind, p, d, r = cluster
+    prompt = list(range(5, 45))
+    for url in (r.url, colocated.url):
+        client(url).completions.create(model="llama", prompt=prompt, max_tokens=4, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    text = urllib.request.urlopen(colocated.url + "/metrics", timeout=10).read().decode()
+    check_vllm_families(text, VLLM_ENGINE_FAMILIES + VLLM_REQUEST_FAMILIES + ("vllm:prefix_cache_queries",))
+
+    text = urllib.request.urlopen(r.url + "/metrics", timeout=30).read().decode()
+    fams = check_vllm_families(text, VLLM_ENGINE_FAMILIES + VLLM_REQUEST_FAMILIES + ("vllm:admission_rejections",))
+    ids = {s[0]["engine"]: s[0]["role"] for s in samples(text, "duet_router_server_healthy")}
+    assert sorted(ids.values()) == ["decode", "prefill"]
+    engines = {lb["engine"] for lb, _ in samples(text, "vllm:num_requests_running")}
+    assert engines == set(ids), "one vllm:num_requests_running series per server, engine = its id"
+    decode_id = next(e for e, role in ids.items() if role == "decode")
+    received = [v for lb, v in samples(text, "duet_kv_received_bytes_total") if lb["engine"] == decode_id]
+    assert received and received[0] > 0
+    assert [v for lb, v in samples(text, "duet_router_decisions_total") if lb["reason"] == "disaggregated"][0] >= 1
+    assert samples(text, "duet_handoff_seconds_count")[0][1] >= 1
+    assert fams["duet_prefill_compute_seconds"] == ("histogram", {"model_name"})
+    usage = {lb["role"]: v for lb, v in samples(text, "duet_router_kv_cache_usage_perc")}
+    assert set(usage) == {"prefill", "decode"} and all(0 <= v <= 1 for v in usage.values())
+    assert not [n for n in fams if n.startswith("duet_server_")], "a server stat without a name in the table"
+    ttft = samples(text, "vllm:time_to_first_token_seconds_count")
+    assert ttft[0][0] == {"model_name": "llama", "engine": "router"} and ttft[0][1] >= 1
+
+    # Each server's own --metrics-port: the same engine families, the same engine id as the router shows.
+    for proc, role in ((p, "prefill"), (d, "decode")):
+        port = proc.proc.args[proc.proc.args.index("--metrics-port") + 1]
+        own = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        own_fams = check_vllm_families(own, VLLM_ENGINE_FAMILIES)
+        [(labels, _)] = samples(own, "vllm:num_requests_running")
+        assert ids[labels["engine"]] == role and labels["model_name"] == proc.proc.args[proc.proc.args.index(
+            "--model") + 1]
+        assert own_fams["process_cpu_seconds"][0] == "counter"
+        assert not [n for n in own_fams if n.startswith("duet_server_") and "stats_errors" not in n]
 
 
 def test_request_trace_spans_router_prefill_and_decode(cluster):

@@ -1,9 +1,10 @@
 """``--executor vllm``: vLLM V1 engines as Duet prefill and decode servers, real processes on 127.0.0.1.
 
 Skipped where vLLM is not importable (``pip install -e .[vllm]``; see README). On a CPU-only host vLLM's
-CPU attention needs head_dim in {32, 64, ...} and block_size a multiple of 32, hence the checkpoint shape and
-flags below; both engines run in float32, where vLLM's and Duet's CPU kernels give identical greedy tokens
-on these prompts (the assertions are exact).
+CPU attention needs head_dim in {32, 64, ...} (hence the checkpoint shape) and block_size a multiple of 32:
+the vLLM servers run on their defaults (``--executor vllm`` picks block size 32 and the checkpoint's
+float32 itself), the native ones get ``--block-size 32`` to pair with them. Both engines run in float32,
+where vLLM's and Duet's CPU kernels give identical greedy tokens on these prompts (the assertions are exact).
 
 Checked: vLLM prefill + vLLM decode through Duet's router equal vLLM colocated (``engine.serve --executor
 vllm``) and Duet native colocated, token for token; the KV moved through Duet's connector (bytes and
@@ -34,9 +35,10 @@ from transfer.wire import decode
 pytestmark = pytest.mark.timeout(900)
 
 BLOCK = 32
-COMMON = ("--dtype", "float32", "--block-size", str(BLOCK), "--num-kv-blocks", "64", "--max-model-len", "512",
-          "--kv-transport", "zmq")
+VLLM_COMMON = ("--num-kv-blocks", "64", "--max-model-len", "512", "--kv-transport", "zmq")  # default dtype, block
+COMMON = VLLM_COMMON + ("--block-size", str(BLOCK))
 SERVE = tuple(a for a in COMMON if a not in ("--kv-transport", "zmq"))
+VLLM_SERVE = tuple(a for a in VLLM_COMMON if a not in ("--kv-transport", "zmq"))
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_LOGGING_LEVEL": "WARNING"}
 NUM_LAYERS = 2
 
@@ -103,9 +105,9 @@ def model(tiny_model):
 def servers(model):
     """vLLM P and D, native P and D, vLLM and native colocated; routers for the four P/D pairings."""
     procs = {
-        "vp": vllm_server("prefill", model, *COMMON), "vd": vllm_server("decode", model, *COMMON),
+        "vp": vllm_server("prefill", model, *VLLM_COMMON), "vd": vllm_server("decode", model, *VLLM_COMMON),
         "np": ServerProcess("prefill", model, *COMMON), "nd": ServerProcess("decode", model, *COMMON),
-        "vserve": vllm_server("serve", model, *SERVE, "--served-model-name", "llama"),
+        "vserve": vllm_server("serve", model, *VLLM_SERVE, "--served-model-name", "llama"),
         "nserve": ServerProcess("serve", model, *SERVE, "--served-model-name", "llama"),
     }
     try:
