@@ -334,6 +334,10 @@ class ServerStats:
     """Prompt tokens whose KV came from another server (vLLM executor)."""
     generated_tokens: int = 0
     prefix_hit_tokens: int = 0
+    prefix_query_tokens: int = 0
+    """Prompt tokens looked up in the prefix cache (``prefix_hit_tokens`` of them were found)."""
+    cached_blocks: int = 0
+    """Free KV blocks that still hold a cached prefix (evictable)."""
     preemptions: int = 0
     kv_bytes_sent: int = 0
     kv_descriptors_sent: int = 0

@@ -66,6 +66,8 @@ class NativeExecutor(Executor):
         staging = StagingPool(server.staging_bytes, runner.device)
         self.handoff = Handoff(transport, staging, runner, timeout_s=server.kv_timeout_s, faults=server.faults)
         self._prefills: dict[str, str] = {}  # engine request id of a prefill for a peer -> its transfer id
+        self.num_external_prompt_tokens = 0
+        """Prompt tokens whose KV came from a prefill server (not computed, not a local prefix hit)."""
         self._generators: dict[str, torch.Generator] = {}  # transfer id -> seeded generator, this step only
         mc = self.engine.model_config
         wire = torch.empty(runner.slab_shape(0), dtype=runner.kv_dtype, device="meta")
@@ -138,6 +140,9 @@ class NativeExecutor(Executor):
         ended = self.handoff.advance()
         for r in ended.recvs:
             if r.state is RecvState.COMPLETE:
+                req = self.engine.get_request(r.request_id)
+                if req is not None:
+                    self.num_external_prompt_tokens += req.num_prompt_tokens - req.num_cached_tokens
                 first = r.first
                 out = self.engine.complete_remote_request(
                     r.request_id, SampleResult(first.first_token, first.first_logprobs, first.first_generator_state))
@@ -199,6 +204,8 @@ class NativeExecutor(Executor):
         stats.waiting, stats.running, stats.waiting_for_kv = len(s.waiting), len(s.running), len(s.waiting_for_kv)
         stats.prompt_tokens_computed, stats.generated_tokens = e.num_prompt_tokens_computed, e.num_generated_tokens
         stats.prefix_hit_tokens, stats.preemptions = bm.stats.hit_tokens, s.num_preemptions
+        stats.prefix_query_tokens, stats.cached_blocks = bm.stats.query_tokens, bm.num_cached_blocks
+        stats.prompt_tokens_external = self.num_external_prompt_tokens
         stats.open_transfers = len(self.handoff.sends) + len(self.handoff.recvs)
         handoff_stats_into(stats, self.handoff.stats)
 
