@@ -141,9 +141,10 @@ class DuetConnector(KVConnectorBase_V1):
                              f"size {tp}, pipeline parallel size {pc.pipeline_parallel_size}")
         names = layer_order(list(kv_caches))
         heads, head_dim = mc.get_num_kv_heads(pc), mc.get_head_size()
-        views = [pool_views(kv_caches[name], heads, head_dim) for name in names]
+        cache_layout = "cpu_vec" if kv_caches[names[0]].device.type == "cpu" else "flash"
+        views = [pool_views(kv_caches[name], heads, head_dim, cache_layout) for name in names]
         first = kv_caches[names[0]]
-        if first.dim() == 4:  # CPU attention: the bytes are plain only for some ISAs
+        if cache_layout == "cpu_vec":  # CPU attention: the bytes are plain only for some ISAs
             isa = self._cpu_isa(names[0])
             if isa not in KNOWN_CPU_ISAS:
                 raise ValueError(f"vLLM's CPU attention ISA {isa!r} stores KV blocks in a layout Duet's connector "

@@ -27,25 +27,43 @@ def layer_order(names: list[str]) -> list[str]:
     return [name for _, name in sorted(enumerate(names), key=key)]
 
 
-def pool_views(kv: torch.Tensor, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+CACHE_LAYOUTS = ("flash", "cpu_vec")
+
+
+def pool_views(kv: torch.Tensor, num_kv_heads: int, head_dim: int,
+               layout: str = "cpu_vec") -> tuple[torch.Tensor, torch.Tensor]:
     """One vLLM layer cache as its keys and its values, each ``[1, 1, num_blocks, block_size, heads, head_dim]``
     (views, no copy), so that a slab layer ``[1, 2, n, block_size, heads, head_dim]`` is one gather of each.
 
-    Known shapes: ``[2, num_blocks, block_size, heads, head_dim]`` (FlashAttention-style, contiguous), and vLLM's
-    CPU attention ``[num_blocks, heads, block_size, 2 * head_dim]`` as its ``vec`` ISA fills it: per block and
-    head, the keys as ``[head_dim, block_size]`` (transposed), then the values as ``[block_size, head_dim]``.
+    vLLM 0.32 gives a layer's cache as ``[num_blocks, heads, block_size, 2 * head_dim]`` (logical order; the
+    memory order is its ``KVCacheLayout``: ``HND`` is that order, ``NHD`` is ``[blocks, block_size, heads, ...]``
+    seen through a permutation, so any strides are fine here). What the last dimension holds depends on the
+    attention backend (``layout``):
+
+    - ``flash`` (FlashAttention on GPU): the keys then the values, each ``[head_dim]`` per token and head;
+    - ``cpu_vec`` (vLLM's CPU attention, ``vec`` ISA): per block and head, the keys as ``[head_dim, block_size]``
+      (transposed), then the values as ``[block_size, head_dim]``; the tensor must be contiguous.
+
+    Older vLLMs' ``[2, num_blocks, block_size, heads, head_dim]`` caches are read as they are.
     """
+    if layout not in CACHE_LAYOUTS:
+        raise ValueError(f"layout must be one of {CACHE_LAYOUTS}, got {layout!r}")
     if kv.dim() == 5 and kv.shape[0] == 2 and kv.shape[3] == num_kv_heads and kv.shape[4] == head_dim:
         return kv[0:1].unsqueeze(0), kv[1:2].unsqueeze(0)
-    if kv.dim() == 4 and kv.shape[1] == num_kv_heads and kv.shape[3] == 2 * head_dim and kv.is_contiguous():
-        num_blocks, heads, block_size, _ = kv.shape
-        size = (1, 1, num_blocks, block_size, heads, head_dim)
-        block, head = heads * 2 * block_size * head_dim, 2 * block_size * head_dim
-        keys = kv.as_strided(size, (0, 0, block, 1, head, block_size))
-        values = kv.as_strided(size, (0, 0, block, head_dim, head, 1), kv.storage_offset() + block_size * head_dim)
-        return keys, values
-    raise ValueError(f"Duet's connector does not know vLLM KV caches of shape {tuple(kv.shape)} "
-                     f"(num_kv_heads={num_kv_heads}, head_dim={head_dim})")
+    if kv.dim() == 4 and kv.shape[1] == num_kv_heads and kv.shape[3] == 2 * head_dim:
+        if layout == "flash":  # [B, H, N, 2D] -> keys / values [B, N, H, D], as vLLM's FlashAttention reads them
+            per_token = kv.transpose(1, 2)
+            return (per_token[..., :head_dim].unsqueeze(0).unsqueeze(0),
+                    per_token[..., head_dim:].unsqueeze(0).unsqueeze(0))
+        if kv.is_contiguous():
+            num_blocks, heads, block_size, _ = kv.shape
+            size = (1, 1, num_blocks, block_size, heads, head_dim)
+            block, head = heads * 2 * block_size * head_dim, 2 * block_size * head_dim
+            keys = kv.as_strided(size, (0, 0, block, 1, head, block_size))
+            values = kv.as_strided(size, (0, 0, block, head_dim, head, 1), kv.storage_offset() + block_size * head_dim)
+            return keys, values
+    raise ValueError(f"Duet's connector does not know vLLM KV caches of shape {tuple(kv.shape)} strides "
+                     f"{tuple(kv.stride())} (num_kv_heads={num_kv_heads}, head_dim={head_dim}, layout={layout})")
 
 
 class VllmKVPort(KVPort):
