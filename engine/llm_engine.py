@@ -35,7 +35,7 @@ from engine.sampler import PromptLogprobs, SampleResult
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.structured_output import GrammarCompiler, GrammarState, validate as validate_grammar
-from engine.tokenizer import generation_defaults, generation_eos_ids, load_tokenizer
+from engine.tokenizer import bad_words_token_ids, generation_defaults, generation_eos_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -366,13 +366,3 @@ def _add_prompt_logprobs(req: Request, scored: PromptLogprobs) -> None:
     req.prompt_logprobs.extend(scored.logprobs[skip:])
     req.prompt_token_ranks.extend(scored.ranks[skip:])
 
-
-def bad_words_token_ids(tokenizer, words: list[str]) -> list[list[int]]:
-    """Token sequences of ``words`` as they appear at the start of a text and after a space (vLLM does both)."""
-    out: list[list[int]] = []
-    for word in words:
-        for text in (word, " " + word.lstrip()):
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            if ids and ids not in out:
-                out.append(ids)
-    return out

@@ -47,6 +47,11 @@ class TokenDelta:
     """Set with finish_reason ``error``: what went wrong, safe to show to the client."""
     status: int = 500
     """HTTP status for an error that happens before the first token (e.g. 429, 503)."""
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """Once (first delta after the prompt was scored) when ``params.prompt_logprobs`` is set: per prompt position
+    the prompt token then its top alternatives -> logprob; position 0 (no context) is None."""
+    prompt_token_ranks: list[int | None] | None = None
+    """With ``prompt_logprobs``: rank of each prompt token in its position's distribution (1 = most likely)."""
 
 
 class DispatchError(Exception):
