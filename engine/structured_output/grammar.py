@@ -25,6 +25,7 @@ JSON_MAX_WHITESPACE = 16
 """Most whitespace characters in a row between JSON tokens. Unbounded whitespace is valid JSON, but a weak or
 uncertain model can emit blanks forever without closing the object; 16 still fits newline + indentation of
 pretty-printed JSON 7 levels deep (``disable_any_whitespace`` allows none)."""
+ANY_OBJECT = '{"type": "object"}'
 _XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 
 
@@ -47,7 +48,9 @@ def _schema(params: StructuredOutputsParams) -> str:
     xgrammar 0.2.8 turns a string with ``minLength``/``maxLength`` (and no ``pattern``) into a rule that admits
     raw control characters, which JSON forbids (``json.loads`` rejects the output). The same bounds written as
     a ``pattern`` go through its JSON-string regex path, which escapes correctly; so bounded strings are
-    rewritten that way (a string the rewritten schema accepts is one the original accepts).
+    rewritten that way, as a class without control characters, quote, backslash and the UTF-16 surrogate
+    range (xgrammar counts an encoded surrogate as one character; it is not valid UTF-8 and decodes to three
+    U+FFFD, which breaks ``maxLength``). A string the rewritten schema accepts is one the original accepts.
     """
     schema = json.loads(params.json)
     if _rewrite_bounded_strings(schema):
@@ -62,7 +65,7 @@ def _rewrite_bounded_strings(node) -> bool:
         if (node.get("type") == "string" and bounded and not {"pattern", "format", "enum", "const"} & node.keys()
                 and all(isinstance(node.get(k, 0), int) for k in ("minLength", "maxLength"))):
             lo, hi = node.pop("minLength", 0), node.pop("maxLength", "")
-            node["pattern"] = f"^.{{{lo},{hi}}}$"
+            node["pattern"] = f"^[^\\x00-\\x1f\"\\\\\\ud800-\\udfff]{{{lo},{hi}}}$"
             changed = True
         for value in node.values():
             changed |= _rewrite_bounded_strings(value)
@@ -134,8 +137,8 @@ class GrammarCompiler:
             kind = params.kind
             if kind == "json":
                 return compiler.compile_json_schema(_schema(params), **_json_kwargs(params))
-            if kind == "json_object":
-                return compiler.compile_builtin_json_grammar()
+            if kind == "json_object":  # an object, not any JSON value (xgrammar's builtin grammar takes both)
+                return compiler.compile_json_schema(ANY_OBJECT, strict_mode=False, **_json_kwargs(params))
             if kind == "regex":
                 return compiler.compile_regex(params.regex)
             if kind == "choice":
