@@ -182,6 +182,8 @@ def parse_hermes(text: str, final: bool = False) -> Snapshot:
 
 def parse_llama3_json(text: str, final: bool = False) -> Snapshot:
     start = _skip_ws(text, 0)
+    if not final and LLAMA_PYTHON_TAG.startswith(text[start:]):
+        return Snapshot()  # maybe the tag's first characters: wait
     if text.startswith(LLAMA_PYTHON_TAG, start):
         start = _skip_ws(text, start + len(LLAMA_PYTHON_TAG))
     if start >= len(text):
