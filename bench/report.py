@@ -145,9 +145,14 @@ def write_results(
     device: torch.device | str | None = None,
     extra: dict | None = None,
     plot: Callable[["object"], None] | None = None,
+    out_dir: Path | None = None,
 ) -> Path:
-    """Print the table and write ``<name>.json`` (+ ``<name>.md``, + ``<name>.png`` via ``plot(ax)``)."""
-    out_dir = results_dir(device)
+    """Print the table and write ``<name>.json`` (+ ``<name>.md``, + ``<name>.png`` via ``plot(ax)``) into
+    ``out_dir`` (default: the device's folder of recorded results)."""
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        out_dir = results_dir(device)
     table = format_table(rows, columns)
     print(table)
     meta = {

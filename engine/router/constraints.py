@@ -11,16 +11,22 @@ the engine enforces) and, for tools, the way the output is read back (``ToolMode
   most with ``parallel_tool_calls: false``), each matching one tool's schema;
 - ``{"type": "function", "function": {"name": ...}}``: the grammar forces that function's arguments object.
 
+Tool-call grammars are compact JSON (no optional whitespace): the arguments are re-serialized for the client
+anyway, and a model cannot pad a call with blanks until ``max_tokens`` runs out.
+``structured_outputs`` holding only options (``disable_any_whitespace``) applies them to ``response_format``'s
+or a ``guided_*`` grammar, as vLLM merges them.
+
 Errors are ``APIError``s naming the field; grammars are checked without a tokenizer (``validate``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
 
 from engine.router.api_error import APIError
-from engine.sampling_params import StructuredOutputsParams
+from engine.sampling_params import STRUCTURED_KINDS, StructuredOutputsParams
 from engine.structured_output import validate
 
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -70,13 +76,17 @@ def _response_format(value) -> StructuredOutputsParams | None:
 def parse_structured_outputs(body: dict) -> StructuredOutputsParams | None:
     """The grammar ``body`` asks for through exactly one of response_format, structured_outputs, guided_*."""
     found: list[tuple[str, StructuredOutputsParams | None]] = []
+    options: dict = {}
     if body.get("response_format") is not None:
         found.append(("response_format", _response_format(body["response_format"])))
     if body.get("structured_outputs") is not None:
         so = body["structured_outputs"]
         if not isinstance(so, dict):
             raise APIError("structured_outputs: expected an object", param="structured_outputs")
-        found.append(("structured_outputs", _structured(dict(so), "structured_outputs")))
+        if any(so.get(kind) not in (None, False) for kind in STRUCTURED_KINDS):
+            found.append(("structured_outputs", _structured(dict(so), "structured_outputs")))
+        else:  # only options (disable_any_whitespace): they apply to response_format's grammar, as in vLLM
+            options = dict(so)
     for name, kind in _GUIDED.items():
         if body.get(name) is not None:
             extra = {"disable_any_whitespace": True} if body.get("guided_whitespace_pattern") == "" else {}
@@ -85,7 +95,13 @@ def parse_structured_outputs(body: dict) -> StructuredOutputsParams | None:
     if len(found) > 1:
         names = ", ".join(name for name, _ in found)
         raise APIError(f"{found[1][0]}: only one output constraint per request ({names} given)", param=found[1][0])
-    return found[0][1] if found else None
+    if not found:
+        return None
+    name, so = found[0]
+    if options:
+        fields = {k: v for k, v in dataclasses.asdict(so).items() if v not in (None, False)}
+        so = _structured({**fields, **options}, "structured_outputs")
+    return so
 
 
 def parse_tools(body: dict) -> list[dict] | None:
@@ -146,7 +162,8 @@ def tool_grammar(tools: list[dict], mode: ToolMode, parallel: bool = True) -> St
     """The grammar that enforces ``required`` or a named tool; None for ``none`` / ``auto``."""
     if mode.choice == "named":
         fn = next(t["function"] for t in tools if t["function"]["name"] == mode.name)
-        return StructuredOutputsParams(json=json.dumps(fn["parameters"], ensure_ascii=False))
+        return StructuredOutputsParams(json=json.dumps(fn["parameters"], ensure_ascii=False),
+                                       disable_any_whitespace=True)
     if mode.choice != "required":
         return None
     calls = [{"type": "object",
@@ -157,4 +174,4 @@ def tool_grammar(tools: list[dict], mode: ToolMode, parallel: bool = True) -> St
     schema = {"type": "array", "minItems": 1, "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
     if not parallel:
         schema["maxItems"] = 1
-    return StructuredOutputsParams(json=json.dumps(schema, ensure_ascii=False))
+    return StructuredOutputsParams(json=json.dumps(schema, ensure_ascii=False), disable_any_whitespace=True)

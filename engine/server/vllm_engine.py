@@ -89,19 +89,20 @@ def engine_args(config: EngineConfig, *, kv_connector_extra: dict[str, Any] | No
 def vllm_sampling(params: SamplingParams, kv_transfer_params: dict[str, Any] | None = None):
     """Duet sampling parameters as vLLM's (delta outputs, no detokenization: Duet's front end detokenizes).
 
-    Structured outputs, ``logit_bias``, ``allowed_token_ids``, ``bad_words`` (vLLM tokenizes them itself) and
-    ``prompt_logprobs`` map onto vLLM's fields of the same names; vLLM picks its grammar backend (xgrammar).
+    ``logit_bias``, ``allowed_token_ids``, ``bad_words`` (vLLM tokenizes them itself) and ``prompt_logprobs`` map
+    onto vLLM's fields of the same names; structured outputs go as the EBNF grammar the native engine enforces
+    (``engine.structured_output.grammar.ebnf``), which vLLM runs with xgrammar.
     """
     from vllm import SamplingParams as VSamplingParams
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     extra = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None
     structured = None
-    so = params.structured_outputs
-    if so is not None:
-        structured = StructuredOutputsParams(
-            json=so.json, regex=so.regex, choice=so.choice, grammar=so.grammar,
-            json_object=True if so.json_object else None, disable_any_whitespace=so.disable_any_whitespace)
+    if params.structured_outputs is not None:
+        from engine.structured_output.grammar import ebnf
+
+        # The native engine's grammar, as EBNF: both executors enforce the same language.
+        structured = StructuredOutputsParams(grammar=ebnf(params.structured_outputs))
     return VSamplingParams(
         n=1, max_tokens=params.max_tokens, min_tokens=params.min_tokens, temperature=params.temperature,
         top_k=params.top_k if params.top_k > 0 else -1, top_p=params.top_p, min_p=params.min_p, seed=params.seed,

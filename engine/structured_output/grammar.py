@@ -86,21 +86,34 @@ def _error(params: StructuredOutputsParams, e: Exception) -> ValueError:
     return ValueError(f"structured_outputs.{params.kind}: {message}")
 
 
-def validate(params: StructuredOutputsParams) -> None:
-    """ValueError (naming ``structured_outputs.<kind>``) when the grammar cannot be built; no tokenizer needed."""
+def _grammar(params: StructuredOutputsParams):
+    """The tokenizer-free ``xgrammar.Grammar``; ValueError naming ``structured_outputs.<kind>``."""
     xgr = _import_xgrammar()
     try:
         kind = params.kind
         if kind == "json":
-            xgr.Grammar.from_json_schema(_schema(params), **_json_kwargs(params))
-        elif kind == "regex":
-            xgr.Grammar.from_regex(params.regex)
-        elif kind == "choice":
-            xgr.Grammar.from_ebnf(_choice_ebnf(params.choice))
-        elif kind == "grammar":
-            xgr.Grammar.from_ebnf(params.grammar)
+            return xgr.Grammar.from_json_schema(_schema(params), **_json_kwargs(params))
+        if kind == "json_object":
+            return xgr.Grammar.from_json_schema(ANY_OBJECT, strict_mode=False, **_json_kwargs(params))
+        if kind == "regex":
+            return xgr.Grammar.from_regex(params.regex)
+        if kind == "choice":
+            return xgr.Grammar.from_ebnf(_choice_ebnf(params.choice))
+        return xgr.Grammar.from_ebnf(params.grammar)
     except (RuntimeError, ValueError, TypeError) as e:
         raise _error(params, e) from None
+
+
+def validate(params: StructuredOutputsParams) -> None:
+    """ValueError (naming ``structured_outputs.<kind>``) when the grammar cannot be built; no tokenizer needed."""
+    _grammar(params)
+
+
+def ebnf(params: StructuredOutputsParams) -> str:
+    """The grammar as EBNF text (xgrammar's dialect), exactly what the native engine enforces: handed to vLLM's
+    ``StructuredOutputsParams.grammar`` so both executors constrain alike (vLLM would otherwise apply its own
+    schema conversion, with unbounded whitespace, per-engine whitespace options and no bounded-string fix)."""
+    return str(_grammar(params))
 
 
 class GrammarCompiler:

@@ -35,12 +35,13 @@ MAX_TOKENS = 300
 # (parallel_tool_calls=false, which the grammar turns into maxItems 1).
 
 
-def check_json_schema_requests(client, model: str, num: int = 50, concurrency: int = 16) -> list[dict]:
+def check_json_schema_requests(client, model: str, num: int = 50, concurrency: int = 16,
+                               extra_body: dict | None = None) -> list[dict]:
     """``num`` sampled ``response_format: json_schema`` chat requests; each output parses and validates."""
     def one(i: int) -> dict:
         r = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": f"Describe person number {i} as JSON."}],
-            max_tokens=MAX_TOKENS, temperature=1.0, seed=i,
+            max_tokens=MAX_TOKENS, temperature=1.0, seed=i, extra_body=extra_body,
             response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
         choice = r.choices[0]
         assert choice.finish_reason == "stop", choice.message.content
