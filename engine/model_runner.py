@@ -124,7 +124,7 @@ class ModelRunner:
             mc.head_dim, dtype=self.dtype, device=self.device,
         )
         self.sampler = Sampler(config.seed)
-        self.masks = MaskFiller(mc.vocab_size)
+        self.masks = MaskFiller(mc.vocab_size, unpack=self.device.type == "cpu")
         self._kv_out: list[torch.Tensor] = []
         self._block_tables = BlockTables()  # rows kept between steps
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
@@ -245,7 +245,7 @@ class ModelRunner:
         num_samples = len(sample_reqs)
         if num_samples:
             token_mask = masks.result() if masks is not None else None
-            results = self.sampler(logits[:num_samples], sample_reqs, token_mask)
+            results = self.sampler(logits[:num_samples], sample_reqs, token_mask, inplace=True)
             out.samples = {req.request_id: r for req, r in zip(sample_reqs, results)}
         offset = num_samples
         for pr in prompt_rows:

@@ -62,6 +62,8 @@ class Request:
         )
         """``params`` sample by a bare argmax of the logits (greedy; no penalties, min_tokens, logprobs, biases,
         allowed/bad tokens or grammar)."""
+        self.sampler_cache: dict[str, torch.Tensor] = {}
+        """Tensors the sampler derives once from ``params`` (logit_bias ids and values, the allowed-token mask)."""
         self.grammar = None
         """``engine.structured_output.GrammarState`` when ``params.structured_outputs`` is set (the engine sets
         it); it has accepted every token of ``output_token_ids``."""

@@ -48,23 +48,24 @@ class Sampler:
     def __init__(self, seed: int = 0):
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request],
-                 token_mask: TokenMask | None = None) -> list[SampleResult]:
-        """``logits``: [num_requests, vocab] float32, row i belongs to ``requests[i]``; ``token_mask``: the
-        grammar's allowed tokens of the constrained rows."""
+    def __call__(self, logits: torch.Tensor, requests: list[Request], token_mask: TokenMask | None = None,
+                 inplace: bool = False) -> list[SampleResult]:
+        """``logits``: [num_requests, vocab] float32, row i belongs to ``requests[i]``. ``token_mask``: the
+        grammar's allowed tokens of the constrained rows. ``inplace``: the caller no longer needs ``logits``,
+        so biases and masks are applied to it directly (saves a vocab-wide copy per row)."""
         logits = logits.float()
         if token_mask is None and all(r.argmax_only for r in requests):  # the common batch: one argmax
             return [SampleResult(t, None) for t in torch.argmax(logits, dim=-1).tolist()]
-        raw = logits
+        want_logprobs = any(r.params.logprobs is not None for r in requests)
+        logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None  # of the raw distribution
         if token_mask is not None or any(_needs_processing(r) for r in requests):
-            logits = logits.clone()
+            if not inplace:
+                logits = logits.clone()
             for i, req in enumerate(requests):
                 if _needs_processing(req):
                     _process_row(logits[i], req)
             if token_mask is not None:
                 token_mask.apply(logits)
-        want_logprobs = any(r.params.logprobs is not None for r in requests)
-        logprobs = torch.log_softmax(raw, dim=-1) if want_logprobs else None
 
         greedy_ids = torch.argmax(logits, dim=-1).tolist()
         results = []
@@ -174,21 +175,20 @@ def _process_row(row: torch.Tensor, req: Request) -> None:  # row: [vocab], modi
 
 def _bias_tensors(req: Request, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(token ids [n] int64, biases [n] float32) of ``logit_bias``, built once per request."""
-    cached = getattr(req, "_bias_tensors", None)
-    if cached is None or cached[0].device != device:
+    cache = req.sampler_cache
+    if "bias_ids" not in cache or cache["bias_ids"].device != device:
         bias = req.params.logit_bias
-        cached = (torch.tensor(list(bias), dtype=torch.long, device=device),
-                  torch.tensor(list(bias.values()), dtype=torch.float32, device=device))
-        req._bias_tensors = cached
-    return cached
+        cache["bias_ids"] = torch.tensor(list(bias), dtype=torch.long, device=device)
+        cache["bias_values"] = torch.tensor(list(bias.values()), dtype=torch.float32, device=device)
+    return cache["bias_ids"], cache["bias_values"]
 
 
 def _disallowed(req: Request, vocab: int, device: torch.device) -> torch.Tensor:  # [vocab] bool
     """Tokens outside ``allowed_token_ids``, built once per request."""
-    cached = getattr(req, "_disallowed", None)
+    cached = req.sampler_cache.get("disallowed")
     if cached is None or cached.device != device or cached.shape[0] != vocab:
         cached = torch.ones(vocab, dtype=torch.bool, device=device)
         allowed = [t for t in req.params.allowed_token_ids if 0 <= t < vocab]
         cached[torch.tensor(allowed, dtype=torch.long, device=device)] = False
-        req._disallowed = cached
+        req.sampler_cache["disallowed"] = cached
     return cached

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import jsonschema
 import pytest
@@ -15,7 +14,7 @@ from engine.llm_engine import LLMEngine
 from engine.request import Request
 from engine.sampler import Sampler
 from engine.sampling_params import StructuredOutputsParams
-from engine.structured_output import GrammarCompiler, GrammarState, MaskFiller, validate
+from engine.structured_output import GrammarState, MaskFiller, validate
 
 SCHEMA = {
     "type": "object",
@@ -158,17 +157,17 @@ def test_engine_refuses_bad_grammar_before_queueing(engine):
     assert engine.get_request("bad") is None
 
 
-def test_masks_are_filled_on_a_thread_while_the_caller_runs(engine):
+def test_threaded_and_inline_masks_agree(engine):
     so = StructuredOutputsParams(json=json.dumps(SCHEMA))
     states = [GrammarState(engine.grammar_compiler.compile_async(so)) for _ in range(4)]
-    for s in states:
-        s.fill(torch.zeros(1, 16, dtype=torch.int32), 0) if False else s.compiled.result()
+    states[1].accept_all(engine.tokenizer.encode('{"name": "Bo"', add_special_tokens=False))
     filler = MaskFiller(engine.model_config.vocab_size)
     future = filler.submit([states[0], None, states[1], states[2]])
     mask = future.result()
     inline = MaskFiller(engine.model_config.vocab_size, overlap=False).submit(
         [states[0], None, states[1], states[2]]).result()
     assert mask.rows == inline.rows == [0, 2, 3] and torch.equal(mask.bitmask, inline.bitmask)
+    assert not torch.equal(mask.bitmask[0], mask.bitmask[2])  # a different state, a different mask
     assert filler.submit([None, None]) is None
     filler.close()
 
