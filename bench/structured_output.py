@@ -14,8 +14,11 @@ Vocabularies: ``tiny`` is the test checkpoint's 512-token BPE; ``tekken`` is Mis
 tokenizer shipped inside the ``mistral_common`` package (a real production vocabulary, so the mask work is
 realistic), on a random model of the same small shape with a 131072-row embedding and LM head.
 
-Two ratios to the baseline: of the median step times (``vs_unconstrained``) and of the best run's (``best_...``,
-the one least disturbed by other processes on a shared host).
+Reported per mode: the engine thread's CPU time per step (``step_cpu_ms``; with ``--torch-threads 1``, the
+default, the forward runs on that thread, so this is the step's critical path: what a step would take on an
+idle host with a core to spare for the mask thread, as long as the mask work (``mask_fill_cpu_ms``, on the mask
+thread) is shorter than the forward) and its wall time; each as a ratio to the baseline. On a shared host the
+wall times carry other processes' load; the CPU times do not.
 
 Without ``--record`` results go to ``bench/results/local/`` (git-ignored); ``--record`` writes
 ``bench/results/<device>/structured_output.*``.
@@ -70,9 +73,12 @@ def make_model(vocab: str, root: Path) -> str:
     return str(path)
 
 
-def decode_rate(engine: LLMEngine, batch: int, steps: int, structured: bool, overlap: bool) -> float:
-    """Median wall time (s) of a steady-state decode step of ``batch`` greedy requests (prefill and the first
-    step excluded). The median of many steps shrugs off bursts of load from other processes on the host."""
+def decode_rate(engine: LLMEngine, batch: int, steps: int, structured: bool,
+                overlap: bool) -> tuple[float, float, float]:
+    """(median wall s, median engine-thread CPU s, mean mask-filling CPU s) of a steady-state decode step of ``batch`` greedy requests
+    (prefill and the first step excluded). Medians over many steps shrug off bursts of load from other
+    processes; the engine thread's CPU time (``time.thread_time``) does not count time the thread waited for
+    a core, so it measures the step's critical-path work even on a busy host."""
     engine.runner.masks.overlap = overlap
     so = StructuredOutputsParams(json=json.dumps(SCHEMA)) if structured else None
     params = SamplingParams(max_tokens=steps + 64, temperature=0, ignore_eos=True, structured_outputs=so)
@@ -83,18 +89,21 @@ def decode_rate(engine: LLMEngine, batch: int, steps: int, structured: bool, ove
     while any(len(r.output_token_ids) < 1 for r in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()  # grammars compile, prompts prefill
     engine.step()
-    times = []
+    wall, cpu = [], []
+    fill_s = engine.runner.masks.fill_cpu_s
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         outputs = engine.step()
-        times.append(time.perf_counter() - t0)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)
         assert sum(len(o.new_token_ids) for o in outputs) == batch
+    fill_s = (engine.runner.masks.fill_cpu_s - fill_s) / steps
     for i in range(batch):
         engine.abort_request(f"r{i}")
     while engine.has_unfinished_requests():
         engine.step()
     engine.block_manager.reset_prefix_cache()
-    return statistics.median(times)
+    return statistics.median(wall), statistics.median(cpu), fill_s
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,8 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--vocab", default="tiny,tekken")
     ap.add_argument("--repeats", type=int, default=7, help="runs per mode, interleaved")
+    ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--record", action="store_true", help="write bench/results/<device>/ (tracked)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
     root = Path(tempfile.mkdtemp(prefix="duet-bench-so-"))
     rows = []
     for vocab in args.vocab.split(","):
@@ -114,17 +125,20 @@ def main(argv: list[str] | None = None) -> None:
                                         max_model_len=1024))
         decode_rate(engine, args.batch, 4, True, True)  # warm-up: tokenizer table, grammar cache, kernels
         modes = {"unconstrained": (False, True), "json_schema": (True, True), "json_schema_inline": (True, False)}
-        step_s: dict[str, list[float]] = {m: [] for m in modes}
+        runs: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
         for _ in range(args.repeats):  # interleaved, so drift in machine load hits every mode alike
             for mode, (structured, overlap) in modes.items():
-                step_s[mode].append(decode_rate(engine, args.batch, args.steps, structured, overlap))
-        base, base_best = statistics.median(step_s["unconstrained"]), min(step_s["unconstrained"])
+                runs[mode].append(decode_rate(engine, args.batch, args.steps, structured, overlap))
+        base_wall = statistics.median(r[0] for r in runs["unconstrained"])
+        base_cpu = statistics.median(r[1] for r in runs["unconstrained"])
         for mode in modes:
-            median, best = statistics.median(step_s[mode]), min(step_s[mode])
+            wall = statistics.median(r[0] for r in runs[mode])
+            cpu = statistics.median(r[1] for r in runs[mode])
+            fill = statistics.median(r[2] for r in runs[mode])
             rows.append({"vocab": vocab, "vocab_size": engine.model_config.vocab_size, "batch": args.batch,
-                         "mode": mode, "step_ms": 1e3 * median, "best_step_ms": 1e3 * best,
-                         "decode_tok_s": args.batch / median, "vs_unconstrained": base / median,
-                         "best_vs_unconstrained": base_best / best})
+                         "mode": mode, "step_cpu_ms": 1e3 * cpu, "cpu_tok_s": args.batch / cpu,
+                         "cpu_vs_unconstrained": base_cpu / cpu, "mask_fill_cpu_ms": 1e3 * fill,
+                         "step_wall_ms": 1e3 * wall, "wall_vs_unconstrained": base_wall / wall})
         engine.close()
     cols = list(rows[0].keys())
     extra = {"model": "llama hidden=128 layers=4 (random weights)", "torch_threads": torch.get_num_threads(),

@@ -56,6 +56,7 @@ class Sampler:
         logits = logits.float()
         if token_mask is None and all(r.argmax_only for r in requests):  # the common batch: one argmax
             return [SampleResult(t, None) for t in torch.argmax(logits, dim=-1).tolist()]
+        decided: dict[int, int] | None = None
         want_logprobs = any(r.params.logprobs is not None for r in requests)
         logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None  # of the raw distribution
         if token_mask is not None or any(_needs_processing(r) for r in requests):
@@ -65,9 +66,11 @@ class Sampler:
                 if _needs_processing(req):
                     _process_row(logits[i], req)
             if token_mask is not None:
-                token_mask.apply(logits)
+                decided = token_mask.apply(logits, [r.params.greedy for r in requests])
 
         greedy_ids = torch.argmax(logits, dim=-1).tolist()
+        for row, token in (decided or {}).items():
+            greedy_ids[row] = token
         results = []
         for i, req in enumerate(requests):
             p = req.params

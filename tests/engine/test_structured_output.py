@@ -201,3 +201,31 @@ def test_sampler_applies_bias_and_mask_to_greedy_rows():
     assert Sampler()(logits, [req])[0].token_id == 3
     req = Request("r", [1, 2], SamplingParams(temperature=0, allowed_token_ids=[7, 9]), eos_token_ids=(1,))
     assert Sampler()(logits, [req])[0].token_id == 9
+
+
+def test_cpu_token_mask_matches_xgrammar_kernel(engine):
+    """The CPU id-list path (greedy rows decided over their allowed ids, -inf at disallowed ids) agrees with
+    xgrammar's own apply kernel, for rows allowing few tokens (structure) and most tokens (inside a string)."""
+    import xgrammar as xgr
+
+    so = StructuredOutputsParams(json=json.dumps(SCHEMA))
+    tok = engine.tokenizer
+    prefixes = ["", '{"name": "Bo', '{"name": "Bob", "age": 4', '{"name": "A", "age": 1, "ok": true, "tags": [']
+    states = [GrammarState.resume(engine.grammar_compiler.compile_async(so), tok.encode(p, add_special_tokens=False))
+              for p in prefixes]
+    vocab = engine.model_config.vocab_size
+    mask = MaskFiller(vocab, overlap=False).submit([states[0], None, states[1], states[2], states[3]]).result()
+    assert mask.greedy_rows.numel() and mask.disallowed_flat.numel()  # both kinds of rows occur
+    torch.manual_seed(0)
+    logits = torch.randn(5, vocab)
+    reference = logits.clone()
+    xgr.apply_token_bitmask_inplace(reference, mask.bitmask, vocab_size=vocab, indices=mask.rows)
+    greedy = [True, True, False, True, False]
+    got = logits.clone()
+    decided = mask.apply(got, greedy)
+    for row in range(5):
+        if row in decided:
+            assert decided[row] == int(torch.argmax(reference[row])) and greedy[row]
+        else:
+            assert torch.equal(got[row], reference[row]), row
+    assert set(decided) == {r for r in mask.greedy_rows.tolist() if greedy[r]}
