@@ -33,14 +33,15 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import asdict
 from pathlib import Path
 
 from bench.prefill_metrics import parse_prometheus
 from bench.report import write_results
 from bench.serving import build_trace, run_benchmark
 from engine.launcher import ROOT, ServerProcess, free_port, query_server, wait_for_line
+from engine.protocol import StatsRequest
 from engine.tools.make_tiny_model import make_tiny_model
-from transfer.messages import StatsRequest
 
 MODEL = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=256)
 FLAGS = ("--dtype", "float32", "--block-size", "32", "--num-kv-blocks", "256", "--max-model-len", "1024")
@@ -64,7 +65,7 @@ def _server(module: str, model: str, executor: str, *args: str) -> ServerProcess
 
 def _stats(proc: ServerProcess) -> dict[str, float]:
     [reply] = query_server(proc.address, [StatsRequest(1)], 1, timeout_s=30)
-    return reply.values
+    return asdict(reply.values)
 
 
 class _Process:

@@ -23,7 +23,7 @@ import openai
 from engine.launcher import ServerProcess, query_server
 from engine.tools.make_tiny_model import make_tiny_model
 from transfer.factory import nixl_importable
-from transfer.messages import StatsRequest
+from engine.protocol import StatsRequest
 
 
 def stream_timings(client: openai.OpenAI, prompt: str, max_tokens: int) -> tuple[float, list[float], str]:
@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"greedy text identical on both paths: {same}")
         [stats] = query_server(decode.address, [StatsRequest(1)], 1)
         v = stats.values
-        print(f"decode server: {int(v['kv_transfers_received'])} KV transfers, {int(v['kv_bytes_received'])} bytes "
-              f"received, {int(v['prompt_tokens_computed'])} prompt tokens computed locally, "
-              f"{int(v['free_blocks'])}/{int(v['total_blocks'])} KV blocks free")
+        print(f"decode server: {v.kv_transfers_received} KV transfers, {v.kv_bytes_received} bytes received, "
+              f"{v.prompt_tokens_computed} prompt tokens computed locally, {v.free_blocks}/{v.total_blocks} KV blocks "
+              "free")
         if not same:
             raise SystemExit("disaggregated and colocated outputs differ")
     finally:

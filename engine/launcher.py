@@ -78,7 +78,7 @@ def query_server(address: str, messages: list, want: int, timeout_s: float = 30.
     """Send wire messages to a server's command socket as a raw DEALER; collect ``want`` decoded replies."""
     import zmq
 
-    from engine.security import secure_client
+    from transfer.curve import secure_client
     from transfer.wire import decode, encode
 
     ctx = zmq.Context.instance()

@@ -15,6 +15,7 @@ its first output carries them all (``RequestOutput.prompt_logprobs``).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -158,7 +159,7 @@ class LLMEngine:
     def _tokenize_bad_words(self, params: SamplingParams) -> SamplingParams:
         if self.tokenizer is None:
             raise ValueError("bad_words: need a tokenizer; pass bad_words_token_ids")
-        return params.with_defaults({"bad_words_token_ids": bad_words_token_ids(self.tokenizer, params.bad_words)})
+        return dataclasses.replace(params, bad_words_token_ids=bad_words_token_ids(self.tokenizer, params.bad_words))
 
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None) -> None:
         req = self.make_request(request_id, prompt, params)

@@ -27,7 +27,9 @@ from engine.request import Request
 from engine.sampler import PromptLogprobs, SampleResult, Sampler
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.structured_output.masks import MaskFiller
-from kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks
+from engine import envs
+from kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks, use_extension
+from transfer.kv_port import KVPort
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ class KVShard:
     num_kv_heads: int
 
 
-class ModelRunner:
+class ModelRunner(KVPort):
     def __init__(
         self, config: EngineConfig, model_config: ModelConfig, max_model_len: int,
         layout: ParallelLayout = ParallelLayout(), tp_group: TPGroup | None = None,
@@ -106,6 +108,7 @@ class ModelRunner:
         self.config = config
         self.model_config = model_config
         self.layout = layout
+        use_extension(not envs.disable_extension())
         self.device = device if device is not None else config.torch_device()
         self.dtype = config.torch_dtype(model_config.dtype)
         self.block_size = config.block_size
@@ -175,30 +178,38 @@ class ModelRunner:
         """Release what the runner started (worker processes under model parallelism); idempotent."""
         self.masks.close()
 
-    # ---- KV in and out of the engine, in the whole model's layout (disaggregation) ------------------------
+    # ---- KVPort: KV in and out of the engine, in the whole model's layout (disaggregation) ---------------
     # A transfer slab always holds every layer and every KV head, whatever this engine's parallel layout:
     # servers with different tensor / pipeline sizes exchange the same bytes, each side slicing or merging.
 
-    def kv_slab_shape(self, num_blocks: int) -> tuple[int, ...]:
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return self.kv_cache.dtype
+
+    @property
+    def kv_device(self) -> torch.device:
+        return self.device
+
+    def slab_shape(self, num_blocks: int) -> tuple[int, ...]:
         """[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] of the whole model."""
         mc = self.model_config
         return (mc.num_layers, 2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
 
-    def plan_kv_out(self, block_ids: list[torch.Tensor]) -> None:
-        """Before a step run with a layer hook: the hook will read these block lists (``read_kv_out``).
+    def plan_gather(self, block_ids: list[torch.Tensor]) -> None:
+        """Before a step run with a layer hook: the hook will read these block lists (``gather_layer``).
 
         block_ids  # each [n_i] int64 on ``self.device``
         """
         self._kv_out = block_ids
 
-    def read_kv_out(self, layer: int, index: int, out: torch.Tensor) -> None:
+    def gather_layer(self, layer: int, index: int, out: torch.Tensor) -> None:
         """From the layer hook of model layer ``layer``: its KV of the ``index``-th planned block list.
 
         out  # [1, 2, n_index, block_size, num_kv_heads, head_dim], contiguous
         """
         gather_kv_blocks(self.kv_cache, self._kv_out[index], layer, layer + 1, out=out)
 
-    def write_kv_in(self, slab: torch.Tensor, block_ids: torch.Tensor, layer_start: int, layer_end: int) -> None:
+    def scatter_layers(self, slab: torch.Tensor, block_ids: torch.Tensor, layer_start: int, layer_end: int) -> None:
         """Between steps: store arrived KV of model layers [layer_start, layer_end) into ``block_ids``.
 
         slab  # [layer_end - layer_start, 2, n, block_size, num_kv_heads, head_dim], contiguous

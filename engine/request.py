@@ -132,10 +132,6 @@ class Request:
             self.block_hashes.append(hash_block(parent, self.token_slice(i * block_size, (i + 1) * block_size)))
         return self.block_hashes
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status == RequestStatus.FINISHED
-
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, {self.status.value}, prompt={self.num_prompt_tokens}, "
                 f"out={len(self.output_token_ids)}, computed={self.num_computed_tokens})")

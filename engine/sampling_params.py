@@ -1,15 +1,14 @@
 """Per-request sampling parameters, validated on construction (ValueError names the field).
 
 Every field is wire-encodable (ints, floats, strings, lists and dicts of them, one nested dataclass), so the
-router can ship a ``SamplingParams`` to prefill and decode servers as it is (``to_dict`` / ``from_dict``).
+router ships a ``SamplingParams`` to prefill and decode servers as it is (``transfer.wire``).
 Field names follow vLLM's ``SamplingParams`` wherever the meaning is the same.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 MAX_LOGPROBS = 20
@@ -247,21 +246,3 @@ class SamplingParams:
         """Some field restricts or shifts the next token's logits beyond temperature/top-k/top-p/min-p."""
         return bool(self.logit_bias or self.allowed_token_ids or self.bad_words_token_ids
                     or self.structured_outputs is not None)
-
-    def to_dict(self) -> dict:
-        """Plain dict (msgpack-able) of every field; ``structured_outputs`` becomes a dict."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        if self.structured_outputs is not None:
-            out["structured_outputs"] = dataclasses.asdict(self.structured_outputs)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "SamplingParams":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown sampling field(s): {sorted(unknown)}")
-        return cls(**data)
-
-    def with_defaults(self, defaults: dict) -> "SamplingParams":
-        return replace(self, **defaults)

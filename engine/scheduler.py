@@ -71,9 +71,6 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running) + len(self.waiting_for_kv)
-
     def find(self, request_id: str) -> Request | None:
         for req in self.running:
             if req.request_id == request_id:

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
 
         engine = AsyncEngine(engine_config(args))
         dispatcher, tokenizer = LocalDispatcher(engine, name), engine.tokenizer
-        max_model_len, default_sampling = engine.engine.max_model_len, engine.engine.default_sampling
+        max_model_len, default_sampling = engine.max_model_len, engine.default_sampling
     app = create_app(dispatcher, tokenizer, name, max_model_len=max_model_len, api_key=args.api_key,
                      default_sampling=default_sampling, **http_kwargs)
     scheme = "https" if ssl_context is not None else "http"

@@ -8,11 +8,11 @@ transfer write for it; the decode server scatters the arrived slab into its own 
 layer-major, then key/value, then the blocks in ``block_ids`` order: exactly
 ``kernels.reference.gather_kv_blocks``. The compiled ops ``torch.ops.duet.gather_kv_blocks`` /
 ``scatter_kv_blocks`` (csrc/, built into ``kernels._C``) do the work; when the extension is missing or
-disabled (``DUET_DISABLE_EXTENSION=1``) these wrappers run the torch references instead and log one
-warning per process. Both paths copy bytes, so results are bitwise identical.
+disabled (``use_extension(False)``; engines call it for ``DUET_DISABLE_EXTENSION=1``) these wrappers run the
+torch references instead and log one warning per process. Both paths copy bytes, so results are bitwise identical.
 
 A pool that is a strided view rather than a contiguous tensor (vLLM's head-major CPU blocks seen through
-``as_strided``, see ``transfer.vllm_kv_mover``) takes the reference path: the compiled ops index raw memory
+``as_strided``, see ``transfer.vllm_kv_port``) takes the reference path: the compiled ops index raw memory
 and require a contiguous pool. The bytes produced are the same either way.
 
 Block ids: int32 or int64, on the pool's device, each in ``[0, num_blocks)``. The CPU op raises on an
@@ -27,7 +27,6 @@ import logging
 
 import torch
 
-from engine import envs
 from kernels import reference
 
 logger = logging.getLogger(__name__)
@@ -35,6 +34,14 @@ logger = logging.getLogger(__name__)
 _OPS = ("gather_kv_blocks", "scatter_kv_blocks")
 _fallback_warned = False
 _fakes_registered = False
+_enabled = True
+
+
+def use_extension(enabled: bool) -> None:
+    """Allow (default) or forbid the compiled ops in this process; forbidden, the torch references run."""
+    global _enabled
+    _enabled = enabled
+    _load_error.cache_clear()
 
 
 def _ops_defined() -> bool:
@@ -44,8 +51,8 @@ def _ops_defined() -> bool:
 @functools.cache
 def _load_error() -> str | None:
     """Import the compiled ops once; returns why they are unavailable, or None when they are loaded."""
-    if envs.disable_extension():
-        return "DUET_DISABLE_EXTENSION=1"
+    if not _enabled:
+        return "disabled (DUET_DISABLE_EXTENSION=1)"
     try:
         importlib.import_module("kernels._C")
     except ImportError as exc:

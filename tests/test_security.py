@@ -18,15 +18,8 @@ import torch
 import zmq
 import zmq.asyncio
 
-from engine.security import (
-    ZmqKeys,
-    load_keys,
-    make_keys,
-    secure_client,
-    secure_server,
-    start_async_authenticator,
-    start_authenticator,
-)
+from transfer.curve import (ZmqKeys, load_keys, make_keys, secure_client, secure_server, start_async_authenticator,
+                            start_authenticator)
 from engine.tools.keys import main as keys_main
 from transfer import PENDING, TransferError, make_transport
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Literal
 from transfer.transport import KVTransport
 
 if TYPE_CHECKING:
-    from engine.security import ZmqKeys
+    from transfer.curve import ZmqKeys
 
 logger = logging.getLogger(__name__)
 

@@ -1,104 +1,29 @@
-"""Control-plane messages between router, prefill (P) and decode (D) servers. Typed, versioned msgpack.
+"""The KV hand-off's own messages: they travel on the KV transport (as notifications), not on the control plane.
 
-A disaggregated request (ids: one request id, one transfer id per attempt)::
+    D ~> P   KVDest     where the transfer's layers go (a registered staging slab of D) and how many leading
+                        prompt blocks D caches already (those are not sent)
+    D ~> P   KVCancel   D no longer wants the KV (its request went away, fell back, or its receive failed)
+    P ~> D   KVLayers   layers [layer_start, layer_end) have landed (the transport delivers a notification only
+                        after the bytes of its write); the last one carries the first sampled token. With
+                        ``error`` set and no layers: the sender gave up, so D can stop waiting now.
 
-    router -> D   Generate(remote=RemotePrefill(P, transfer_id))   D allocates blocks + staging now
-    router -> P   Prefill(transfer_id)                             concurrently
-    D -> P        KVDest(transfer_id, where to write)              P admits the prompt once it has both
-    P -> D        KVLayers (transport notification, after each layer's bytes; the last carries token 1)
-    D -> router   Tokens ... Tokens(finished)
-    P -> router   PrefillDone(transfer_id, compute time, ok / error)
-
-Servers answer ``Hello`` with ``Welcome`` (their ``ServerInfo``) or ``Refused``; a peer's KV layout must
-hash equal (``transfer.compat``) before any KV moves. That layout is the wire's (every layer and KV head),
-not a rank's: prefill and decode servers of different tensor / pipeline parallel sizes are compatible.
-Events on each server's PUB socket: ``LoadReport`` and ``KVEvents``.
+Both are typed, versioned msgpack (``transfer.wire``); sizes and indices are range-checked at decode time, so
+a malformed or hostile peer's message is a ``ProtocolError`` and never reaches an allocation or an index.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from transfer.compat import KVLayout
 from transfer.transport import RemoteRegion
 from transfer.wire import Message
 
-
-@dataclass
-class ServerInfo:
-    engine_id: str
-    epoch: str
-    """Changes every time the process starts: a peer with a new epoch is a new peer."""
-    role: str
-    """``prefill``, ``decode`` or ``both`` (or ``router`` in a router's Hello)."""
-    model_name: str
-    address: str = ""
-    """The server's command socket (``tcp://host:port``)."""
-    event_address: str = ""
-    zone: str | None = None
-    layout: KVLayout | None = None
-    compat_hash: str = ""
-    transport_kind: str = ""
-    transport_name: str = ""
-    transport_metadata: bytes = b""
-    staging_region: RemoteRegion | None = None
-    max_model_len: int = 0
-    vocab_size: int = 0
-    num_total_blocks: int = 0
-    tensor_parallel_size: int = 1
-    """The server's engine layout, for information: KV always crosses the wire in the whole model's layout
-    (``layout``), so peers with different parallel sizes are compatible."""
-    pipeline_parallel_size: int = 1
+MAX_LAYERS = 1 << 16
+MAX_BLOCKS = 1 << 24
 
 
-@dataclass
-class Hello(Message):
-    TYPE = "hello"
-    info: ServerInfo
-
-
-@dataclass
-class Welcome(Message):
-    TYPE = "welcome"
-    info: ServerInfo
-
-
-@dataclass
-class Refused(Message):
-    TYPE = "refused"
-    reason: str
-
-
-@dataclass
-class RemotePrefill:
-    prefill_engine_id: str
-    prefill_address: str
-    transfer_id: str
-    kv_timeout_s: float = 30.0
-
-
-@dataclass
-class Generate(Message):
-    """Router -> D (or a colocated server): generate tokens, prefilling locally unless ``remote`` is set."""
-
-    TYPE = "generate"
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling: dict[str, Any]
-    remote: RemotePrefill | None = None
-
-
-@dataclass
-class Prefill(Message):
-    """Router -> P: compute the prompt's KV and stream it to the decode server of ``transfer_id``."""
-
-    TYPE = "prefill"
-    request_id: str
-    transfer_id: str
-    prompt_token_ids: list[int]
-    sampling: dict[str, Any]
-    decode_engine_id: str
-    timeout_s: float = 30.0
+def _check_range(name: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
 
 
 @dataclass
@@ -106,9 +31,7 @@ class KVDest(Message):
     """D -> P: where the request's KV goes. D already holds ``num_skip_blocks`` prompt blocks (prefix cache)."""
 
     TYPE = "kv_dest"
-    request_id: str
     transfer_id: str
-    decode_engine_id: str
     decode_transport_name: str
     region: RemoteRegion
     offset: int
@@ -116,10 +39,15 @@ class KVDest(Message):
     num_skip_blocks: int
     num_blocks: int
 
+    def __post_init__(self) -> None:
+        _check_range("offset", self.offset, 0, max(0, self.region.nbytes))
+        _check_range("num_skip_blocks", self.num_skip_blocks, 0, MAX_BLOCKS)
+        _check_range("num_blocks", self.num_blocks, 0, MAX_BLOCKS)
+
 
 @dataclass
 class KVLayers(Message):
-    """P -> D transport notification: layers [layer_start, layer_end) of ``transfer_id`` have landed."""
+    """P -> D: layers [layer_start, layer_end) of ``transfer_id`` have landed."""
 
     TYPE = "kv_layers"
     transfer_id: str
@@ -133,99 +61,17 @@ class KVLayers(Message):
     D's sampled continuation equals a colocated server's. Absent from older senders: D reseeds instead."""
     error: str | None = None
 
-
-@dataclass
-class PrefillDone(Message):
-    TYPE = "prefill_done"
-    request_id: str
-    transfer_id: str
-    ok: bool
-    error: str | None = None
-    compute_s: float = 0.0
-    """From admission to the last layer computed."""
-    num_cached_tokens: int = 0
-    num_bytes: int = 0
-    num_tokens: int = 0
-    """Prompt tokens the prefill server computed (its own prefix hits excluded)."""
+    def __post_init__(self) -> None:
+        _check_range("layer_start", self.layer_start, 0, MAX_LAYERS)
+        _check_range("layer_end", self.layer_end, self.layer_start, MAX_LAYERS)
+        if self.first_token is not None:
+            _check_range("first_token", self.first_token, 0, 1 << 31)
 
 
 @dataclass
-class Tokens(Message):
-    """D -> router: new tokens of a request (the last message of a request has ``finished``)."""
+class KVCancel(Message):
+    """D -> P: stop sending ``transfer_id`` (nothing more will be read from D's slab)."""
 
-    TYPE = "tokens"
-    request_id: str
-    token_ids: list[int]
-    logprobs: list[dict[int, float]] | None = None
-    finished: bool = False
-    finish_reason: str | None = None
-    stop_reason: int | None = None
-    num_cached_tokens: int = 0
-    error: str | None = None
-    status: int = 500
-    retryable: bool = False
-    """The error says nothing about the request (e.g. the server is draining): another server may take it."""
-
-
-@dataclass
-class Abort(Message):
-    TYPE = "abort"
-    request_id: str
-    transfer_id: str | None = None
-
-
-@dataclass
-class KVFailed(Message):
-    """Router -> D: the prefill side of ``transfer_id`` is gone; apply the KV failure policy now."""
-
-    TYPE = "kv_failed"
-    request_id: str
+    TYPE = "kv_cancel"
     transfer_id: str
     reason: str = ""
-
-
-@dataclass
-class StatsRequest(Message):
-    TYPE = "stats_request"
-    token: int = 0
-    request_id: str | None = None
-    """Only this request's trace (None: every trace the server keeps)."""
-
-
-@dataclass
-class Stats(Message):
-    TYPE = "stats"
-    token: int
-    engine_id: str
-    values: dict[str, float] = field(default_factory=dict)
-    traces: dict[str, dict[str, float]] = field(default_factory=dict)
-    """Per request id: stage -> unix timestamp (queued, prefill_start, layer_0_sent, kv_layer_0, ...)."""
-
-
-@dataclass
-class Drain(Message):
-    TYPE = "drain"
-
-
-@dataclass
-class LoadReport(Message):
-    TYPE = "load"
-    engine_id: str
-    epoch: str
-    role: str
-    waiting: int
-    running: int
-    waiting_for_kv: int
-    free_blocks: int
-    total_blocks: int
-    queued_prefill_tokens: int = 0
-    running_tokens: int = 0
-    draining: bool = False
-
-
-@dataclass
-class KVEvents(Message):
-    TYPE = "kv_events"
-    engine_id: str
-    epoch: str
-    events: list[dict[str, Any]] = field(default_factory=list)

@@ -32,15 +32,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (
-    KVConnectorBase_V1,
-    KVConnectorMetadata,
-    KVConnectorRole,
-    KVConnectorTransferResults,
-)
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole,
+                                                               KVConnectorTransferResults)
 
+from kernels.kv_blocks import use_extension
 from transfer.compat import KVLayout
-from transfer.vllm_kv_mover import KVMover, RecvSpec, SendSpec, layer_order, pool_views
+from transfer.handoff import HandoffFaults
+from transfer.vllm_kv_mover import KVMover, MoverConfig, RecvSpec, SendSpec
+from transfer.vllm_kv_port import VllmKVPort, layer_order, pool_views
 
 if TYPE_CHECKING:
     import torch
@@ -153,12 +152,19 @@ class DuetConnector(KVConnectorBase_V1):
         layout = KVLayout(model=self.extra["duet_model_id"], dtype=str(first.dtype).removeprefix("torch."),
                           num_layers=len(names), num_kv_heads=heads, head_dim=head_dim,
                           block_size=int(views[0][0].shape[3]))
-        self.mover = KVMover(
-            views, layout, self.extra["duet_control"], transport_kind=self.extra.get("duet_transport", "auto"),
-            host=self.extra.get("duet_host", "127.0.0.1"), staging_bytes=int(self.extra.get("duet_staging_bytes", 64 << 20)),
-            timeout_s=float(self.extra.get("duet_kv_timeout_s", 30.0)), keys_dir=self.extra.get("duet_keys_dir"),
-            debug_layer_delay_s=float(self.extra.get("duet_debug_layer_delay_s", 0.0)))
-        logger.info("Duet connector: %d layers, layout %s, transport %s", len(names), layout, self.mover.transport.name)
+        extra = self.extra
+        if extra.get("duet_disable_extension"):
+            use_extension(False)
+        faults = HandoffFaults(float(extra.get("duet_fault_fail_write_p", 0.0)),
+                               float(extra.get("duet_fault_drop_notif_p", 0.0)))
+        config = MoverConfig(
+            extra["duet_control"], transport_kind=extra.get("duet_transport", "auto"),
+            host=extra.get("duet_host", "127.0.0.1"), staging_bytes=int(extra.get("duet_staging_bytes", 64 << 20)),
+            timeout_s=float(extra.get("duet_kv_timeout_s", 30.0)), keys_dir=extra.get("duet_keys_dir"),
+            faults=faults, debug_layer_delay_s=float(extra.get("duet_debug_layer_delay_s", 0.0)))
+        self.mover = KVMover(VllmKVPort(views), layout, config)
+        logger.info("Duet connector: %d layers, layout %s, transport %s", len(names), layout,
+                    self.mover.handoff.transport.name)
 
     def _cpu_isa(self, layer_name: str) -> str:
         layer = self._vllm_config.compilation_config.static_forward_context.get(layer_name)

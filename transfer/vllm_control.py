@@ -1,31 +1,34 @@
 """Messages between a ``--executor vllm`` server and the Duet KV connector inside its vLLM worker.
 
 vLLM runs its scheduler and its worker in processes of their own, so the server (which speaks Duet's
-protocol to routers and peers) and the connector's worker side (which owns the transport, the staging slabs
-and vLLM's KV cache) talk over one local ZeroMQ pair: the server binds a ROUTER, the worker connects a
-DEALER and introduces itself with ``WorkerReady``. Typed msgpack like every Duet message::
+protocol to routers and peers) and the connector's worker side (which owns the KV transport, the staging
+slabs and vLLM's KV cache, through ``transfer.handoff.Handoff``) talk over one local ZeroMQ pair: the server
+binds a ROUTER, the worker connects a DEALER and introduces itself with ``WorkerReady``. Typed msgpack like
+every Duet message::
 
-    worker -> server   WorkerReady            transport name + metadata, staging region, KV layout
-    server -> worker   ConnectPeer            a peer's transport (from its Hello): we may write to it
-    server -> worker   KVDest                 prefill side: where a transfer's layers go (from the decode peer)
-    server -> worker   FirstToken             prefill side: the token vLLM sampled; rides the last layer
-    server -> worker   Abort / KVFailed       stop a send / fail a receive (its policy is vLLM's)
-    worker -> server   KVDest                 decode side: our staging slot, for the prefill peer
-    worker -> server   PrefillDone            prefill side: a send finished (ok or not)
-    worker -> server   Stats                  transfer counters (bytes, per-layer sends, failures)
+    worker -> server   WorkerReady    transport name + metadata, staging region, KV layout
+    server -> worker   ConnectPeer    a peer's transport (after a handshake, either direction)
+    server -> worker   PeerReady      decode side: the prefill peer of a transfer is reachable under this name
+    server -> worker   FirstToken     prefill side: the token vLLM sampled (or why there is none); rides the
+                                      last layer
+    server -> worker   AbortSend      prefill side: stop a send
+    server -> worker   FailRecv       decode side: the KV of a transfer will not come (router said so)
+    worker -> server   SendEnded      prefill side: a send finished (ok or not)
+    worker -> server   RecvFailed     decode side: a receive failed (vLLM's load-failure policy takes over;
+                                      the server applies its own policy too)
+    worker -> server   WorkerStats    hand-off counters
+
+``KVDest`` and ``KVLayers`` do not pass through the server: they travel on the KV transport, between the
+worker's ``Handoff`` and the peer's.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from transfer.compat import KVLayout
+from transfer.handoff import HandoffStats
 from transfer.transport import RemoteRegion
 from transfer.wire import Message
-
-# The worker's transfer counters (``Stats.values``), merged into the server's stats.
-STAT_NAMES = ("kv_bytes_sent", "kv_layer_sends", "kv_descriptors_sent", "kv_transfers_sent", "kv_transfers_failed_send",
-              "kv_bytes_received", "kv_layers_received", "kv_transfers_received", "kv_transfers_failed",
-              "kv_transfers_cancelled", "kv_transfer_seconds_sum", "kv_transfer_seconds_max")
 
 
 @dataclass
@@ -48,6 +51,13 @@ class ConnectPeer(Message):
 
 
 @dataclass
+class PeerReady(Message):
+    TYPE = "vllm.peer_ready"
+    transfer_id: str
+    transport_name: str
+
+
+@dataclass
 class FirstToken(Message):
     """Prefill side: vLLM sampled ``token`` for ``transfer_id`` (or failed, with ``error``)."""
 
@@ -56,3 +66,42 @@ class FirstToken(Message):
     token: int | None = None
     logprobs: dict[int, float] | None = None
     error: str | None = None
+
+
+@dataclass
+class AbortSend(Message):
+    TYPE = "vllm.abort_send"
+    transfer_id: str
+    reason: str = "aborted"
+
+
+@dataclass
+class FailRecv(Message):
+    TYPE = "vllm.fail_recv"
+    transfer_id: str
+    reason: str
+
+
+@dataclass
+class SendEnded(Message):
+    TYPE = "vllm.send_ended"
+    transfer_id: str
+    ok: bool
+    error: str | None = None
+    num_cached_tokens: int = 0
+    num_bytes: int = 0
+
+
+@dataclass
+class RecvFailed(Message):
+    TYPE = "vllm.recv_failed"
+    request_id: str
+    transfer_id: str
+    reason: str
+
+
+@dataclass
+class WorkerStats(Message):
+    TYPE = "vllm.worker_stats"
+    stats: HandoffStats
+    open_transfers: int = 0

@@ -14,14 +14,16 @@ class registers it; ``encode`` writes one msgpack map ``{"v": PROTOCOL_VERSION, 
 
 Field annotations may be ``int``, ``float`` (ints are accepted and widened), ``bool``, ``str``, ``bytes``,
 ``None``, ``Any``, unions / ``Optional``, ``Literal[...]``, ``list[X]``, ``tuple[X, ...]`` / ``tuple[A, B]``,
-``dict[K, V]`` (non-string keys are fine) and nested dataclasses (sent as maps of their fields, no version
-or type of their own). Unknown keys are ignored, so a sender may add an optional field without a version
+``dict[K, V]`` (non-string keys are fine), ``str``-valued enums (sent as their value; a value outside the enum
+is a ProtocolError naming the field) and nested dataclasses (sent as maps of their fields, no version or type
+of their own). Unknown keys are ignored, so a sender may add an optional field without a version
 bump; anything else that does not fit (wrong version, unknown type, missing or mistyped field, bytes that
 are not msgpack) raises :class:`ProtocolError`, on ``encode`` as well as on ``decode``.
 """
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from typing import Any, ClassVar
@@ -127,6 +129,8 @@ def _to_wire(value: Any) -> Any:
         return {_to_wire(k): _to_wire(v) for k, v in value.items()}
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)
+    if isinstance(value, enum.Enum):
+        return value.value
     return value
 
 
@@ -183,6 +187,11 @@ def _from_wire(value: Any, tp: Any, path: str) -> Any:
     elif tp in (bool, str, bytes):
         if isinstance(value, tp):
             return value
+    elif isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ProtocolError(f"{path}: {value!r:.80} is not one of {[m.value for m in tp]}") from None
     elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _dataclass_from_wire(tp, value, path)
     else:

@@ -9,7 +9,7 @@ receiver refused the write or the TCP connection to the peer dropped (socket mon
 never leaves a handle pending forever. Peers are not reconnected: a restarted peer has a new name and
 new metadata, and the writer connects to it afresh.
 
-With ``keys`` (:class:`engine.security.ZmqKeys`) the ROUTER is a CURVE server, every DEALER a CURVE client,
+With ``keys`` (:class:`transfer.curve.ZmqKeys`) the ROUTER is a CURVE server, every DEALER a CURVE client,
 and the transport runs its own ZAP authenticator thread on its own ``zmq.Context`` (the process's
 authenticator on ``zmq.Context.instance()`` does not cover it): a writer without authorized keys fails
 its handshake, so ``connect()`` raises and nothing it sends reaches the ROUTER.
@@ -31,20 +31,9 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from engine.security import ZmqKeys, secure_client, secure_server, start_authenticator
-from transfer.transport import (
-    DONE,
-    ERROR,
-    PENDING,
-    KVTransport,
-    PeerNotConnected,
-    Ranges,
-    RegionHandle,
-    RemoteRegion,
-    TransferError,
-    TransferHandle,
-    TransferState,
-)
+from transfer.curve import ZmqKeys, secure_client, secure_server, start_authenticator
+from transfer.transport import (DONE, ERROR, PENDING, KVTransport, PeerNotConnected, Ranges, RegionHandle, RemoteRegion,
+                                TransferError, TransferHandle, TransferState)
 from transfer.wire import Message, ProtocolError, decode, encode
 
 logger = logging.getLogger(__name__)

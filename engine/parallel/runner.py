@@ -16,12 +16,12 @@ it to the group deadline: no heartbeat for that long means rank 0 is gone, and t
 KV for disaggregation crosses the engine at rank 0, always in the whole model's layout (every layer, every
 KV head), so a prefill server and a decode server need not share a parallel layout:
 
-- out (prefill side): the step broadcast also carries the block ids to stream (``plan_kv_out``). After each
+- out (prefill side): the step broadcast also carries the block ids to stream (``plan_gather``). After each
   of its layers, every rank that is the first holder of its KV heads gathers those blocks and sends them to
   rank 0 on the data group; rank 0 merges the head slices of layer l into one buffer and calls the layer
-  hook, which reads it (``read_kv_out``) while layer l+1 computes on the other ranks. Layers of later
+  hook, which reads it (``gather_layer``) while layer l+1 computes on the other ranks. Layers of later
   pipeline stages reach rank 0 after its own stage is done, in layer order, before the logits.
-- in (decode side, between steps): ``write_kv_in`` broadcasts a write command with the block ids, sends
+- in (decode side, between steps): ``scatter_layers`` broadcasts a write command with the block ids, sends
   every rank the slice it holds (its layers, its KV heads; replicated heads go to each replica), and each
   rank scatters its slice into its own pool.
 """
@@ -138,7 +138,7 @@ class DistributedModelRunner(ModelRunner):
         """Broadcast the step, run this rank's share; logits of the sampled rows (rank 0 only).
 
         ``layer_hook`` is called on rank 0 for every model layer in order, once rank 0 holds that layer's KV
-        of the blocks ``plan_kv_out`` named (``read_kv_out``), whichever rank computed it.
+        of the blocks ``plan_gather`` named (``gather_layer``), whichever rank computed it.
         """
         with self._lock:
             self._check_usable()
@@ -149,7 +149,7 @@ class DistributedModelRunner(ModelRunner):
                     kv_out_ids = torch.cat([ids.long() for ids in planned])
                     ends = torch.tensor([ids.numel() for ids in planned]).cumsum(0).tolist()
                     self._kv_out_spans = list(zip([0] + ends[:-1], ends))
-                    self._kv_out_buf = torch.empty(self.kv_slab_shape(kv_out_ids.numel())[1:], dtype=self.dtype,
+                    self._kv_out_buf = torch.empty(self.slab_shape(kv_out_ids.numel())[1:], dtype=self.dtype,
                                                    device=self.device).unsqueeze(0)
                 header, payload = pack_step(step, None if kv_out_ids is None else kv_out_ids.cpu())
                 self._broadcast(header)
@@ -161,7 +161,7 @@ class DistributedModelRunner(ModelRunner):
             finally:
                 self._kv_out_buf, self._kv_out_spans = None, []
 
-    def read_kv_out(self, layer: int, index: int, out: torch.Tensor) -> None:
+    def gather_layer(self, layer: int, index: int, out: torch.Tensor) -> None:
         """From the layer hook of ``layer`` (rank 0): the merged KV of the ``index``-th planned block list.
 
         out  # [1, 2, n_index, block_size, num_kv_heads, head_dim] (all the model's KV heads)
@@ -169,7 +169,7 @@ class DistributedModelRunner(ModelRunner):
         start, end = self._kv_out_spans[index]
         out.copy_(self._kv_out_buf[:, :, start:end])
 
-    def write_kv_in(self, slab: torch.Tensor, block_ids: torch.Tensor, layer_start: int, layer_end: int) -> None:
+    def scatter_layers(self, slab: torch.Tensor, block_ids: torch.Tensor, layer_start: int, layer_end: int) -> None:
         """Rank 0, between steps: every rank stores its slice of arrived KV (its layers, its KV heads).
 
         slab  # [layer_end - layer_start, 2, n, block_size, num_kv_heads, head_dim] (all the model's KV heads)
@@ -271,7 +271,7 @@ class DistributedModelRunner(ModelRunner):
                 logger.debug("rank %d: shutdown", self.layout.rank)
                 return
             if cmd == CMD_WRITE_KV:
-                self._write_kv_in_worker(header)
+                self._scatter_layers_worker(header)
                 continue
             if cmd != CMD_STEP:
                 raise RuntimeError(f"rank {self.layout.rank}: unknown command {cmd}")
@@ -280,7 +280,7 @@ class DistributedModelRunner(ModelRunner):
             step, kv_out_ids = unpack_step(header.clone(), payload)
             self._forward(step, None, kv_out_ids.to(self.device) if kv_out_ids.numel() else None)
 
-    def _write_kv_in_worker(self, header: torch.Tensor) -> None:
+    def _scatter_layers_worker(self, header: torch.Tensor) -> None:
         _, n, layer_start, layer_end = header[:4].tolist()
         block_ids = torch.empty(n, dtype=torch.int64)
         self.comm.control.broadcast(block_ids, 0)

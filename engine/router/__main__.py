@@ -14,9 +14,9 @@ import os
 from engine.router.app import add_http_args, create_app, http_options, serve
 from engine.router.cluster import ClusterDispatcher
 from engine.router.scoring import POLICIES, RouterPolicy
-from engine.security import load_keys
 from engine.server.cli import add_logging_args, setup_logging
 from engine.tokenizer import generation_defaults, load_tokenizer
+from transfer.curve import load_keys
 
 logger = logging.getLogger("engine.router")
 

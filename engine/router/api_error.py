@@ -1,12 +1,13 @@
-"""``APIError``: how the OpenAI front end refuses a request (HTTP status + OpenAI error body naming the field).
-
-Its own module so that the request side (``openai_protocol``) and the response side (``openai_output``) both
-use it without importing each other.
-"""
+"""The error the OpenAI front end answers with: an ``APIError`` renders as an OpenAI-shaped JSON error body."""
 from __future__ import annotations
 
 _ERROR_TYPES = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error",
                 504: "timeout_error"}
+
+
+def error_body(message: str, *, status: int = 400, param: str | None = None, code: str | None = None) -> dict:
+    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 class APIError(Exception):
@@ -23,9 +24,3 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return error_body(self.message, status=self.status, param=self.param, code=self.code)
-
-
-def error_body(message: str, *, status: int = 400, param: str | None = None, code: str | None = None) -> dict:
-    """``{"error": {"message", "type", "param", "code"}}``; ``type`` follows the status as OpenAI's does."""
-    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -18,19 +18,19 @@ import logging
 import time
 import uuid
 from collections import Counter as CountMap
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import AsyncIterator
 
 import zmq
 import zmq.asyncio
 
-from engine.router.dispatcher import DispatchError, Dispatcher, GenerateRequest, TokenDelta
+from engine.protocol import (Abort, FinishReason, Generate, Hello, KVFailed, PeerRef, Prefill, PrefillDone,
+                             RemotePrefill, Role, ServerInfo, Stats, StatsRequest, TokenDelta, Tokens)
+from engine.router.dispatcher import Dispatcher, DispatchError, GenerateRequest
 from engine.router.metrics import Histogram
 from engine.router.scoring import RequestInfo, RouterPolicy, Scorer
 from engine.router.server_registry import ServerLink, ServerRegistry
-from engine.security import ZmqKeys, start_async_authenticator
-from transfer.messages import (Abort, Generate, Hello, KVFailed, Prefill, PrefillDone, RemotePrefill, ServerInfo,
-                               Stats, StatsRequest, Tokens)
+from transfer.curve import ZmqKeys, start_async_authenticator
 from transfer.wire import Message, encode
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ class ClusterDispatcher(Dispatcher):
         self.scorer = Scorer(policy or RouterPolicy())
         self.keys = zmq_keys
         self._auth = None
-        self.registry = ServerRegistry(self.ctx, self._on_message, self._on_dead, heartbeat_s, keys=zmq_keys)
+        self.registry = ServerRegistry(self.ctx, self._on_message, self._on_dead, heartbeat_s, keys=zmq_keys,
+                                       on_removed=lambda link: self.scorer.forget_server(link.engine_id))
         self.addresses = [(a, "prefill") for a in prefill] + [(a, "decode") for a in decode]
         self.registry_address = registry_address
         self.connect_timeout_s = connect_timeout_s
@@ -82,7 +83,7 @@ class ClusterDispatcher(Dispatcher):
         if self._watch_task is not None:
             return
         self._auth = start_async_authenticator(self.ctx, self.keys)
-        hello = Hello(ServerInfo(f"router-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex, "router", self.model_name))
+        hello = Hello(ServerInfo(f"router-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex, Role.ROUTER, self.model_name))
         self.registry.hello = hello
         try:
             infos = await asyncio.gather(*(self.registry.greet(a, hello, self.connect_timeout_s)
@@ -125,7 +126,7 @@ class ClusterDispatcher(Dispatcher):
         if self._watch_task is not None:
             self._watch_task.cancel()
         for q in self._queues.values():
-            q.put_nowait(Tokens("", [], finished=True, finish_reason="abort"))
+            q.put_nowait(Tokens("", TokenDelta(finished=True, finish_reason=FinishReason.ABORT)))
         self.registry.close()
         if self._auth is not None:
             self._auth.stop()
@@ -139,7 +140,7 @@ class ClusterDispatcher(Dispatcher):
             q = self._queues.get(msg.request_id)
             if q is not None:
                 q.put_nowait(msg)
-            if msg.finished:
+            if msg.delta.finished:
                 self._capacity_changed.set()
         elif isinstance(msg, PrefillDone):
             if msg.ok:
@@ -264,7 +265,7 @@ class ClusterDispatcher(Dispatcher):
                         return
             except DispatchError as e:
                 # Refused before its first token (draining, overloaded, broken): another server may take it.
-                if generated or not getattr(e, "retryable", False) or attempts > self.max_migrations:
+                if generated or not e.retryable or attempts > self.max_migrations:
                     raise
                 failure = str(e)
             if failure is None:
@@ -272,8 +273,7 @@ class ClusterDispatcher(Dispatcher):
             self.registry.failed(d)
             excluded.add(d.engine_id)
             if attempts > self.max_migrations:
-                yield TokenDelta(finished=True, finish_reason="error", status=503,
-                                 error=f"request failed on {attempts} servers; last: {failure}")
+                yield TokenDelta.failure(f"request failed on {attempts} servers; last: {failure}", 503)
                 return
             self.counters["migrations" if generated else "retries"] += 1
             logger.warning("request %s: %s after %d tokens; moving it to another decode server", rid, failure,
@@ -286,38 +286,35 @@ class ClusterDispatcher(Dispatcher):
         self._queues[rid] = queue
         tid = uuid.uuid4().hex if p is not None else None
         self._placement[rid] = (d, p, tid)
-        sampling = params.to_dict()
+        sampling = params
         finished = False
         try:
             remote = None
             if p is not None:
-                remote = RemotePrefill(p.info.engine_id, p.info.address, tid, self.kv_timeout_s)
+                remote = RemotePrefill(PeerRef.of(p.info), tid, self.kv_timeout_s)
                 self._handoff_parts[tid] = {"sent": time.monotonic()}
                 while len(self._handoff_parts) > 10_000:  # parts of failed transfers never complete
                     self._handoff_parts.pop(next(iter(self._handoff_parts)))
             await d.socket.send(encode(Generate(rid, prompt, sampling, remote)))
             if p is not None:
-                await p.socket.send(encode(Prefill(rid, tid, prompt, sampling, d.info.engine_id, self.kv_timeout_s)))
+                await p.socket.send(encode(Prefill(rid, tid, prompt, sampling, PeerRef.of(d.info), self.kv_timeout_s)))
             while not finished:
                 try:
                     msg = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
-                    yield TokenDelta(finished=True, finish_reason="error", status=504,
-                                     error=f"request timed out after {self.request_timeout_s}s")
+                    yield TokenDelta.failure(f"request timed out after {self.request_timeout_s}s", 504)
                     return
                 if msg is _SERVER_GONE:
                     finished = True  # nothing to abort there
                     yield msg
                     return
-                finished = msg.finished
-                if tid is not None and msg.token_ids:
+                delta = msg.delta
+                finished = delta.finished
+                if tid is not None and delta.token_ids:
                     self._handoff_part(tid, "first_token", time.monotonic())
-                if msg.error and not msg.token_ids and msg.finish_reason == "error":
-                    err = DispatchError(msg.error, status=msg.status)
-                    err.retryable = msg.retryable
-                    raise err
-                yield TokenDelta(msg.token_ids, msg.logprobs, msg.finished, msg.finish_reason, msg.stop_reason,
-                                 msg.num_cached_tokens, msg.error, msg.status)
+                if delta.error and not delta.token_ids and delta.finish_reason is FinishReason.ERROR:
+                    raise DispatchError(delta.error, status=delta.status, retryable=delta.retryable)
+                yield delta
         finally:
             self._queues.pop(rid, None)
             self._placement.pop(rid, None)
@@ -363,7 +360,7 @@ class ClusterDispatcher(Dispatcher):
         roles = {lk.address: lk.info.role for lk in self.registry.links.values()}
         for address, stats in (await self.server_stats()).items():
             labels = {"server": address, "role": roles.get(address, "")}
-            samples += [(f"duet_server_{k}", labels, float(v)) for k, v in stats.values.items()]
+            samples += [(f"duet_server_{k}", labels, float(v)) for k, v in asdict(stats.values).items()]
         for lk in self.registry.links.values():
             labels = {"server": lk.address, "role": lk.info.role}
             s = lk.state

@@ -14,10 +14,13 @@ All methods are called from the front end's asyncio event loop and must not bloc
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator
 
+from engine.protocol import TokenDelta
 from engine.sampling_params import SamplingParams
+
+__all__ = ["DispatchError", "Dispatcher", "GenerateRequest", "TokenDelta"]
 
 
 @dataclass
@@ -30,37 +33,15 @@ class GenerateRequest:
     """Data-locality zone the request must stay in (``X-Duet-Zone``), or None."""
 
 
-@dataclass
-class TokenDelta:
-    """New tokens of one request since the previous delta."""
-
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict[int, float]] | None = None
-    """One entry per new token (sampled token + top-N alternatives -> logprob), when requested."""
-    finished: bool = False
-    finish_reason: str | None = None
-    """``stop``, ``length``, ``abort`` or ``error``."""
-    stop_reason: int | None = None
-    num_cached_tokens: int = 0
-    """Prompt tokens that were served from a prefix cache (usage.prompt_tokens_details.cached_tokens)."""
-    error: str | None = None
-    """Set with finish_reason ``error``: what went wrong, safe to show to the client."""
-    status: int = 500
-    """HTTP status for an error that happens before the first token (e.g. 429, 503)."""
-    prompt_logprobs: list[dict[int, float] | None] | None = None
-    """Once (first delta after the prompt was scored) when ``params.prompt_logprobs`` is set: per prompt position
-    the prompt token then its top alternatives -> logprob; position 0 (no context) is None."""
-    prompt_token_ranks: list[int | None] | None = None
-    """With ``prompt_logprobs``: rank of each prompt token in its position's distribution (1 = most likely)."""
-
-
 class DispatchError(Exception):
-    """A request that cannot be placed; ``status`` is the HTTP status to return (400, 429, 503)."""
+    """A request that cannot be placed; ``status`` is the HTTP status to return (400, 429, 503). ``retryable``:
+    the failure says nothing about the request (the server was draining, say), so another server may take it."""
 
-    def __init__(self, message: str, status: int = 503, retry_after_s: float | None = None):
+    def __init__(self, message: str, status: int = 503, retry_after_s: float | None = None, retryable: bool = False):
         super().__init__(message)
         self.status = status
         self.retry_after_s = retry_after_s
+        self.retryable = retryable
 
 
 class Dispatcher(abc.ABC):

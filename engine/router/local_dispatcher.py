@@ -6,8 +6,8 @@ Closing the delta iterator early closes the engine's iterator, which queues an a
 so the request's KV blocks are freed. ``close()`` aborts whatever is still running, waits for those requests
 to drain (bounded), then stops the engine thread.
 
-The engine runs on its own thread: ``metrics()`` reads its counters and queue lengths without locking,
-which is fine for gauges (a value may be one step stale) and is never used for decisions.
+The engine runs on its own thread and nothing here calls it directly: ``metrics()`` reads the engine's
+snapshot (refreshed after every step, so a value may be one step stale), ``healthy()`` its public health.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import time
 from typing import AsyncIterator
 
 from engine.async_engine import AsyncEngine
-from engine.router.dispatcher import DispatchError, Dispatcher, GenerateRequest, TokenDelta
+from engine.protocol import FinishReason, TokenDelta
+from engine.router.dispatcher import Dispatcher, DispatchError, GenerateRequest
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class LocalDispatcher(Dispatcher):
                     logger.error("request %s failed: %s", request.request_id, e)
                     if num_sent == 0:
                         raise DispatchError("engine failed", status=503) from None
-                    yield TokenDelta(finished=True, finish_reason="error", error="engine failed", status=503)
+                    yield TokenDelta.failure("engine failed", 503)
                     return
                 new_ids = list(out.new_token_ids)
                 logprobs = None
@@ -72,7 +73,7 @@ class LocalDispatcher(Dispatcher):
                     token_ids=new_ids,
                     logprobs=logprobs,
                     finished=out.finished,
-                    finish_reason=out.finish_reason,
+                    finish_reason=FinishReason.of(out.finish_reason),
                     stop_reason=out.stop_reason if isinstance(out.stop_reason, int) else None,
                     num_cached_tokens=out.num_cached_tokens,
                     error=out.error,
@@ -89,26 +90,22 @@ class LocalDispatcher(Dispatcher):
         await self.engine.abort(request_id)
 
     def healthy(self) -> bool:
-        # AsyncEngine keeps its failure and thread privately; both are only read here.
-        thread = getattr(self.engine, "_thread", None)
-        return getattr(self.engine, "_error", None) is None and (thread is None or thread.is_alive())
+        return self.engine.healthy()
 
     async def metrics(self) -> list[tuple[str, dict[str, str], float]]:
-        llm = self.engine.engine
-        bm, sched = llm.block_manager, llm.scheduler
-        total, free = bm.num_blocks, bm.num_free_blocks
-        stats = bm.stats
+        snap = self.engine.snapshot()
+        total, free = snap.num_total_blocks, snap.num_free_blocks
         return [
             ("duet_kv_num_blocks", {}, total),
             ("duet_kv_num_free_blocks", {}, free),
             ("duet_kv_cache_usage_ratio", {}, (total - free) / total if total else 0.0),
-            ("duet_kv_cached_blocks", {}, bm.num_cached_blocks),
-            ("duet_engine_requests_running", {}, len(sched.running)),
-            ("duet_engine_requests_waiting", {}, len(sched.waiting)),
-            ("duet_prefix_cache_queries_total", {}, stats.queries),
-            ("duet_prefix_cache_query_tokens_total", {}, stats.query_tokens),
-            ("duet_prefix_cache_hit_tokens_total", {}, stats.hit_tokens),
-            ("duet_preemptions_total", {}, sched.num_preemptions),
+            ("duet_kv_cached_blocks", {}, snap.num_cached_blocks),
+            ("duet_engine_requests_running", {}, snap.num_running),
+            ("duet_engine_requests_waiting", {}, snap.num_waiting),
+            ("duet_prefix_cache_queries_total", {}, snap.prefix_cache_queries),
+            ("duet_prefix_cache_query_tokens_total", {}, snap.prefix_cache_query_tokens),
+            ("duet_prefix_cache_hit_tokens_total", {}, snap.prefix_cache_hit_tokens),
+            ("duet_preemptions_total", {}, snap.num_preemptions),
             ("duet_engine_healthy", {}, 1.0 if self.healthy() else 0.0),
         ]
 
@@ -120,9 +117,8 @@ class LocalDispatcher(Dispatcher):
             await self.engine.abort(request_id)
         # Aborts queued by closed iterators are applied by the engine thread between steps: let them land
         # before stopping it, so the KV pool is whole again when close() returns.
-        llm = self.engine.engine
         deadline = time.monotonic() + self.drain_timeout_s
-        while (self._active or (self.owns_engine and llm.has_unfinished_requests())) and self.healthy():
+        while (self._active or (self.owns_engine and self.engine.snapshot().num_unfinished)) and self.healthy():
             if time.monotonic() > deadline:
                 logger.warning("closing with %d requests still active", len(self._active))
                 break

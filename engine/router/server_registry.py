@@ -19,11 +19,10 @@ from typing import Callable
 import zmq
 import zmq.asyncio
 
-from engine.kv_events import event_from_dict
+from engine.protocol import Hello, KVEvents, LoadReport, ServerInfo, Welcome
 from engine.router.prefix_index import PrefixIndex
-from engine.security import ZmqKeys, secure_client, secure_server
 from engine.router.scoring import ServerState
-from transfer.messages import Hello, KVEvents, LoadReport, ServerInfo, Welcome
+from transfer.curve import ZmqKeys, secure_client, secure_server
 from transfer.wire import Message, ProtocolError, decode, encode
 
 logger = logging.getLogger(__name__)
@@ -53,11 +52,15 @@ class ServerLink:
 class ServerRegistry:
     def __init__(self, ctx: zmq.asyncio.Context, on_message: Callable[[ServerLink, Message], None],
                  on_dead: Callable[[ServerLink], None], heartbeat_s: float = 0.2, missed_heartbeats: int = 3,
-                 breaker_failures: int = 3, breaker_cooldown_s: float = 5.0, keys: ZmqKeys | None = None):
+                 breaker_failures: int = 3, breaker_cooldown_s: float = 5.0, keys: ZmqKeys | None = None,
+                 on_removed: Callable[[ServerLink], None] = lambda link: None):
+        """``on_dead``: a server missed its heartbeats (rescue its requests). ``on_removed``: a server left the
+        registry for good (e.g. replaced by a new life at its address): forget what was learnt about it."""
         self.keys = keys
         self.ctx = ctx
         self.on_message = on_message
         self.on_dead = on_dead
+        self.on_removed = on_removed
         self.heartbeat_s = heartbeat_s
         self.missed_heartbeats = missed_heartbeats
         self.breaker_failures = breaker_failures
@@ -128,6 +131,7 @@ class ServerRegistry:
         link.events.close(0)
         self.links.pop(link.engine_id, None)
         self.prefix_index.drop_server(link.engine_id)
+        self.on_removed(link)
 
     async def _receive(self, link: ServerLink, sock: zmq.asyncio.Socket) -> None:
         while True:
@@ -171,10 +175,11 @@ class ServerRegistry:
 
     def _apply_load(self, link: ServerLink, msg: LoadReport) -> None:
         s = link.state
-        s.queued_requests = msg.waiting + msg.waiting_for_kv
-        s.queued_prefill_tokens = msg.queued_prefill_tokens
-        s.running_requests, s.running_tokens = msg.running, msg.running_tokens
-        s.total_blocks, s.free_blocks = msg.total_blocks, min(msg.free_blocks, msg.total_blocks)
+        load = msg.load
+        s.queued_requests = load.waiting + load.waiting_for_kv
+        s.queued_prefill_tokens = load.queued_prefill_tokens
+        s.running_requests, s.running_tokens = load.running, load.running_tokens
+        s.total_blocks, s.free_blocks = load.total_blocks, min(load.free_blocks, load.total_blocks)
         link.last_seen = now = time.monotonic()
         healthy = not msg.draining and now >= link.breaker_until
         if healthy and not s.healthy:
@@ -195,11 +200,7 @@ class ServerRegistry:
 
     def _apply_kv_events(self, link: ServerLink, msg: KVEvents) -> None:
         link.last_seen = time.monotonic()
-        for raw in msg.events:
-            try:
-                event = event_from_dict(raw)
-            except (TypeError, ValueError):
-                continue
+        for event in msg.events:
             if event.kind == "stored":
                 self.prefix_index.stored(link.engine_id, event.block_hashes)
             elif event.kind == "removed":

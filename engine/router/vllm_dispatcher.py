@@ -14,14 +14,9 @@ import os
 from collections.abc import AsyncIterator
 
 from engine.config import EngineConfig
-from engine.router.dispatcher import (
-    Dispatcher,
-    DispatchError,
-    GenerateRequest,
-    TokenDelta,
-)
+from engine.protocol import Tokens
+from engine.router.dispatcher import Dispatcher, DispatchError, GenerateRequest, TokenDelta
 from engine.server.vllm_engine import VllmEngine, engine_args
-from transfer.messages import Tokens
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +51,12 @@ class VllmDispatcher(Dispatcher):
         try:
             while not finished:
                 out: Tokens = await q.get()
-                finished = out.finished
-                if out.error is not None and num_sent == 0:
-                    raise DispatchError(out.error, status=out.status)
+                delta = out.delta
+                finished = delta.finished
+                if delta.error is not None and num_sent == 0:
+                    raise DispatchError(delta.error, status=delta.status)
                 num_sent += 1
-                yield TokenDelta(out.token_ids, out.logprobs, out.finished, out.finish_reason, out.stop_reason,
-                                 out.num_cached_tokens, out.error, out.status)
+                yield delta
         finally:
             self._queues.pop(rid, None)
             if not finished:

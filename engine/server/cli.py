@@ -9,7 +9,7 @@ import time
 
 from engine import envs
 from engine.config import EngineConfig
-from engine.security import load_keys
+from engine.server.server_config import ServerConfig
 
 
 def add_engine_args(ap: argparse.ArgumentParser) -> None:
@@ -115,18 +115,18 @@ def server_main(role: str, argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     setup_logging(args)
     apply_threads(args)
-    if args.executor == "vllm":
-        from engine.server.vllm_server import serve_vllm
+    from engine.server.server import make_server
 
-        return serve_vllm(role, args, engine_config(args), load_keys(args.zmq_keys))
-    from engine.server.engine_server import EngineServer
-
-    server = EngineServer(
-        engine_config(args), role, host=args.host, port=args.port, event_port=args.event_port,
-        kv_transport=args.kv_transport, zone=args.zone, staging_bytes=args.staging_mib << 20,
-        kv_timeout_s=args.kv_timeout_s, debug_layer_delay_s=args.debug_layer_delay_s,
-        model_name=args.served_model_name, kv_failure_policy=args.kv_failure_policy, heartbeat_s=args.heartbeat_s,
-        router_address=args.router, drain_timeout_s=args.drain_timeout_s,
-        debug_step_delay_s=args.debug_step_delay_s, zmq_keys=load_keys(args.zmq_keys))
+    server = make_server(engine_config(args), server_config(role, args))
     print(f"DUET_READY {role} {server.address} {server.event_address}", flush=True)
     server.serve_forever()
+
+
+def server_config(role: str, args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        role=role, host=args.host, port=args.port, event_port=args.event_port or 0, executor=args.executor,
+        kv_transport=args.kv_transport, zone=args.zone, staging_bytes=args.staging_mib << 20,
+        kv_timeout_s=args.kv_timeout_s, kv_failure_policy=args.kv_failure_policy, heartbeat_s=args.heartbeat_s,
+        router_address=args.router, drain_timeout_s=args.drain_timeout_s,
+        model_name=args.served_model_name or args.model, zmq_keys_dir=args.zmq_keys,
+        debug_layer_delay_s=args.debug_layer_delay_s, debug_step_delay_s=args.debug_step_delay_s)

@@ -1,7 +1,7 @@
 """A vLLM V1 engine (its public ``AsyncLLM`` API) on a thread of its own, for ``--executor vllm`` servers.
 
 ``VllmEngine`` owns an asyncio loop thread that holds the ``AsyncLLM``; callers on any thread ``submit``
-token-id prompts with Duet ``SamplingParams`` and receive ``transfer.messages.Tokens`` (new tokens only, the
+token-id prompts with Duet ``SamplingParams`` and receive ``engine.protocol.Tokens`` (new tokens only, the
 message the server sends on) through the ``on_output`` callback, which runs on the engine thread and must
 only hand the output over (queue, wake-up).
 vLLM itself runs its scheduler and its workers in processes of its own.
@@ -30,8 +30,8 @@ from engine import envs
 from engine.config import EngineConfig
 from engine.loader import model_identity
 from engine.model_config import SUPPORTED_ARCHITECTURES
+from engine.protocol import FinishReason, TokenDelta, Tokens
 from engine.sampling_params import SamplingParams
-from transfer.messages import Tokens
 
 logger = logging.getLogger(__name__)
 
@@ -242,18 +242,19 @@ class VllmEngine:
                 logprobs = None
                 if c.logprobs is not None:
                     logprobs = [{int(t): float(lp.logprob) for t, lp in d.items()} for d in c.logprobs]
-                self.on_output(Tokens(
-                    request_id, list(c.token_ids), logprobs, out.finished, c.finish_reason if out.finished else None,
-                    c.stop_reason if isinstance(c.stop_reason, int) else None, max(0, out.num_cached_tokens or 0)))
+                reason = FinishReason.of(c.finish_reason) if out.finished else None
+                self.on_output(Tokens(request_id, TokenDelta(
+                    list(c.token_ids), logprobs, out.finished, reason,
+                    c.stop_reason if isinstance(c.stop_reason, int) else None, max(0, out.num_cached_tokens or 0))))
                 if out.finished:
                     return
         except asyncio.CancelledError:
-            self.on_output(Tokens(request_id, [], finished=True, finish_reason="abort"))
+            self.on_output(Tokens(request_id, TokenDelta(finished=True, finish_reason=FinishReason.ABORT)))
         except ValueError as e:  # rejected by vLLM's input validation
-            self.on_output(Tokens(request_id, [], finished=True, finish_reason="error", error=str(e), status=400))
+            self.on_output(Tokens(request_id, TokenDelta.failure(str(e), 400)))
         except Exception as e:
             logger.exception("request %s failed in vLLM", request_id)
-            self.on_output(Tokens(request_id, [], finished=True, finish_reason="error", error=str(e), status=503))
+            self.on_output(Tokens(request_id, TokenDelta.failure(str(e), 503)))
         finally:
             self._tasks.pop(request_id, None)
 

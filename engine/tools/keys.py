@@ -1,4 +1,4 @@
-"""Writes a Duet cluster's CURVE key directory (see :mod:`engine.security` for the model).
+"""Writes a Duet cluster's CURVE key directory (see :mod:`transfer.curve` for the model).
 
     python -m engine.tools.keys /etc/duet/keys            # refuses to overwrite existing keys
     python -m engine.tools.keys /etc/duet/keys --force    # new keys: every process must restart with them
@@ -11,7 +11,7 @@ import argparse
 import stat
 import sys
 
-from engine.security import make_keys
+from transfer.curve import make_keys
 
 
 def main(argv: list[str] | None = None) -> int:

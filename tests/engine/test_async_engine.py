@@ -34,7 +34,7 @@ def test_stream_matches_batch_generation(async_engine, llama_dir):
     for (deltas, last), r in zip(results, ref):
         assert deltas == last.token_ids == r.token_ids
         assert last.finished and last.text == r.text
-    assert async_engine.engine.num_free_blocks == 64
+    assert async_engine.snapshot().num_free_blocks == 64
 
 
 def test_abort_mid_stream_and_bad_input(async_engine):
@@ -54,7 +54,7 @@ def test_abort_mid_stream_and_bad_input(async_engine):
     assert seen[-1].finished and seen[-1].finish_reason == "abort"
     assert len(seen[-1].token_ids) < 40
     for _ in range(100):
-        if async_engine.engine.num_free_blocks == 64:
+        if async_engine.snapshot().num_free_blocks == 64:
             break
         asyncio.run(asyncio.sleep(0.01))
-    assert async_engine.engine.num_free_blocks == 64
+    assert async_engine.snapshot().num_free_blocks == 64

@@ -94,3 +94,21 @@ def test_preempted_request_keeps_its_prompt_logprobs(llama_dir, hf_logprobs):
     outs = run(engine, requests)
     assert engine.scheduler.num_preemptions > 0
     check_against_hf(outs["scored"][0], ids, hf_logprobs(ids), 2)
+
+
+def test_new_sampling_fields_and_prompt_logprobs_cross_the_wire():
+    """What the P/D plumbing will carry: SamplingParams with a grammar, biases and prompt_logprobs (Generate),
+    and a TokenDelta with prompt logprobs (Tokens), through the typed msgpack codec unchanged."""
+    from engine.protocol import FinishReason, Generate, TokenDelta, Tokens
+    from engine.sampling_params import StructuredOutputsParams
+    from transfer.wire import decode, encode
+
+    params = SamplingParams(max_tokens=4, prompt_logprobs=2, logit_bias={5: -3.5, 7: 100.0},
+                            allowed_token_ids=[5, 7, 9], bad_words=["x"], bad_words_token_ids=[[3, 4], [9]],
+                            structured_outputs=StructuredOutputsParams(json='{"type": "object"}',
+                                                                       disable_any_whitespace=True))
+    msg = decode(encode(Generate("r1", [1, 2, 3], params)))
+    assert msg.sampling == params
+    delta = TokenDelta([7], [{7: -0.5}], True, FinishReason.STOP, prompt_logprobs=[None, {2: -1.5, 9: -0.25}],
+                       prompt_token_ranks=[None, 3])
+    assert decode(encode(Tokens("r1", delta))).delta == delta

@@ -51,7 +51,7 @@ class ErrorLog(logging.Handler):
 def server(llama_dir):
     engine = AsyncEngine(EngineConfig(model=llama_dir, **ENGINE_KW))
     dispatcher = LocalDispatcher(engine, MODEL)
-    initial_free = engine.engine.num_free_blocks
+    initial_free = engine.snapshot().num_free_blocks
     app = create_app(dispatcher, engine.tokenizer, MODEL, max_model_len=dispatcher.max_model_len,
                      max_default_tokens=3, limits=LIMITS)
     errors = ErrorLog()

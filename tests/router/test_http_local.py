@@ -318,11 +318,11 @@ def test_client_disconnect_aborts(server):
     sock.close()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if len(server["aborted"]) > before and engine.engine.num_free_blocks == server["initial_free"]:
+        if len(server["aborted"]) > before and engine.snapshot().num_free_blocks == server["initial_free"]:
             break
         time.sleep(0.05)
     assert len(server["aborted"]) > before, "disconnect must abort the engine request"
-    assert engine.engine.num_free_blocks == server["initial_free"]
+    assert engine.snapshot().num_free_blocks == server["initial_free"]
 
 
 def test_client_disconnect_aborts_non_streaming(server):
@@ -333,16 +333,16 @@ def test_client_disconnect_aborts_non_streaming(server):
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     deadline = time.monotonic() + 10
-    while engine.engine.num_free_blocks == server["initial_free"] and time.monotonic() < deadline:
+    while engine.snapshot().num_free_blocks == server["initial_free"] and time.monotonic() < deadline:
         time.sleep(0.01)  # until the request holds blocks
     sock.close()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if len(server["aborted"]) > before and engine.engine.num_free_blocks == server["initial_free"]:
+        if len(server["aborted"]) > before and engine.snapshot().num_free_blocks == server["initial_free"]:
             break
         time.sleep(0.05)
     assert len(server["aborted"]) > before, "disconnect must abort the engine request"
-    assert engine.engine.num_free_blocks == server["initial_free"]
+    assert engine.snapshot().num_free_blocks == server["initial_free"]
 
 
 def test_no_blocks_leaked(server):

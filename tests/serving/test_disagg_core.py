@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
 from engine import LLM, SamplingParams
+from engine.launcher import ServerProcess, query_server
+from engine.protocol import Generate, Hello, PeerRef, RemotePrefill, ServerInfo, StatsRequest, Tokens, Welcome
 from engine.router.cluster import ClusterDispatcher
 from engine.router.dispatcher import DispatchError, GenerateRequest
 from engine.router.scoring import RouterPolicy
-from engine.launcher import ServerProcess, query_server
-from transfer.messages import Generate, Hello, RemotePrefill, ServerInfo, StatsRequest, Tokens, Welcome
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 ALWAYS_DISAGG = RouterPolicy(disagg_threshold_tokens=0)
@@ -54,13 +55,13 @@ def test_layers_stream_while_prefill_still_computes(four_layer_model):
     d_trace = stats[d.address].traces["stream-1"]
     assert d_trace["kv_layer_0_received"] < p_trace["layer_3_computed"]
     assert p_trace["layer_3_computed"] - p_trace["layer_0_computed"] >= 0.8  # the delay really applied
-    assert stats[d.address].values["prompt_tokens_computed"] == 0
-    assert stats[d.address].values["kv_bytes_received"] > 0
+    assert stats[d.address].values.prompt_tokens_computed == 0
+    assert stats[d.address].values.kv_bytes_received > 0
 
 
 def test_incompatible_peers_are_refused_and_nothing_hangs(tiny_model):
     """Block size 32 vs 16: the router refuses the pair at start-up, and a decode server told to pull from
-    the mismatched prefill server is refused at handshake and prefills locally instead."""
+    the mismatched prefill server refuses it before any KV moves and prefills locally instead."""
     model = tiny_model("llama")
     p = ServerProcess("prefill", model, "--kv-transport", "zmq", "--block-size", "32", "--num-kv-blocks", "16")
     d = ServerProcess("decode", model, "--kv-transport", "zmq", "--num-kv-blocks", "32")
@@ -91,16 +92,38 @@ def test_incompatible_peers_are_refused_and_nothing_hangs(tiny_model):
         [welcome] = query_server(p.address, [Hello(ServerInfo("t", "e", "router", "m"))], 1, timeout_s=60)
         assert isinstance(welcome, Welcome)
         prompt = list(range(7, 30))
-        remote = RemotePrefill(welcome.info.engine_id, p.address, "xfer-1", kv_timeout_s=10)
-        msgs = [Generate("direct-1", prompt, GREEDY.to_dict(), remote)]
+        remote = RemotePrefill(PeerRef.of(welcome.info), "xfer-1", kv_timeout_s=10)
+        msgs = [Generate("direct-1", prompt, GREEDY, remote)]
         replies = query_server(d.address, msgs, GREEDY.max_tokens, timeout_s=60)
-        tokens = [t for r in replies if isinstance(r, Tokens) for t in r.token_ids]
-        assert replies[-1].finished
+        tokens = [t for r in replies if isinstance(r, Tokens) for t in r.delta.token_ids]
+        assert replies[-1].delta.finished
         ref = LLM(model, show_progress=False, num_kv_blocks=32).generate([prompt], GREEDY)[0]
         assert tokens == ref.token_ids
         [stats] = query_server(d.address, [StatsRequest(7)], 1)
-        assert stats.values["handshakes_refused"] == 1
-        assert stats.values["kv_fallbacks"] == 1
-        assert stats.values["free_blocks"] == stats.values["total_blocks"]
+        assert stats.values.peers_refused == 1
+        assert stats.values.kv_fallbacks == 1
+        assert stats.values.free_blocks == stats.values.total_blocks
+    finally:
+        p.stop(), d.stop()
+
+
+def test_fail_policy_answers_every_request_for_an_unusable_peer_with_an_error(tiny_model):
+    """Under --kv-failure-policy fail, a request whose prefill server cannot be used ends with a 503 error
+    naming the KV failure, the first one and every later one (once the peer is known to be unusable)."""
+    model = tiny_model("llama")
+    p = ServerProcess("prefill", model, "--kv-transport", "zmq", "--block-size", "32", "--num-kv-blocks", "16")
+    d = ServerProcess("decode", model, "--kv-transport", "zmq", "--num-kv-blocks", "32", "--kv-failure-policy", "fail")
+    try:
+        [welcome] = query_server(p.address, [Hello(ServerInfo("t", "e", "router", "m"))], 1, timeout_s=60)
+        remote = RemotePrefill(PeerRef.of(welcome.info), "xfer", kv_timeout_s=10)
+        for i in range(3):
+            msg = Generate(f"r{i}", list(range(7, 30)), GREEDY, replace(remote, transfer_id=f"xfer-{i}"))
+            [reply] = query_server(d.address, [msg], 1, timeout_s=60)
+            delta = reply.delta
+            assert delta.finished and delta.finish_reason == "error" and delta.status == 503, delta
+            assert "KV transfer" in delta.error and "block_size" in delta.error, delta.error
+        [stats] = query_server(d.address, [StatsRequest(7)], 1)
+        assert stats.values.kv_failed_requests == 3 and stats.values.open_requests == 0
+        assert stats.values.free_blocks == stats.values.total_blocks
     finally:
         p.stop(), d.stop()

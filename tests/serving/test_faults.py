@@ -6,18 +6,19 @@ import json
 import os
 import signal
 import time
+from dataclasses import asdict
 
 import aiohttp
 import pytest
 
 from engine import LLM, SamplingParams
 from engine.launcher import ServerProcess, query_server
-from transfer.messages import StatsRequest
+from engine.protocol import Drain, StatsRequest
 
 
 def stats(proc: ServerProcess) -> dict[str, float]:
     [s] = query_server(proc.address, [StatsRequest(1)], 1, timeout_s=20)
-    return s.values
+    return asdict(s.values)
 
 
 def wait_until(cond, timeout_s: float, what: str) -> None:
@@ -28,7 +29,9 @@ def wait_until(cond, timeout_s: float, what: str) -> None:
 
 
 def no_leaks(*procs: ServerProcess) -> bool:
-    return all((s := stats(p))["free_blocks"] == s["total_blocks"] and s["running"] == 0 for p in procs)
+    """Every KV block free, nothing running, no request or transfer still tracked by the server."""
+    return all((s := stats(p))["free_blocks"] == s["total_blocks"] and s["running"] == 0 and s["open_requests"] == 0
+               and s["open_transfers"] == 0 for p in procs)
 
 
 async def stream(url: str, prompt: list[int], max_tokens: int, on_token=None) -> tuple[int, list[str], str | None]:
@@ -192,7 +195,8 @@ def test_client_disconnect_frees_blocks_on_both_servers(model):
             proc.stop()
 
 
-def test_sigterm_drains_in_flight_requests_then_exits(model):
+@pytest.mark.parametrize("how", ["sigterm", "drain_command"])
+def test_drain_finishes_in_flight_requests_then_exits(model, how):
     d1 = ServerProcess("decode", model, "--kv-transport", "zmq", "--num-kv-blocks", "64", "--debug-step-delay-s", "0.03")
     d2 = ServerProcess("decode", model, "--kv-transport", "zmq", "--num-kv-blocks", "64")
     r = ServerProcess("router", model, "--decode", d1.address, "--decode", d2.address,
@@ -203,7 +207,10 @@ def test_sigterm_drains_in_flight_requests_then_exits(model):
                 if n == 3:
                     for proc in (d1, d2):
                         if stats(proc)["running"]:
-                            proc.proc.send_signal(signal.SIGTERM)
+                            if how == "sigterm":
+                                proc.proc.send_signal(signal.SIGTERM)
+                            else:  # the Stats reply shows the Drain before it was taken in
+                                query_server(proc.address, [Drain(), StatsRequest(1)], 1)
                             main.drained = proc
             main.drained = None
             result = await stream(r.url, list(range(5, 25)), 30, on_token)

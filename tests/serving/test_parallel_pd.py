@@ -17,9 +17,9 @@ import torch
 from engine import LLM, SamplingParams
 from engine.launcher import ServerProcess, query_server
 from engine.llm_engine import LLMEngine
+from engine.protocol import Hello, PeerRef, Prefill, PrefillDone, ServerInfo, Welcome
 from tests.parallel.helpers import child_pids, one_omp_thread, pid_alive
 from tests.serving.test_router_http import greedy_completions, mixed_prompts, server_stats
-from transfer.messages import Hello, Refused, ServerInfo, Welcome
 
 NUM_BLOCKS = "96"
 # The acceptance is CPU + gloo; on a GPU host a two-rank engine would want two GPUs.
@@ -110,7 +110,7 @@ def test_greedy_outputs_match_single_process_and_no_block_leaks(cluster, referen
         assert stats["free_blocks"] == stats["total_blocks"]
 
 
-def test_handshake_carries_both_layouts_and_refuses_what_no_mapping_covers(cluster):
+def test_welcome_carries_both_layouts_and_prefill_refuses_what_no_mapping_covers(cluster):
     name, p, d, _, _ = cluster
     [pw] = query_server(p.address, [Hello(ServerInfo("t", "e", "router", "m"))], 1, timeout_s=30)
     [dw] = query_server(d.address, [Hello(ServerInfo("t", "e", "router", "m"))], 1, timeout_s=30)
@@ -121,17 +121,13 @@ def test_handshake_carries_both_layouts_and_refuses_what_no_mapping_covers(clust
     assert pw.info.layout == dw.info.layout and pw.info.compat_hash == dw.info.compat_hash
     assert (pw.info.layout.num_kv_heads, pw.info.layout.tp_size) == (2, 1)
 
-    def hello(layout, tp: int = 1) -> Hello:
-        return Hello(dataclasses.replace(dw.info, engine_id=f"fake-{tp}-{layout.block_size}", layout=layout,
-                                         compat_hash=layout.compat_hash(), transport_metadata=b"",
-                                         tensor_parallel_size=tp))
-
-    [ok] = query_server(p.address, [hello(pw.info.layout, tp=4)], 1, timeout_s=30)
-    assert isinstance(ok, Welcome)
-    for field, value in (("block_size", 32), ("head_dim", 8), ("num_kv_heads", 4), ("model", "other:model")):
-        [refused] = query_server(p.address, [hello(dataclasses.replace(pw.info.layout, **{field: value}))], 1,
-                                 timeout_s=30)
-        assert isinstance(refused, Refused) and field in refused.reason, refused
+    # A decode peer whose layout no mapping covers is refused before any KV moves, naming the field.
+    for i, (field, value) in enumerate((("block_size", 32), ("head_dim", 8), ("num_kv_heads", 4),
+                                        ("model", "other:model"))):
+        peer = PeerRef.of(dataclasses.replace(dw.info, layout=dataclasses.replace(pw.info.layout, **{field: value})))
+        prefill = Prefill(f"r{i}", f"t{i}", [1, 2, 3], SamplingParams(max_tokens=1), peer)
+        [done] = query_server(p.address, [prefill], 1, timeout_s=30)
+        assert isinstance(done, PrefillDone) and not done.ok and field in done.error, done
 
 
 def test_colocated_server_with_tensor_parallelism(model, reference):
@@ -172,13 +168,13 @@ def _kv_out(engine: LLMEngine, request_id: str, prompt: list[int], blocks: list[
         req = sched.chunks[0].request
         assert blocks is None or not set(blocks) & set(req.block_ids), "test blocks must not be the prompt's"
         ids = torch.tensor(req.block_ids if blocks is None else blocks)
-        runner.plan_kv_out([ids, ids[-1:]])
+        runner.plan_gather([ids, ids[-1:]])
 
         def hook(layer: int) -> None:
-            out = torch.empty(runner.kv_slab_shape(len(ids))[1:], dtype=runner.dtype).unsqueeze(0)
-            last = torch.empty(runner.kv_slab_shape(1)[1:], dtype=runner.dtype).unsqueeze(0)
-            runner.read_kv_out(layer, 0, out)
-            runner.read_kv_out(layer, 1, last)
+            out = torch.empty(runner.slab_shape(len(ids))[1:], dtype=runner.dtype).unsqueeze(0)
+            last = torch.empty(runner.slab_shape(1)[1:], dtype=runner.dtype).unsqueeze(0)
+            runner.gather_layer(layer, 0, out)
+            runner.gather_layer(layer, 1, last)
             assert torch.equal(last, out[:, :, -1:])
             got[layer] = out
 
@@ -205,10 +201,10 @@ def test_runner_merges_kv_heads_out_and_splits_them_in(tiny_model, case):
             assert (got[layer] - expected[layer]).abs().max().item() < 1e-4, layer
         # In: a whole-model slab written in two layer ranges lands in every rank's slice.
         blocks = [par.num_total_blocks - 1, par.num_total_blocks - 4]
-        slab = torch.randn(par.runner.kv_slab_shape(len(blocks)), dtype=par.runner.dtype)
+        slab = torch.randn(par.runner.slab_shape(len(blocks)), dtype=par.runner.dtype)
         ids = torch.tensor(blocks)
-        par.runner.write_kv_in(slab[:1].contiguous(), ids, 0, 1)
-        par.runner.write_kv_in(slab[1:].contiguous(), ids, 1, num_layers)
+        par.runner.scatter_layers(slab[:1].contiguous(), ids, 0, 1)
+        par.runner.scatter_layers(slab[1:].contiguous(), ids, 1, num_layers)
         back = _kv_out(par, "x", [7], blocks)
         for layer in range(num_layers):
             assert torch.equal(back[layer], slab[layer:layer + 1]), layer

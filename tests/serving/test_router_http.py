@@ -9,13 +9,14 @@ import concurrent.futures as futures
 import json
 import urllib.error
 import urllib.request
+from dataclasses import asdict
 
 import openai
 import pytest
 
 from engine import LLM, SamplingParams
 from engine.launcher import ServerProcess, query_server
-from transfer.messages import StatsRequest
+from engine.protocol import StatsRequest
 
 NUM_BLOCKS = "96"
 
@@ -26,7 +27,7 @@ def mixed_prompts(n: int) -> list[list[int]]:
 
 def server_stats(proc: ServerProcess) -> dict[str, float]:
     [stats] = query_server(proc.address, [StatsRequest(1)], 1, timeout_s=20)
-    return stats.values
+    return asdict(stats.values)
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,19 @@ import signal
 import time
 import urllib.error
 import urllib.request
+from dataclasses import asdict
 
 import pytest
 
 from engine.launcher import ServerProcess, query_server
-from transfer.messages import StatsRequest
+from engine.protocol import StatsRequest
 
 BS = 16
 
 
 def stats(proc: ServerProcess) -> dict[str, float]:
     [s] = query_server(proc.address, [StatsRequest(1)], 1, timeout_s=20)
-    return s.values
+    return asdict(s.values)
 
 
 def post(url: str, body: dict, headers: dict | None = None, timeout: float = 120) -> tuple[int, dict, dict]:

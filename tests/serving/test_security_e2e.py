@@ -9,8 +9,8 @@ import pytest
 import zmq
 
 from engine.launcher import ServerProcess, query_server
-from engine.security import load_keys, make_keys, secure_client
-from transfer.messages import Hello, ServerInfo, StatsRequest
+from engine.protocol import Hello, ServerInfo, StatsRequest
+from transfer.curve import load_keys, make_keys, secure_client
 
 
 def test_curve_cluster_serves_key_holders_only(tiny_model, tmp_path):
@@ -38,7 +38,7 @@ def test_curve_cluster_serves_key_holders_only(tiny_model, tmp_path):
 
         # Key holders can talk to the servers; the disaggregated request above moved KV between them.
         [stats] = query_server(d.address, [StatsRequest(1)], 1, keys=keys)
-        assert stats.values["kv_transfers_received"] == 1
+        assert stats.values.kv_transfers_received == 1
         # Without keys, or with a foreign key pair, a client can neither command a server...
         for intruder in (None, load_keys(other_dir)):
             with pytest.raises(TimeoutError):

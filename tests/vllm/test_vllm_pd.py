@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.request
 from concurrent import futures
+from dataclasses import asdict
 
 import pytest
 
@@ -27,7 +28,7 @@ openai = pytest.importorskip("openai")
 
 from engine.block_hash import block_hashes
 from engine.launcher import ServerProcess, query_server
-from transfer.messages import Hello, KVEvents, ServerInfo, StatsRequest, Welcome
+from engine.protocol import Hello, KVEvents, ServerInfo, StatsRequest, Welcome
 from transfer.wire import decode
 
 pytestmark = pytest.mark.timeout(900)
@@ -46,7 +47,7 @@ def prompts(n: int, offset: int = 0) -> list[list[int]]:
 
 def stats(proc: ServerProcess) -> dict[str, float]:
     [reply] = query_server(proc.address, [StatsRequest(1)], 1, timeout_s=30)
-    return reply.values
+    return asdict(reply.values)
 
 
 def vllm_server(module: str, model: str, *args: str) -> ServerProcess:
@@ -185,7 +186,7 @@ def test_kv_events_reach_the_router_prefix_index(servers):
     stop.set()
     t.join()
     sub.close(0)
-    stored = {h for e in events if e["kind"] == "stored" for h in e["block_hashes"]}
+    stored = {h for e in events if e.kind == "stored" for h in e.block_hashes}
     assert set(block_hashes(prompt, BLOCK)) <= stored  # vLLM's blocks, published under Duet's chained hashes
 
     # The router's index saw them too: the same prompt again is predicted to hit three blocks on the decode side.
