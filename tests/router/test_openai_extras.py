@@ -61,7 +61,7 @@ def server(model_dir):
         proc.wait_ready(180)
         yield proc
     finally:
-        proc.stop()
+        proc.stop(60)
 
 
 @pytest.fixture(scope="module")
