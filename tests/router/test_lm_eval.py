@@ -78,7 +78,7 @@ def server(llama_dir):
         proc.wait_ready(180)
         yield proc
     finally:
-        proc.stop()
+        proc.stop(60)  # lm-eval keeps connections alive: a graceful shutdown waits for them
 
 
 def test_local_completions_matches_hf_backend(server, llama_dir, tmp_path, monkeypatch):
