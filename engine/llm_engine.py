@@ -4,9 +4,18 @@
 ``engine.AsyncEngine`` runs it on a worker thread for streaming. Servers drive it from their own loops.
 Bad input is rejected in ``add_request`` with a ``ValueError`` naming the field, before anything is
 allocated, so one bad request never disturbs the others.
+
+Structured outputs: ``make_request`` checks the grammar (no tokenizer needed) and starts compiling it on the
+compiler's thread; the scheduler runs the request once compiled. Every appended token (sampled here, or the
+first token handed over by a prefill server) advances the request's matcher; a finished grammar ends the
+request (``stop``), a token the grammar refuses ends it with ``error``.
+
+Prompt logprobs: the runner scores the prompt positions of each prefill chunk; the request keeps them and
+its first output carries them all (``RequestOutput.prompt_logprobs``).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -22,12 +31,19 @@ from engine.models.decoder import LayerHook
 from engine.outputs import RequestOutput
 from engine.parallel.layout import validate_parallel
 from engine.request import Request
-from engine.sampler import SampleResult
+from engine.model_runner import RunnerOutput
+from engine.sampler import PromptLogprobs, SampleResult
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
-from engine.tokenizer import generation_config_dir, generation_defaults, generation_eos_ids, load_tokenizer
+from engine.structured_output import GrammarCompiler, GrammarState, validate as validate_grammar
+from engine.tokenizer import (bad_words_token_ids, generation_config_dir, generation_defaults, generation_eos_ids,
+                              load_tokenizer)
 
 logger = logging.getLogger(__name__)
+
+
+GRAMMAR_WAIT_S = 0.005
+"""An idle step with grammars compiling waits this long for one (instead of spinning)."""
 
 
 @dataclass
@@ -35,6 +51,7 @@ class _Tracked:
     request: Request
     detok: IncrementalDetokenizer | None
     num_returned_tokens: int = 0
+    prompt_logprobs_returned: bool = False
 
 
 class LLMEngine:
@@ -63,6 +80,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         self._tracked: dict[str, _Tracked] = {}
         self._finished_outputs: list[RequestOutput] = []
+        self._grammar_compiler: GrammarCompiler | None = None
         self.num_prompt_tokens_computed = 0
         """Prompt tokens this engine ran through the model (prefix hits and remote KV excluded)."""
         self.num_generated_tokens = 0
@@ -70,6 +88,17 @@ class LLMEngine:
     def close(self) -> None:
         """Stop the model-parallel worker processes, if any; the engine cannot step afterwards. Idempotent."""
         self.runner.close()
+        if self._grammar_compiler is not None:
+            self._grammar_compiler.close()
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """Compiles structured-output grammars against this engine's tokenizer (created at first use)."""
+        if self._grammar_compiler is None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs: grammars need the engine's tokenizer")
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        return self._grammar_compiler
 
     # ---- requests ------------------------------------------------------------------------------------
     def default_sampling_params(self, **overrides) -> SamplingParams:
@@ -97,9 +126,9 @@ class LLMEngine:
                 f"max_tokens: prompt ({len(ids)}) + max_tokens ({params.max_tokens}) exceeds the KV pool "
                 f"({capacity} tokens)"
             )
-        for t in params.stop_token_ids:
-            if not 0 <= t < vocab:
-                raise ValueError(f"stop_token_ids: {t} is outside the vocabulary [0, {vocab})")
+        params.token_ids_in_vocab(vocab)
+        if params.structured_outputs is not None:
+            validate_grammar(params.structured_outputs)
         return ids
 
     def make_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None) -> Request:
@@ -114,9 +143,13 @@ class LLMEngine:
             if not prompt:
                 raise ValueError("prompt: must not be empty")
             prompt = self.tokenizer.encode(prompt)
+        if params.bad_words and not params.bad_words_token_ids:
+            params = self._tokenize_bad_words(params)
         ids = self.validate(prompt, params)
         eos = () if params.ignore_eos else self.eos_token_ids
         req = Request(request_id, ids, params, eos)
+        if params.structured_outputs is not None:
+            req.grammar = GrammarState(self.grammar_compiler.compile_async(params.structured_outputs))
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.include_stop_str_in_output)
@@ -124,6 +157,11 @@ class LLMEngine:
             raise ValueError("stop: stop strings need a tokenizer")
         self._tracked[request_id] = _Tracked(req, detok)
         return req
+
+    def _tokenize_bad_words(self, params: SamplingParams) -> SamplingParams:
+        if self.tokenizer is None:
+            raise ValueError("bad_words: need a tokenizer; pass bad_words_token_ids")
+        return dataclasses.replace(params, bad_words_token_ids=bad_words_token_ids(self.tokenizer, params.bad_words))
 
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None) -> None:
         req = self.make_request(request_id, prompt, params)
@@ -158,14 +196,29 @@ class LLMEngine:
         outputs, self._finished_outputs = self._finished_outputs, []
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            self._wait_for_grammars()
             return outputs
         layer_hook = on_schedule(sched) if on_schedule is not None else None
         results = self.runner.execute(sched, layer_hook)
         outputs.extend(self.apply_results(sched, results))
         return outputs
 
-    def apply_results(self, sched: SchedulerOutput, results: dict[str, SampleResult]) -> list[RequestOutput]:
+    def _wait_for_grammars(self) -> None:
+        """Nothing could run: if a waiting request's grammar is compiling, give it a moment (no busy loop)."""
+        pending = [r.grammar for r in self.scheduler.waiting if r.grammar is not None and not r.ready]
+        if pending:
+            import concurrent.futures
+
+            concurrent.futures.wait([g.compiled for g in pending], timeout=GRAMMAR_WAIT_S,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+
+    def apply_results(self, sched: SchedulerOutput, runner_out: RunnerOutput) -> list[RequestOutput]:
         outputs = []
+        results = runner_out.samples
+        for request_id, scored in runner_out.prompt_logprobs.items():
+            tracked = self._tracked.get(request_id)
+            if tracked is not None:
+                _add_prompt_logprobs(tracked.request, scored)
         cache_computed_blocks = self.block_manager.cache_computed_blocks
         for chunk in sched.chunks:
             req = chunk.request
@@ -191,6 +244,8 @@ class LLMEngine:
             req.output_logprobs.append(result.logprobs)
         if tracked.detok is not None:
             tracked.detok.push(result.token_id)
+        if req.grammar is not None:
+            req.grammar.accept(result.token_id)
         self._check_stop(req, tracked)
         finished = req.finish_reason is not None
         if finished:
@@ -202,6 +257,13 @@ class LLMEngine:
         p = req.params
         token = req.output_token_ids[-1]
         n = len(req.output_token_ids)
+        if req.grammar is not None:
+            if req.grammar.error is not None:
+                req.finish_reason, req.error = "error", req.grammar.error
+                return
+            if req.grammar.is_terminated:  # it accepted a stop token: nothing may follow
+                req.finish_reason, req.stop_reason = "stop", token
+                return
         if n >= p.min_tokens:
             if token in req.eos_token_ids:
                 req.finish_reason, req.stop_reason = "stop", token
@@ -219,6 +281,10 @@ class LLMEngine:
         req = tracked.request
         new_ids = req.output_token_ids[tracked.num_returned_tokens:]
         tracked.num_returned_tokens = len(req.output_token_ids)
+        prompt_logprobs = prompt_ranks = None
+        if req.wants_prompt_logprobs and req.prompt_logprobs_done and not tracked.prompt_logprobs_returned:
+            prompt_logprobs, prompt_ranks = list(req.prompt_logprobs), list(req.prompt_token_ranks)
+            tracked.prompt_logprobs_returned = True
         text, new_text = "", ""
         if tracked.detok is not None:
             if finished:
@@ -237,6 +303,9 @@ class LLMEngine:
             new_token_ids=new_ids,
             new_text=new_text,
             num_cached_tokens=req.num_cached_tokens,
+            prompt_logprobs=prompt_logprobs,
+            prompt_token_ranks=prompt_ranks,
+            error=req.error,
         )
 
     # ---- remote KV (decode side of a disaggregated request) ------------------------------------------
@@ -289,3 +358,14 @@ class LLMEngine:
     @property
     def num_total_blocks(self) -> int:
         return self.block_manager.num_blocks
+
+
+def _add_prompt_logprobs(req: Request, scored: PromptLogprobs) -> None:
+    """Append one step's prompt scores; positions already known (recompute after preemption) are skipped."""
+    skip = len(req.prompt_logprobs) - scored.start
+    if skip < 0:
+        raise RuntimeError(f"{req.request_id}: prompt logprobs from position {scored.start} but only "
+                           f"{len(req.prompt_logprobs)} known")
+    req.prompt_logprobs.extend(scored.logprobs[skip:])
+    req.prompt_token_ranks.extend(scored.ranks[skip:])
+

@@ -24,8 +24,9 @@ from engine.models.decoder import LayerHook
 from engine.models.layers import TPGroup
 from engine.parallel.layout import ParallelLayout
 from engine.request import Request
-from engine.sampler import SampleResult, Sampler
+from engine.sampler import PromptLogprobs, SampleResult, Sampler
 from engine.scheduler import ScheduledChunk, SchedulerOutput
+from engine.structured_output.masks import MaskFiller
 from engine import envs
 from kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks, use_extension
 from transfer.kv_port import KVPort
@@ -60,6 +61,26 @@ class StepInputs:
             max_seqlen_q=self.max_seqlen_q,
             decode_only=self.decode_only,
         )
+
+
+@dataclass
+class PromptRows:
+    """Logit rows of one step that score prompt tokens (requests asking for ``prompt_logprobs``)."""
+
+    request: Request
+    start: int
+    """Prompt position scored by the first row (row i scores position start + i, from the position before)."""
+    num_rows: int
+
+
+@dataclass
+class RunnerOutput:
+    """What one ``execute`` produced."""
+
+    samples: dict[str, SampleResult]
+    """Request id -> the token sampled for it (chunks that reached the request's last known token)."""
+    prompt_logprobs: dict[str, PromptLogprobs]
+    """Request id -> prompt logprobs of the positions this step scored."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +127,7 @@ class ModelRunner(KVPort):
             mc.head_dim, dtype=self.dtype, device=self.device,
         )
         self.sampler = Sampler(config.seed)
+        self.masks = MaskFiller(mc.vocab_size, unpack=self.device.type == "cpu")
         self._kv_out: list[torch.Tensor] = []
         self._block_tables = BlockTables()  # rows kept between steps
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
@@ -154,6 +176,7 @@ class ModelRunner(KVPort):
 
     def close(self) -> None:
         """Release what the runner started (worker processes under model parallelism); idempotent."""
+        self.masks.close()
 
     # ---- KVPort: KV in and out of the engine, in the whole model's layout (disaggregation) ---------------
     # A transfer slab always holds every layer and every KV head, whatever this engine's parallel layout:
@@ -218,19 +241,35 @@ class ModelRunner(KVPort):
         return int(num)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, layer_hook: LayerHook | None = None) -> dict[str, SampleResult]:
-        """Compute every scheduled chunk; return the sampled token of each chunk that reaches its end."""
-        step, sample_reqs = self._build_step(sched.chunks)
-        if step is None:
-            return {}
-        logits = self.run(step, layer_hook)
-        if not sample_reqs:
-            return {}
-        results = self.sampler(logits, sample_reqs)
-        return {req.request_id: r for req, r in zip(sample_reqs, results)}
+    def execute(self, sched: SchedulerOutput, layer_hook: LayerHook | None = None) -> RunnerOutput:
+        """Compute every scheduled chunk; sample a token for each chunk that reaches its request's end and score
+        the prompt positions of requests that want prompt logprobs.
 
-    def _build_step(self, chunks: list[ScheduledChunk]) -> tuple[StepInputs | None, list[Request]]:
-        """The flat inputs of ``chunks`` (None when they hold no token) and the requests sampled, in row order.
+        Grammar masks of the sampled rows are filled on the mask thread while the model runs.
+        """
+        step, sample_reqs, prompt_rows = self._build_step(sched.chunks)
+        out = RunnerOutput({}, {})
+        if step is None:
+            return out
+        masks = self.masks.submit([r.grammar for r in sample_reqs])
+        logits = self.run(step, layer_hook)
+        num_samples = len(sample_reqs)
+        if num_samples:
+            token_mask = masks.result() if masks is not None else None
+            results = self.sampler(logits[:num_samples], sample_reqs, token_mask, inplace=True)
+            out.samples = {req.request_id: r for req, r in zip(sample_reqs, results)}
+        offset = num_samples
+        for pr in prompt_rows:
+            req = pr.request
+            targets = req.prompt_token_ids[pr.start:pr.start + pr.num_rows]
+            out.prompt_logprobs[req.request_id] = self.sampler.prompt_logprobs(
+                logits[offset:offset + pr.num_rows], targets, req.params.prompt_logprobs, pr.start)
+            offset += pr.num_rows
+        return out
+
+    def _build_step(self, chunks: list[ScheduledChunk]) -> tuple[StepInputs | None, list[Request], list[PromptRows]]:
+        """The flat inputs of ``chunks`` (None when they hold no token), the requests sampled, in row order, and
+        the prompt-scoring rows, which follow the sampled rows in ``sample_rows``.
 
         Per-token work is numpy over the whole step and per-request work a few list comprehensions, so a large
         decode batch costs little host time next to its forward.
@@ -240,7 +279,7 @@ class ModelRunner(KVPort):
         counts = [c.num_tokens for c in chunks]
         num_seqs, num_tokens, max_seqlen_q = len(chunks), sum(counts), max(counts, default=0)
         if not num_tokens:
-            return None, []
+            return None, [], []
         decode_only = max_seqlen_q == 1 and num_tokens == num_seqs
         if decode_only:
             input_ids = [req.token_id(s) for req, s in zip(reqs, starts)]
@@ -263,6 +302,10 @@ class ModelRunner(KVPort):
         slots = table[seq_idx, positions // bs].astype(np.int64) * bs + positions % bs
         # ScheduledChunk.samples for every chunk at once: the chunk ends at the request's last known token.
         sample_idx = np.flatnonzero(end_arr == np.array([r.num_tokens for r in reqs], dtype=np.int64))
+        sample_rows = cu[1:][sample_idx] - 1
+        prompt_rows: list[PromptRows] = []
+        if any(r.wants_prompt_logprobs for r in reqs):
+            sample_rows, prompt_rows = self._prompt_rows(reqs, starts, counts, cu, sample_rows)
         step = StepInputs(
             input_ids=torch.from_numpy(np.array(input_ids, dtype=np.int64)),
             positions=torch.from_numpy(positions),
@@ -270,11 +313,30 @@ class ModelRunner(KVPort):
             block_tables=torch.from_numpy(table),
             cu_seqlens_q=torch.from_numpy(cu.astype(np.int32)),
             seq_lens=torch.from_numpy(end_arr.astype(np.int32)),
-            sample_rows=torch.from_numpy(cu[1:][sample_idx] - 1),
+            sample_rows=torch.from_numpy(sample_rows),
             max_seqlen_q=max_seqlen_q,
             decode_only=decode_only,
         )
-        return step, [reqs[i] for i in sample_idx.tolist()]
+        return step, [reqs[i] for i in sample_idx.tolist()], prompt_rows
+
+    @staticmethod
+    def _prompt_rows(reqs: list[Request], starts: list[int], counts: list[int], cu: np.ndarray,
+                     sample_rows: np.ndarray) -> tuple[np.ndarray, list[PromptRows]]:
+        """``sample_rows`` extended by the rows that score prompt tokens not scored yet.
+
+        Token row j of a chunk starting at position s predicts position s + j + 1; positions already scored
+        (a recompute after preemption) are skipped.
+        """
+        extra, plans = [sample_rows], []
+        for i, (req, s, k) in enumerate(zip(reqs, starts, counts)):
+            if not req.wants_prompt_logprobs:
+                continue
+            lo = max(s, req.num_prompt_logprob_rows)  # first logit row (= position) to compute
+            hi = min(s + k, req.num_prompt_tokens - 1)
+            if lo < hi:
+                extra.append(np.arange(cu[i] + lo - s, cu[i] + hi - s, dtype=np.int64))
+                plans.append(PromptRows(req, lo + 1, hi - lo))
+        return np.concatenate(extra), plans
 
     def run(self, step: StepInputs, layer_hook: LayerHook | None = None) -> torch.Tensor | None:
         """Run the model on one step; logits [num_samples, vocab] float32 of ``sample_rows`` (None if none)."""

@@ -14,7 +14,7 @@ class RequestOutput:
     """All generated text so far (empty when the engine has no tokenizer)."""
     finished: bool
     finish_reason: str | None = None
-    """``stop`` (EOS, stop token id or stop string), ``length`` or ``abort``."""
+    """``stop`` (EOS, stop token id, stop string or a completed grammar), ``length``, ``abort`` or ``error``."""
     stop_reason: int | str | None = None
     """The stop token id or stop string that ended generation, if any."""
     logprobs: list[dict[int, float]] | None = None
@@ -23,3 +23,10 @@ class RequestOutput:
     new_text: str = ""
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache."""
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """Once, in the first output after the prompt was scored (``SamplingParams.prompt_logprobs``): per prompt
+    position, the prompt token then its top alternatives -> logprob; position 0 is None."""
+    prompt_token_ranks: list[int | None] | None = None
+    """With ``prompt_logprobs``: each prompt token's rank in its position's distribution (1 = most likely)."""
+    error: str | None = None
+    """With finish_reason ``error``: what went wrong (a grammar that failed to compile, say)."""

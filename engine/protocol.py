@@ -255,6 +255,11 @@ class TokenDelta:
     """HTTP status for an error that happens before the first token (e.g. 400, 429, 503)."""
     retryable: bool = False
     """The error says nothing about the request (e.g. the server is draining): another server may take it."""
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """Once (first delta after the prompt was scored) when ``sampling.prompt_logprobs`` is set: per prompt
+    position the prompt token then its top alternatives -> logprob; position 0 (no context) is None."""
+    prompt_token_ranks: list[int | None] | None = None
+    """With ``prompt_logprobs``: rank of each prompt token in its position's distribution (1 = most likely)."""
 
     @classmethod
     def failure(cls, error: str, status: int, retryable: bool = False) -> "TokenDelta":

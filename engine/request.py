@@ -51,16 +51,53 @@ class Request:
         self.finish_reason: Optional[str] = None
         """``stop`` (EOS, stop token or stop string), ``length`` or ``abort``."""
         self.stop_reason: int | str | None = None
+        self.error: str | None = None
+        """With finish_reason ``error``: why (safe to show the client)."""
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.first_token_time: float | None = None
         self.argmax_only = (
             params.greedy and params.logprobs is None and params.min_tokens == 0 and params.repetition_penalty == 1.0
             and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
+            and not params.needs_token_constraints
         )
-        """``params`` sample by a bare argmax of the logits (greedy; no penalties, min_tokens or logprobs)."""
+        """``params`` sample by a bare argmax of the logits (greedy; no penalties, min_tokens, logprobs, biases,
+        allowed/bad tokens or grammar)."""
+        self.sampler_cache: dict[str, torch.Tensor] = {}
+        """Tensors the sampler derives once from ``params`` (logit_bias ids and values, the allowed-token mask)."""
+        self.grammar = None
+        """``engine.structured_output.GrammarState`` when ``params.structured_outputs`` is set (the engine sets
+        it); it has accepted every token of ``output_token_ids``."""
+        self.wants_prompt_logprobs = params.prompt_logprobs is not None
+        self.prompt_logprobs: list[dict[int, float] | None] = [None] if self.wants_prompt_logprobs else []
+        """Per prompt position computed so far: the prompt token and its top alternatives -> logprob (position 0,
+        which has no context, is None). Filled chunk by chunk during prefill; kept across preemption."""
+        self.prompt_token_ranks: list[int | None] = [None] if self.wants_prompt_logprobs else []
+        """Rank of each prompt token in its position's distribution (1 = most likely); position 0 is None."""
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
+
+    @property
+    def num_prompt_logprob_rows(self) -> int:
+        """Logit rows (positions 0..n-1, each predicting the next prompt token) whose prompt logprobs are known."""
+        return max(0, len(self.prompt_logprobs) - 1)
+
+    @property
+    def prompt_logprobs_done(self) -> bool:
+        return len(self.prompt_logprobs) >= len(self.prompt_token_ids)
+
+    @property
+    def max_prefix_hit_tokens(self) -> int:
+        """Most prompt tokens a prefix-cache hit may cover: a cached token has no logits, so a request still
+        missing prompt logprobs may only skip positions whose logprobs it already has."""
+        if self.wants_prompt_logprobs and not self.prompt_logprobs_done:
+            return self.num_prompt_logprob_rows
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def ready(self) -> bool:
+        """Nothing keeps the scheduler from running it (its grammar, if any, finished compiling)."""
+        return self.grammar is None or self.grammar.ready
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -8,7 +8,9 @@ block and none is free, the most recently admitted running request is preempted:
 it goes back to the front of the queue, to be recomputed later (its prefix blocks usually still cached).
 
 Requests in WAITING_FOR_KV (decode side of a disaggregated request) hold their blocks but are not
-scheduled until their KV has arrived.
+scheduled until their KV has arrived. A waiting request whose grammar is still compiling (structured
+outputs) is passed over until it is ready, without losing its place. A request that wants prompt logprobs
+takes a prefix-cache hit only for positions whose logprobs it already has (``Request.max_prefix_hit_tokens``).
 """
 from __future__ import annotations
 
@@ -145,14 +147,19 @@ class Scheduler:
         kept.extend(running)  # not reached this step (budget exhausted): still running
         self.running = kept
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
-            req = self.waiting[0]
+        idx = 0  # requests whose grammar is still compiling keep their place and are passed over
+        while idx < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+            req = self.waiting[idx]
+            if not req.ready:
+                idx += 1
+                continue
             cached = bm.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
+            del cached[req.max_prefix_hit_tokens // bm.block_size:]
             remaining = req.num_tokens - req.num_computed_tokens - len(cached) * bm.block_size
             num_new = min(remaining, budget)
             if not bm.allocate(req, num_new, cached):
                 break
-            self.waiting.popleft()
+            del self.waiting[idx]
             req.num_cached_tokens = len(cached) * bm.block_size
             req.status = RequestStatus.RUNNING
             self.running.append(req)

@@ -52,12 +52,26 @@ def generation_config_dir(model_dir: str | Path, generation_config: str = "auto"
     return Path(generation_config)
 
 
-def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a chat rendered with the checkpoint's chat template."""
+def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                        tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a chat rendered with the checkpoint's chat template (``tools``: OpenAI function specs, for
+    templates that render them; messages may carry ``tool_calls`` and ``role: "tool"``)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("messages: this model's tokenizer_config.json has no chat_template")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         tools=tools)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def bad_words_token_ids(tokenizer, words: list[str]) -> list[list[int]]:
+    """Token sequences of ``words`` at the start of a text and after a space (vLLM bans both spellings)."""
+    out: list[list[int]] = []
+    for word in words:
+        for text in (word, " " + word.lstrip()):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if ids and ids not in out:
+                out.append(ids)
+    return out
 
 
 def generation_defaults(model_dir: str | Path | None) -> dict:

@@ -49,7 +49,8 @@ from engine.metrics.exposition import StaticCollector, new_registry, render
 from engine.metrics.request_metrics import RequestMetrics
 from engine.router.http_server import HttpLimits, use_duet_server
 from engine.router.openai_protocol import APIError, ChoiceState, ParsedRequest, RequestLimits
-from engine.tokenizer import apply_chat_template
+from engine.router.tool_parsers import PARSERS, ToolCallStream, detect_parser, named_parser
+from engine.tokenizer import apply_chat_template, bad_words_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +168,8 @@ class _FrontEnd:
         self.strings = proto.TokenStrings(tokenizer)
         self.model_names = list(model_names)
         self.model_name = self.model_names[0]
+        self.tool_parser = detect_parser(getattr(tokenizer, "chat_template", None))
+        """``engine.router.tool_parsers.PARSERS`` name for ``tool_choice: auto`` (from the chat template)."""
         self.max_model_len = max_model_len
         self.vocab_size = getattr(dispatcher, "vocab_size", None) or len(tokenizer)
         # Compared as digests: compare_digest is constant-time only between equal lengths.
@@ -245,11 +248,17 @@ class _FrontEnd:
         for p in parsed.prompts:
             if isinstance(p, str):
                 self._probe(p, "prompt")
+        self._encode_bad_words(parsed)
         return [self.tokenizer.encode(p) if isinstance(p, str) else p for p in parsed.prompts]
 
     def _encode_chat(self, parsed: ParsedRequest) -> list[list[int]]:
         self._probe("\n".join(m["content"] for m in parsed.messages), "messages")
-        return [apply_chat_template(self.tokenizer, parsed.messages)]
+        self._encode_bad_words(parsed)
+        return [apply_chat_template(self.tokenizer, parsed.messages, tools=parsed.tools)]
+
+    def _encode_bad_words(self, parsed: ParsedRequest) -> None:
+        if parsed.bad_words:
+            parsed.sampling["bad_words_token_ids"] = bad_words_token_ids(self.tokenizer, parsed.bad_words)
 
     # ---- routes --------------------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
@@ -313,19 +322,30 @@ class _FrontEnd:
         if zone is not None and (len(zone) > MAX_ZONE_CHARS or not zone.isprintable()):
             raise APIError(f"X-Duet-Zone: a zone name is at most {MAX_ZONE_CHARS} printable characters, got "
                            f"{zone[:16]!r}...", param="X-Duet-Zone")
+        num = parsed.num_candidates
         for p_idx, ids in enumerate(prompts):
             parsed.check_prompt(ids, self.vocab_size)
-            for j in range(parsed.n):
+            echo = None
+            if parsed.echo:
+                prompt = parsed.prompts[p_idx]
+                echo = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids), list(ids))
+            for j in range(num):
                 params = parsed.sampling_params(len(ids), j, max_model_len=self.max_model_len,
                                                 max_default_tokens=self.max_default_tokens)
-                index = p_idx * parsed.n + j
+                self._check_token_ids(params)
+                user_logprobs = params.logprobs
+                if num > parsed.n and params.logprobs is None:
+                    params = dataclasses.replace(params, logprobs=0)  # best_of ranks by the tokens' logprobs
+                index = p_idx * num + j
                 jobs.append(GenerateRequest(f"{request_id}-{index}", list(ids), params, zone=zone))
                 detok = IncrementalDetokenizer(self.tokenizer, ids, parsed.stop, parsed.include_stop_str_in_output)
                 states.append(ChoiceState(index, parsed.kind, detok, min_tokens=params.min_tokens,
-                                          top_logprobs=params.logprobs, strings=self.strings))
+                                          top_logprobs=user_logprobs, strings=self.strings, echo=echo,
+                                          echo_only=parsed.echo_only, tools=self._tool_stream(parsed),
+                                          named_tool=parsed.tool_mode.choice == "named"))
         timing = _Timing(time.monotonic(), jobs)
         for p_idx in range(len(prompts)):  # one vLLM request per prompt, with its n
-            self.metrics.requests.request_started(parsed.n, jobs[p_idx * parsed.n].params.max_tokens)
+            self.metrics.requests.request_started(parsed.n, jobs[p_idx * num].params.max_tokens)
         run = _Run(self.dispatcher, request, jobs, self.request_timeout_s)
         self.metrics.running.inc()
         meta = (request_id, int(time.time()), model_name)
@@ -352,6 +372,20 @@ class _FrontEnd:
         self.metrics.requests.choice_finished(
             finish_reason, num_prompt_tokens=len(job.prompt_token_ids), num_generation_tokens=state.num_tokens,
             e2e_s=time.monotonic() - start, ttft_s=None if first is None else first - start, queued_s=job.queued_s)
+
+    def _check_token_ids(self, params) -> None:
+        try:
+            params.token_ids_in_vocab(self.vocab_size)
+        except ValueError as e:
+            raise APIError(str(e), param=proto.param_of(str(e))) from None
+
+    def _tool_stream(self, parsed: ParsedRequest) -> ToolCallStream | None:
+        mode = parsed.tool_mode
+        if parsed.kind != "chat" or not parsed.tools or mode.choice == "none":
+            return None
+        if mode.choice == "named":
+            return ToolCallStream(named_parser(mode.name))
+        return ToolCallStream(PARSERS["required" if mode.choice == "required" else self.tool_parser])
 
     def _event(self, run: _Run, states: list[ChoiceState], timing: _Timing, index, item) -> ChoiceState | None:
         """Apply one queue event; raises APIError for failures; None when the client went away."""
@@ -390,8 +424,8 @@ class _FrontEnd:
         return state
 
     def _usage(self, parsed: ParsedRequest, states: list[ChoiceState], prompts: list[list[int]]) -> dict:
-        cached = sum(max(s.num_cached_tokens for s in states[p * parsed.n:(p + 1) * parsed.n])
-                     for p in range(len(prompts)))
+        k = parsed.num_candidates
+        cached = sum(max(s.num_cached_tokens for s in states[p * k:(p + 1) * k]) for p in range(len(prompts)))
         return proto.usage(sum(len(p) for p in prompts), sum(s.num_tokens for s in states), cached)
 
     async def _complete(self, parsed, run, states, timing, meta, prompts) -> web.Response:
@@ -406,10 +440,14 @@ class _FrontEnd:
                 return web.Response(status=499)
             if state.finished:
                 remaining.discard(index)
+        usage = self._usage(parsed, states, prompts)
+        if parsed.num_candidates > parsed.n:
+            states = _best(states, parsed)
         choices = [s.choice(*s.take(), stream=False) for s in states]
-        build = proto.completion_response if parsed.kind == "completion" else proto.chat_response
-        return web.json_response(build(*meta, choices, self._usage(parsed, states, prompts)),
-                                 dumps=_dumps)
+        if parsed.kind == "completion":
+            return web.json_response(proto.completion_response(*meta, choices, usage), dumps=_dumps)
+        body = proto.chat_response(*meta, choices, usage, prompt_logprobs=states[0].prompt_logprobs_json())
+        return web.json_response(body, dumps=_dumps)
 
     async def _stream(self, request, parsed, run, states, timing, meta, prompts) -> web.StreamResponse:
         response: web.StreamResponse | None = None
@@ -456,6 +494,18 @@ class _FrontEnd:
         except ConnectionError:
             logger.info("client went away mid-stream; aborted %s", meta[0])
         return response
+
+
+def _best(states: list[ChoiceState], parsed: ParsedRequest) -> list[ChoiceState]:
+    """``best_of``: per prompt, the ``n`` candidates with the highest mean token logprob, re-indexed."""
+    kept, num = [], parsed.num_candidates
+    for p in range(len(states) // num):
+        group = states[p * num:(p + 1) * num]
+        group.sort(key=lambda s: -s.cumulative_logprob / max(1, s.num_tokens))
+        for j, state in enumerate(group[:parsed.n]):
+            state.index = p * parsed.n + j
+            kept.append(state)
+    return kept
 
 
 def _dumps(obj) -> str:

@@ -76,6 +76,9 @@ class LocalDispatcher(Dispatcher):
                     finish_reason=FinishReason.of(out.finish_reason),
                     stop_reason=out.stop_reason if isinstance(out.stop_reason, int) else None,
                     num_cached_tokens=out.num_cached_tokens,
+                    error=out.error,
+                    prompt_logprobs=out.prompt_logprobs,
+                    prompt_token_ranks=out.prompt_token_ranks,
                 )
                 if out.finished:
                     return

@@ -1,5 +1,12 @@
-"""The OpenAI API's output side: one choice's streamed state (text, stop strings, logprobs) and the response
-and stream-chunk builders. Requests are parsed in ``engine.router.openai_protocol``, which re-exports these.
+"""The OpenAI API's output side: one choice's streamed state (text, stop strings, logprobs, echo, tool calls)
+and the response and stream-chunk builders. Requests are parsed in ``engine.router.openai_protocol``, which
+re-exports these.
+
+Echo (completions) follows the OpenAI legacy API and vLLM: the prompt text precedes the completion, and with
+``logprobs`` the prompt tokens come first in ``tokens`` / ``token_logprobs`` / ``top_logprobs`` /
+``text_offset``, the first prompt token with ``null`` logprob and ``null`` alternatives. vLLM's
+``prompt_logprobs`` field: per prompt position ``{token id: {"logprob", "rank", "decoded_token"}}``, the
+first position ``null``.
 """
 from __future__ import annotations
 
@@ -9,9 +16,9 @@ import math
 import re
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.router.dispatcher import TokenDelta
-
 from engine.router.api_error import APIError
+from engine.router.dispatcher import TokenDelta
+from engine.router.tool_parsers import ToolCallStream, tool_calls
 
 
 # ---- one choice's output -------------------------------------------------------------------------------------
@@ -67,19 +74,34 @@ class ChoiceState:
     """
 
     def __init__(self, index: int, kind: str, detokenizer: IncrementalDetokenizer, *, min_tokens: int = 0,
-                 top_logprobs: int | None = None, strings: TokenStrings | None = None):
+                 top_logprobs: int | None = None, strings: TokenStrings | None = None,
+                 echo: tuple[str, list[int]] | None = None, echo_only: bool = False,
+                 tools: ToolCallStream | None = None, named_tool: bool = False):
+        """``echo``: (prompt text, prompt token ids) to put first (completions). ``echo_only``: generated tokens
+        are dropped (``max_tokens: 0``). ``tools``: parses the text into content and tool calls (chat);
+        ``named_tool``: the call was forced by name (finish_reason stays ``stop``, as OpenAI's)."""
         self.index = index
         self.kind = kind
         self.detok = detokenizer
         self.min_tokens = min_tokens
         self.top_logprobs = top_logprobs
         self.strings = strings
+        self.echo = echo
+        self.echo_only = echo_only
+        self.tools = tools
+        self.named_tool = named_tool
         self.num_tokens = 0
         self.num_cached_tokens = 0
+        self.cumulative_logprob = 0.0
+        """Sum of the sampled tokens' logprobs (when the engine returned them): ``best_of`` ranks by it."""
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        self.prompt_token_ranks: list[int | None] | None = None
         self.finish_reason: str | None = None
         self.error: APIError | None = None
-        self._pending: list[tuple[int, float, list[tuple[int, float]]]] = []
+        self._pending: list[tuple[int, float | None, list[tuple[int, float]] | None]] = []
         self._text_offset = 0
+        self._echo_pending = echo is not None
+        self._text = ""
 
     @property
     def finished(self) -> bool:
@@ -87,19 +109,24 @@ class ChoiceState:
 
     def add(self, delta: TokenDelta) -> None:
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
+        if delta.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs, self.prompt_token_ranks = delta.prompt_logprobs, delta.prompt_token_ranks
         for i, token_id in enumerate(delta.token_ids):
-            if self.finished:
+            if self.finished or self.echo_only:
                 break
             self.detok.push(token_id)
             self.num_tokens += 1
+            lps = delta.logprobs[i] if delta.logprobs and i < len(delta.logprobs) else {}
+            self.cumulative_logprob += lps.get(token_id, 0.0)
             if self.top_logprobs is not None:
-                lps = delta.logprobs[i] if delta.logprobs and i < len(delta.logprobs) else {}
                 top = sorted(lps.items(), key=lambda kv: -kv[1])[: self.top_logprobs]
                 self._pending.append((token_id, lps.get(token_id, float("nan")), top))
             if self.detok.stop_reason is not None and self.num_tokens >= self.min_tokens:
                 self.finish_reason = "stop"
         if delta.finished and not self.finished:
-            if delta.finish_reason in ("stop", "length"):
+            if self.echo_only and delta.finish_reason in ("stop", "length"):
+                self.finish_reason = "length"
+            elif delta.finish_reason in ("stop", "length"):
                 self.finish_reason = delta.finish_reason
             else:
                 self.finish_reason = "error"
@@ -111,10 +138,53 @@ class ChoiceState:
         if self.finished:
             self.detok.flush()
         text = self.detok.take_new_text(self.finished)
+        echo_entries = []
+        if self._echo_pending and (self.prompt_logprobs is not None or self.top_logprobs is None
+                                   or self.finished):
+            self._echo_pending = False
+            prompt_text, prompt_ids = self.echo
+            text = prompt_text + text
+            echo_entries = self._prompt_entries(prompt_ids)
+        elif self._echo_pending:
+            return "", None  # the prompt's logprobs come with the first token
+        self._text += text
         if self.top_logprobs is None:
             return text, None
-        entries, self._pending = self._pending, []
+        entries, self._pending = echo_entries + self._pending, []
         return text, self._format_logprobs(entries)
+
+    def _prompt_entries(self, prompt_ids: list[int]) -> list[tuple[int, float | None, list | None]]:
+        """Echoed prompt tokens as logprob entries: position 0 has none; the rest, the token and its top-k."""
+        lps = self.prompt_logprobs or []
+        entries = []
+        for pos, token_id in enumerate(prompt_ids):
+            scored = lps[pos] if pos < len(lps) else None
+            if scored is None:
+                entries.append((token_id, None, None))
+                continue
+            top = sorted(scored.items(), key=lambda kv: -kv[1])[: self.top_logprobs]
+            entries.append((token_id, scored.get(token_id, float("nan")), top))
+        return entries
+
+    def prompt_logprobs_json(self) -> list[dict | None] | None:
+        """vLLM's ``prompt_logprobs``: per position ``{"<id>": {"logprob", "rank", "decoded_token"}}``."""
+        if self.prompt_logprobs is None:
+            return None
+        s, ranks = self.strings, self.prompt_token_ranks or []
+        out: list[dict | None] = []
+        for pos, scored in enumerate(self.prompt_logprobs):
+            if scored is None:
+                out.append(None)
+                continue
+            token_id = next(iter(scored))  # the prompt token comes first, then its alternatives
+            by_rank = sorted(scored.items(), key=lambda kv: -kv[1])
+            entry = {}
+            for rank, (t, lp) in enumerate(by_rank, 1):
+                if t == token_id:
+                    rank = ranks[pos] if pos < len(ranks) and ranks[pos] is not None else rank
+                entry[str(t)] = {"logprob": _finite(lp), "rank": rank, "decoded_token": s.text(t)}
+            out.append(entry)
+        return out
 
     def _format_logprobs(self, entries: list[tuple[int, float, list[tuple[int, float]]]]) -> dict:
         s = self.strings
@@ -129,8 +199,10 @@ class ChoiceState:
             tokens.append(s.text(t))
             offsets.append(self._text_offset)
             self._text_offset += len(tokens[-1])
-        return {"tokens": tokens, "token_logprobs": [_finite(lp) for _, lp, _ in entries],
-                "top_logprobs": [{s.text(a): _finite(alp) for a, alp in [(t, lp), *top]} for t, lp, top in entries],
+        return {"tokens": tokens,
+                "token_logprobs": [None if lp is None else _finite(lp) for _, lp, _ in entries],
+                "top_logprobs": [None if top is None else {s.text(a): _finite(alp) for a, alp in [(t, lp), *top]}
+                                 for t, lp, top in entries],
                 "text_offset": offsets}
 
     def choice(self, text: str, logprobs: dict | None, *, stream: bool, first: bool = False) -> dict:
@@ -138,13 +210,39 @@ class ChoiceState:
         out: dict = {"index": self.index}
         if self.kind == "completion":
             out["text"] = text
+        elif first:
+            out["delta"] = {"role": "assistant", "content": text}
+        elif self.tools is not None:
+            out["delta" if stream else "message"] = self._tool_message(text, stream)
         elif stream:
-            out["delta"] = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            out["delta"] = {"content": text} if text else {}
         else:
             out["message"] = {"role": "assistant", "content": text}
         out["logprobs"] = logprobs
-        out["finish_reason"] = self.finish_reason if self.finish_reason in ("stop", "length") and not first else None
+        reason = self.finish_reason if self.finish_reason in ("stop", "length") and not first else None
+        if reason == "stop" and self.tools is not None and self.tools.num_calls and not self.named_tool:
+            reason = "tool_calls"
+        out["finish_reason"] = reason
+        if not stream and self.kind == "completion" and self.prompt_logprobs is not None:
+            out["prompt_logprobs"] = self.prompt_logprobs_json()
         return out
+
+    def _tool_message(self, text: str, stream: bool) -> dict:
+        """Chat content and tool calls of ``text``: a delta (stream) or the whole message."""
+        if stream:
+            content, calls = self.tools.feed(text, final=self.finished)
+            delta: dict = {"content": content} if content else {}
+            if calls:
+                delta["tool_calls"] = calls
+            return delta
+        self.tools.feed(self._text, final=True)
+        snapshot = self.tools.parse(self._text, True)
+        calls = tool_calls(snapshot)
+        content = snapshot.content.strip() if calls else snapshot.content
+        message: dict = {"role": "assistant", "content": content or (None if calls else "")}
+        if calls:
+            message["tool_calls"] = calls
+        return message
 
 
 # ---- responses -----------------------------------------------------------------------------------------------
@@ -160,10 +258,15 @@ def completion_response(request_id: str, created: int, model: str, choices: list
             "choices": choices, "usage": usage_}
 
 
-def chat_response(request_id: str, created: int, model: str, choices: list[dict], usage_: dict) -> dict:
-    """``choices``: ``{"index", "message": {"role", "content"}, "logprobs", "finish_reason"}`` each."""
-    return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": choices, "usage": usage_}
+def chat_response(request_id: str, created: int, model: str, choices: list[dict], usage_: dict,
+                  prompt_logprobs: list | None = None) -> dict:
+    """``choices``: ``{"index", "message": {"role", "content"}, "logprobs", "finish_reason"}`` each;
+    ``prompt_logprobs`` (vLLM's field) when asked for."""
+    out = {"id": request_id, "object": "chat.completion", "created": created, "model": model,
+           "choices": choices, "usage": usage_}
+    if prompt_logprobs is not None:
+        out["prompt_logprobs"] = prompt_logprobs
+    return out
 
 
 def chunk(kind: str, request_id: str, created: int, model: str, choices: list[dict],

@@ -14,7 +14,14 @@ which the tokenizers reject). Sampling values the engine's float32 sampler canno
 of 1e-40 turns its logits into inf/NaN and fails the whole batch's step) are refused here.
 
 Choice ``index`` follows OpenAI: prompt ``p`` of a completions request with ``n`` choices owns indices
-``p * n .. p * n + n - 1``. Choice ``i`` of ``n`` with a ``seed`` samples with ``seed + i``.
+``p * n .. p * n + n - 1``. Choice ``i`` of ``n`` with a ``seed`` samples with ``seed + i``. With ``best_of``
+(completions, not streamed) ``best_of`` candidates are generated per prompt and the ``n`` with the highest
+mean token logprob are returned.
+
+Beyond the sampling knobs: completions ``echo`` (+ ``logprobs``: prompt tokens scored, the first one
+``null``; ``max_tokens: 0`` returns the prompt only, as lm-evaluation-harness asks), vLLM's ``prompt_logprobs``,
+``logit_bias``, ``allowed_token_ids``, ``bad_words``, ``min_tokens``; output constraints and tools are read by
+``engine.router.constraints``. Fields Duet cannot honour (``UNSUPPORTED``) are refused with a 400 naming them.
 """
 from __future__ import annotations
 
@@ -23,7 +30,8 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 
-from engine.router.api_error import APIError
+from engine.router.api_error import APIError, error_body  # noqa: F401 - re-exported
+from engine.router.constraints import ToolMode, parse_structured_outputs, parse_tool_choice, parse_tools, tool_grammar
 from engine.sampling_params import SamplingParams
 
 MAX_N = 16
@@ -37,7 +45,19 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 SAFE_SCALE_RANGE = (1e-5, 1e5)
 """Where ``temperature`` (when not 0), ``repetition_penalty`` and ``top_p`` (upper bound 1) must lie: the
 sampler divides or multiplies float32 logits by them, and values far outside overflow to inf/NaN."""
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+MAX_LOGIT_BIAS_ENTRIES = 1024
+UNSUPPORTED = {
+    "completion": {"suffix": "suffix (insertion) is not supported", "use_beam_search": "beam search is not supported",
+                   "logprob_token_ids": "logprob_token_ids is not supported"},
+    "chat": {"functions": "the deprecated functions field is not supported: use tools",
+             "function_call": "the deprecated function_call field is not supported: use tool_choice",
+             "audio": "audio output is not supported", "prediction": "predicted outputs are not supported",
+             "web_search_options": "web search is not supported", "echo": "echo is not supported for chat",
+             "use_beam_search": "beam search is not supported", "best_of": "best_of is a completions field",
+             "logprob_token_ids": "logprob_token_ids is not supported"},
+}
+"""Fields refused with a 400 when present (and not null / false / the default): Duet cannot honour them."""
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 
 
@@ -227,6 +247,25 @@ class ParsedRequest:
     """SamplingParams fields other than max_tokens, seed and stop."""
     max_prompt_tokens: int | None = None
     """``RequestLimits.max_prompt_tokens``, checked by ``check_prompt`` on the tokenized prompt."""
+    echo: bool = False
+    """Completions: the prompt precedes the completion in ``text`` (and in ``logprobs`` when asked)."""
+    best_of: int | None = None
+    """Completions: candidates generated per prompt, of which the ``n`` best are returned (> n)."""
+    bad_words: list[str] = field(default_factory=list)
+    """Tokenized by the front end into ``bad_words_token_ids``."""
+    tools: list[dict] | None = None
+    """Chat: function tools, as passed to the chat template."""
+    tool_mode: ToolMode = field(default_factory=lambda: ToolMode("none"))
+
+    @property
+    def echo_only(self) -> bool:
+        """``echo`` with ``max_tokens: 0``: score and return the prompt, generate nothing."""
+        return self.echo and self.max_tokens == 0
+
+    @property
+    def num_candidates(self) -> int:
+        """Choices generated per prompt (``best_of`` when larger than ``n``)."""
+        return max(self.n, self.best_of or 0)
 
     @property
     def prompt_param(self) -> str:
@@ -266,7 +305,7 @@ class ParsedRequest:
                            f"({self.max_tokens}) exceeds the model's context of {max_model_len} tokens",
                            param=self.max_tokens_param)
         else:
-            max_tokens = self.max_tokens
+            max_tokens = max(self.max_tokens, 1)  # echo-only runs one token and drops it (vLLM does the same)
         seed = None if self.seed is None else self.seed + choice_idx
         return self._build(max_tokens=max_tokens, seed=seed, **self.sampling)
 
@@ -302,12 +341,9 @@ def _parse_common(body: dict, kind: str, defaults: dict | None, limits: RequestL
     req.stop = _stop_strings(body.get("stop"), limits)
     req.include_stop_str_in_output = _bool(body, "include_stop_str_in_output")
     req.seed = _int(body, "seed")
-    if _bool(body, "echo"):
-        raise APIError("echo: echoing the prompt is not supported", param="echo")
-    if body.get("logit_bias"):
-        raise APIError("logit_bias: not supported", param="logit_bias")
-    if _int(body, "best_of", 1) != 1 and body.get("best_of") != req.n:
-        raise APIError("best_of: only best_of == n is supported", param="best_of")
+    for name, why in UNSUPPORTED[kind].items():
+        if body.get(name) not in (None, False, "", [], {}):
+            raise APIError(f"{name}: {why}", param=name)
 
     sampling = {k: v for k, v in (defaults or {}).items() if k in _SAMPLING_FIELDS - {"max_tokens", "seed", "stop"}}
     floats = {name: _float(body, name) for name in ("temperature", "top_p", "min_p", "presence_penalty",
@@ -323,22 +359,62 @@ def _parse_common(body: dict, kind: str, defaults: dict | None, limits: RequestL
         sampling["stop_token_ids"] = _int_list(body["stop_token_ids"], "stop_token_ids", limits.max_stop_token_ids,
                                                "stop token ids")
     sampling["ignore_eos"] = _bool(body, "ignore_eos")
+    if body.get("logit_bias") is not None:
+        sampling["logit_bias"] = _logit_bias(body["logit_bias"])
+    if body.get("allowed_token_ids") is not None:
+        sampling["allowed_token_ids"] = _int_list(body["allowed_token_ids"], "allowed_token_ids")
+        if not sampling["allowed_token_ids"]:
+            raise APIError("allowed_token_ids: must not be empty", param="allowed_token_ids")
+    if body.get("bad_words") is not None:
+        req.bad_words = _stop_strings(body["bad_words"], limits, "bad_words")
+        sampling["bad_words"] = req.bad_words
+    prompt_logprobs = _int(body, "prompt_logprobs", None, 0, limits.max_logprobs)
+    if prompt_logprobs is not None:
+        if req.stream:
+            raise APIError("prompt_logprobs: not available when stream=true", param="prompt_logprobs")
+        sampling["prompt_logprobs"] = prompt_logprobs
+    structured = parse_structured_outputs(body)
+    if structured is not None:
+        sampling["structured_outputs"] = structured
     req.sampling = sampling
     return req
 
 
-def _stop_strings(stop, limits: RequestLimits) -> list[str]:
+def _logit_bias(value) -> dict[int, float]:
+    """OpenAI's ``{"token id": bias}`` (string keys, as JSON has them) as token id -> bias in [-100, 100]."""
+    if not isinstance(value, dict):
+        raise _type_error("logit_bias", "an object of token id -> bias", value)
+    if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+        raise APIError(f"logit_bias: {len(value)} entries exceeds the limit of {MAX_LOGIT_BIAS_ENTRIES}",
+                       param="logit_bias")
+    out = {}
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise APIError(f"logit_bias: key {_short(key)} is not a token id", param="logit_bias") from None
+        if not 0 <= token < INT64_MAX:
+            raise APIError(f"logit_bias: key {_short(key)} is not a token id", param="logit_bias")
+        number = _float({"logit_bias": bias}, "logit_bias")
+        if number is None or not -100 <= number <= 100:
+            raise APIError(f"logit_bias: bias of token {token} must be in [-100, 100], got {_short(bias)}",
+                           param="logit_bias")
+        out[token] = number
+    return out
+
+
+def _stop_strings(stop, limits: RequestLimits, name: str = "stop") -> list[str]:
     stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stop, list):
-        raise APIError("stop: expected a non-empty string or a list of non-empty strings", param="stop")
+        raise APIError(f"{name}: expected a non-empty string or a list of non-empty strings", param=name)
     if len(stop) > limits.max_stop_strings:
-        raise APIError(f"stop: at most {limits.max_stop_strings} stop strings, got {len(stop)}", param="stop")
+        raise APIError(f"{name}: at most {limits.max_stop_strings} strings, got {len(stop)}", param=name)
     if any(not isinstance(s, str) or not s for s in stop):
-        raise APIError("stop: expected a non-empty string or a list of non-empty strings", param="stop")
+        raise APIError(f"{name}: expected a non-empty string or a list of non-empty strings", param=name)
     if any(len(s) > limits.max_stop_chars for s in stop):
-        raise APIError(f"stop: a stop string is longer than the limit of {limits.max_stop_chars} characters",
-                       param="stop")
-    return [_text(s, "stop") for s in stop]
+        raise APIError(f"{name}: a string is longer than the limit of {limits.max_stop_chars} characters",
+                       param=name)
+    return [_text(s, name) for s in stop]
 
 
 def _check_scales(sent: dict[str, float]) -> None:
@@ -355,11 +431,10 @@ def _check_scales(sent: dict[str, float]) -> None:
 
 def _finish_parse(req: ParsedRequest, body: dict, max_tokens_name: str) -> ParsedRequest:
     req.max_tokens_param = max_tokens_name
-    req.max_tokens = _int(body, max_tokens_name, None, 1)
+    req.max_tokens = _int(body, max_tokens_name, None, 0 if req.echo else 1)
     # Validate every sampling field now, so errors surface before any tokenization.
     min_tokens = req.sampling.get("min_tokens", 0)
-    req._build(max_tokens=req.max_tokens if req.max_tokens is not None else max(min_tokens, 1), seed=req.seed,
-               **req.sampling)
+    req._build(max_tokens=req.max_tokens or max(min_tokens, 1), seed=req.seed, **req.sampling)
     if req.seed is not None and req.seed + req.n - 1 >= 2**63:
         raise APIError(f"seed: seed + n - 1 must be < 2**63, got {req.seed}", param="seed")
     return req
@@ -403,12 +478,25 @@ def parse_completion(body, *, model_name: str, defaults: dict | None = None,
     logprobs = _int(body, "logprobs", None, 0, limits.max_logprobs)
     if logprobs is not None:
         req.sampling["logprobs"] = logprobs
+    req.echo = _bool(body, "echo")
+    if req.echo and logprobs is not None and "prompt_logprobs" not in req.sampling:
+        req.sampling["prompt_logprobs"] = logprobs  # the echoed prompt's logprobs (vLLM does the same)
+    best_of = _int(body, "best_of", None, 1, limits.max_n)
+    if best_of is not None and best_of != req.n:
+        if best_of < req.n:
+            raise APIError(f"best_of: must be >= n ({req.n}), got {best_of}", param="best_of")
+        if req.stream:
+            raise APIError("best_of: results cannot be streamed when best_of > n", param="best_of")
+        if len(req.prompts) * best_of > limits.max_choices:
+            raise APIError(f"best_of: {len(req.prompts)} prompts x best_of={best_of} exceeds "
+                           f"{limits.max_choices} choices", param="best_of")
+        req.best_of = best_of
     return _finish_parse(req, body, "max_tokens")
 
 
 def _message_text(content, i: int, role: str) -> str:
     name = f"messages[{i}].content"
-    if content is None and role == "assistant":
+    if content is None and role in ("assistant", "tool"):
         return ""
     if isinstance(content, str):
         return _text(content, name)
@@ -421,6 +509,28 @@ def _message_text(content, i: int, role: str) -> str:
             parts.append(_text(part["text"], name))
         return "\n".join(parts)
     raise APIError(f"{name}: expected a string or a non-empty list of text parts", param=name)
+
+
+def _tool_calls(calls, i: int) -> list[dict]:
+    """An assistant message's ``tool_calls``, arguments decoded to objects (chat templates expect mappings)."""
+    name = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise _type_error(name, "a list", calls)
+    out = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise APIError(f"{name}: expected {{\"id\", \"type\": \"function\", \"function\": {{\"name\", "
+                           "\"arguments\"}}}} entries", param=name)
+        arguments = fn.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                pass  # left as text: the template renders it as given
+        out.append({"id": call.get("id"), "type": "function",
+                    "function": {"name": fn["name"], "arguments": arguments}})
+    return out
 
 
 def parse_chat(body, *, model_name: str, defaults: dict | None = None,
@@ -444,7 +554,26 @@ def parse_chat(body, *, model_name: str, defaults: dict | None = None,
         if not isinstance(role, str) or role not in CHAT_ROLES:
             raise APIError(f"messages[{i}].role: expected one of {sorted(CHAT_ROLES)}, got {_short(role)}",
                            param=f"messages[{i}].role")
-        req.messages.append({"role": CHAT_ROLES[role], "content": _message_text(msg.get("content"), i, role)})
+        message = {"role": CHAT_ROLES[role], "content": _message_text(msg.get("content"), i, role)}
+        if role == "assistant" and msg.get("tool_calls") is not None:
+            message["tool_calls"] = _tool_calls(msg["tool_calls"], i)
+        if role == "tool":
+            call_id = msg.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise APIError(f"messages[{i}].tool_call_id: a tool message needs the id of the call it answers",
+                               param=f"messages[{i}].tool_call_id")
+            message["tool_call_id"] = call_id
+        if isinstance(msg.get("name"), str):
+            message["name"] = msg["name"]
+        req.messages.append(message)
+    req.tools = parse_tools(body)
+    req.tool_mode = parse_tool_choice(body, req.tools)
+    grammar = tool_grammar(req.tools, req.tool_mode, _bool(body, "parallel_tool_calls", True)) if req.tools else None
+    if grammar is not None:
+        if "structured_outputs" in req.sampling:
+            raise APIError("tool_choice: a required or named tool call cannot be combined with another output "
+                           "constraint (response_format, structured_outputs)", param="tool_choice")
+        req.sampling["structured_outputs"] = grammar
     top = _int(body, "top_logprobs", None, 0, limits.max_logprobs)
     if _bool(body, "logprobs"):
         req.sampling["logprobs"] = top or 0

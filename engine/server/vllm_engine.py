@@ -177,18 +177,32 @@ def _vllm_generation_config(config: EngineConfig) -> str:
 
 
 def vllm_sampling(params: SamplingParams, kv_transfer_params: dict[str, Any] | None = None):
-    """Duet sampling parameters as vLLM's (delta outputs, no detokenization: Duet's front end detokenizes)."""
+    """Duet sampling parameters as vLLM's (delta outputs, no detokenization: Duet's front end detokenizes).
+
+    ``logit_bias``, ``allowed_token_ids``, ``bad_words`` (vLLM tokenizes them itself) and ``prompt_logprobs`` map
+    onto vLLM's fields of the same names; structured outputs go as the EBNF grammar the native engine enforces
+    (``engine.structured_output.grammar.ebnf``), which vLLM runs with xgrammar.
+    """
     from vllm import SamplingParams as VSamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     extra = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None
+    structured = None
+    if params.structured_outputs is not None:
+        from engine.structured_output.grammar import ebnf
+
+        # The native engine's grammar, as EBNF: both executors enforce the same language.
+        structured = StructuredOutputsParams(grammar=ebnf(params.structured_outputs))
     return VSamplingParams(
         n=1, max_tokens=params.max_tokens, min_tokens=params.min_tokens, temperature=params.temperature,
         top_k=params.top_k if params.top_k > 0 else -1, top_p=params.top_p, min_p=params.min_p, seed=params.seed,
         repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty, stop_token_ids=list(params.stop_token_ids),
         ignore_eos=params.ignore_eos, logprobs=params.logprobs, detokenize=False,
-        output_kind=RequestOutputKind.DELTA, extra_args=extra)
+        output_kind=RequestOutputKind.DELTA, extra_args=extra, structured_outputs=structured,
+        logit_bias=dict(params.logit_bias) if params.logit_bias else None,
+        allowed_token_ids=list(params.allowed_token_ids) if params.allowed_token_ids else None,
+        bad_words=list(params.bad_words) or None, prompt_logprobs=params.prompt_logprobs)
 
 
 @dataclass

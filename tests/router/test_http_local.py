@@ -282,7 +282,9 @@ def test_models_health_metrics(server):
     ({"prompt": [1, 99999]}, 400, "prompt"),
     ({"prompt": ""}, 400, "prompt"),
     ({"prompt": "x", "max_tokens": 100000}, 400, "max_tokens"),
-    ({"prompt": "x", "echo": True}, 400, "echo"),
+    ({"prompt": "x", "suffix": "y"}, 400, "suffix"),
+    ({"prompt": "x", "logit_bias": {"99999": 1}}, 400, "logit_bias"),
+    ({"prompt": "x", "allowed_token_ids": [99999]}, 400, "allowed_token_ids"),
     ({"prompt": "x", "model": "nope"}, 404, "model"),
 ])
 def test_bad_completion_requests(server, body, status, param):
