@@ -95,9 +95,10 @@ class LLMEngine:
     def grammar_compiler(self) -> GrammarCompiler:
         """Compiles structured-output grammars against this engine's tokenizer (created at first use)."""
         if self._grammar_compiler is None:
-            if self.tokenizer is None:
-                raise ValueError("structured_outputs: grammars need the engine's tokenizer")
-            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+            source = self.config.tokenizer or self.config.model
+            self._grammar_compiler = GrammarCompiler(
+                self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
+                load_tokenizer=None if self.tokenizer is not None else lambda: load_tokenizer(source))
         return self._grammar_compiler
 
     # ---- requests ------------------------------------------------------------------------------------

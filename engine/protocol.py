@@ -233,6 +233,10 @@ class PrefillDone(Message):
     num_tokens: int = 0
     """Prompt tokens the prefill server computed (its own prefix hits excluded)."""
     attempt: int = 0
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """When the request asked for them (``SamplingParams.prompt_logprobs``): scored by the prefill server, so the
+    decode server never recomputes the prompt; the router puts them in the request's first delta."""
+    prompt_token_ranks: list[int | None] | None = None
 
 
 @dataclass

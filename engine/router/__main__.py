@@ -50,7 +50,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m engine.rout
     ap.add_argument("--disagg-threshold-tokens", type=int, default=RouterPolicy.disagg_threshold_tokens,
                     help="prefill remotely only when more prompt tokens than this are uncached on the decode server")
     ap.add_argument("--ttft-budget-s", type=float, default=RouterPolicy.default_ttft_budget_s)
-    ap.add_argument("--heartbeat-s", type=float, default=0.2, help="servers' heartbeat period (3 missed = dead)")
+    ap.add_argument("--heartbeat-s", type=float, default=0.2, help="servers' heartbeat period")
+    ap.add_argument("--missed-heartbeats", type=int, default=5,
+                    help="a server silent this many heartbeat periods is taken for dead (its requests move)")
     ap.add_argument("--lease-ttl-s", type=float, default=5.0,
                     help="servers abort this router's requests when they hear nothing from it for this long")
     ap.add_argument("--max-queue", type=int, default=256, help="admission queue bound (then 429)")
@@ -83,6 +85,7 @@ async def amain(args: argparse.Namespace) -> None:
     dispatcher = ClusterDispatcher(
         args.prefill, args.decode, names[0], policy, connect_timeout_s=args.connect_timeout_s,
         kv_timeout_s=args.kv_timeout_s, request_timeout_s=args.request_timeout_s, heartbeat_s=args.heartbeat_s,
+        missed_heartbeats=args.missed_heartbeats,
         max_queue=args.max_queue, queue_timeout_s=args.queue_timeout_s, registry_address=registry,
         zmq_keys=load_keys(args.zmq_keys), lease_ttl_s=args.lease_ttl_s)
     try:

@@ -48,12 +48,15 @@ class _Placement:
     prefill: ServerLink | None
     transfer_id: str | None
     attempt: int
+    prefill_done: asyncio.Future | None = None
+    """Set when the request wants prompt logprobs from its prefill server: its ``PrefillDone`` carries them."""
 
 
 class ClusterDispatcher(Dispatcher):
     def __init__(self, prefill: list[str], decode: list[str], model_name: str, policy: RouterPolicy | None = None, *,
                  connect_timeout_s: float = 120.0, kv_timeout_s: float = 30.0, request_timeout_s: float = 600.0,
-                 heartbeat_s: float = 0.2, max_queue: int = 256, queue_timeout_s: float = 10.0,
+                 heartbeat_s: float = 0.2, missed_heartbeats: int = 5, max_queue: int = 256,
+                 queue_timeout_s: float = 10.0,
                  registry_address: str | None = None, max_migrations: int = 2, zmq_keys: ZmqKeys | None = None,
                  lease_ttl_s: float = 5.0):
         if not decode and registry_address is None:
@@ -63,7 +66,8 @@ class ClusterDispatcher(Dispatcher):
         self.scorer = Scorer(policy or RouterPolicy())
         self.keys = zmq_keys
         self._auth = None
-        self.registry = ServerRegistry(self.ctx, self._on_message, self._on_dead, heartbeat_s, keys=zmq_keys,
+        self.registry = ServerRegistry(self.ctx, self._on_message, self._on_dead, heartbeat_s, missed_heartbeats,
+                                       keys=zmq_keys,
                                        on_removed=lambda link: self.scorer.forget_server(link.engine_id))
         self.addresses = [(a, "prefill") for a in prefill] + [(a, "decode") for a in decode]
         self.registry_address = registry_address
@@ -205,6 +209,8 @@ class ClusterDispatcher(Dispatcher):
             placement = self._placement.get(msg.request_id)
             if placement is None or placement.attempt != msg.attempt:
                 return
+            if placement.prefill_done is not None and not placement.prefill_done.done():
+                placement.prefill_done.set_result(msg)
             if msg.ok:
                 self.router_metrics.observe_prefill_compute(msg.compute_s)
                 self.scorer.observe_prefill(link.engine_id, max(1, msg.num_tokens), msg.compute_s)
@@ -336,7 +342,8 @@ class ClusterDispatcher(Dispatcher):
             attempt_params = params
             if generated:  # migration: continue after the tokens the client already has
                 attempt_params = replace(params, max_tokens=params.max_tokens - len(generated),
-                                         min_tokens=max(0, params.min_tokens - len(generated)))
+                                         min_tokens=max(0, params.min_tokens - len(generated)),
+                                         prompt_logprobs=None)  # the client has them from the first attempt
             failure = None
             try:
                 async for delta in self._run_on(rid, prompt + generated, attempt_params, d, p, deadline,
@@ -362,6 +369,11 @@ class ClusterDispatcher(Dispatcher):
                 return
             self.registry.failed(d)
             excluded.add(d.engine_id)
+            if generated and params.structured_outputs is not None:
+                # Another server would restart the grammar on tokens already generated under it.
+                yield TokenDelta.failure(f"structured-output request lost its server ({failure}) after "
+                                         f"{len(generated)} tokens; it cannot continue elsewhere", 503)
+                return
             if attempts > self.max_migrations:
                 yield TokenDelta.failure(f"request failed on {attempts} servers; last: {failure}", 503)
                 return
@@ -375,7 +387,9 @@ class ClusterDispatcher(Dispatcher):
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = queue
         tid = uuid.uuid4().hex if p is not None else None
-        self._placement[rid] = _Placement(d, p, tid, attempt)
+        placement = self._placement[rid] = _Placement(d, p, tid, attempt)
+        if p is not None and params.prompt_logprobs is not None:
+            placement.prefill_done = asyncio.get_running_loop().create_future()
         sampling = params
         finished = False
         try:
@@ -404,6 +418,9 @@ class ClusterDispatcher(Dispatcher):
                     self._handoff_part(tid, "first_token", time.monotonic())
                 if delta.error and not delta.token_ids and delta.finish_reason is FinishReason.ERROR:
                     raise DispatchError(delta.error, status=delta.status, retryable=delta.retryable)
+                if placement.prefill_done is not None and delta.token_ids and delta.prompt_logprobs is None:
+                    delta = await self._with_prompt_logprobs(placement, delta, deadline)
+                placement.prefill_done = None
                 yield delta
         finally:
             self._queues.pop(rid, None)
@@ -412,6 +429,18 @@ class ClusterDispatcher(Dispatcher):
                 for link in (d, p):
                     if link is not None:
                         await link.socket.send(encode(Abort(rid, tid, attempt)))
+
+    async def _with_prompt_logprobs(self, placement: _Placement, delta: TokenDelta, deadline: float) -> TokenDelta:
+        """The first delta of a disaggregated request that asked for prompt logprobs: the prefill server scored
+        the prompt (the decode server only got its KV), so they come from its ``PrefillDone``."""
+        try:
+            done = await asyncio.wait_for(placement.prefill_done, max(0.0, min(deadline - time.monotonic(),
+                                                                                self.kv_timeout_s)))
+        except asyncio.TimeoutError:
+            done = None
+        if done is None or done.prompt_logprobs is None:
+            raise DispatchError("prompt logprobs did not come back from the prefill server", 502)
+        return replace(delta, prompt_logprobs=done.prompt_logprobs, prompt_token_ranks=done.prompt_token_ranks)
 
     def _handoff_part(self, tid: str, key: str, value: float) -> None:
         parts = self._handoff_parts.get(tid)

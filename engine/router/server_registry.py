@@ -57,7 +57,7 @@ class ServerLink:
 
 class ServerRegistry:
     def __init__(self, ctx: zmq.asyncio.Context, on_message: Callable[[ServerLink, Message], None],
-                 on_dead: Callable[[ServerLink], None], heartbeat_s: float = 0.2, missed_heartbeats: int = 3,
+                 on_dead: Callable[[ServerLink], None], heartbeat_s: float = 0.2, missed_heartbeats: int = 5,
                  breaker_failures: int = 3, breaker_cooldown_s: float = 5.0, keys: ZmqKeys | None = None,
                  on_removed: Callable[[ServerLink], None] = lambda link: None, regreet_period_s: float = 1.0):
         """``on_dead``: a server missed its heartbeats (rescue its requests). ``on_removed``: a server left the

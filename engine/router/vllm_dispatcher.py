@@ -38,11 +38,6 @@ class VllmDispatcher(Dispatcher):
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         if not self.healthy():
             raise DispatchError("engine is not running", status=503)
-        if request.params.prompt_logprobs is not None:
-            # vLLM computes them (vllm_sampling passes the field), but the engine's Tokens carry no prompt
-            # logprobs yet: refuse rather than answer without them.
-            raise DispatchError("prompt_logprobs: not available with --executor vllm yet (nor echo with logprobs)",
-                                status=400)
         rid = request.request_id
         q: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = (asyncio.get_running_loop(), q)

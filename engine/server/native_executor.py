@@ -53,7 +53,8 @@ def tokens_of(out: RequestOutput) -> Tokens:
     logprobs = out.logprobs[-n:] if (out.logprobs and n) else None
     return Tokens(out.request_id, TokenDelta(
         out.new_token_ids, logprobs, out.finished, FinishReason.of(out.finish_reason),
-        out.stop_reason if isinstance(out.stop_reason, int) else None, out.num_cached_tokens))
+        out.stop_reason if isinstance(out.stop_reason, int) else None, out.num_cached_tokens, error=out.error,
+        prompt_logprobs=out.prompt_logprobs, prompt_token_ranks=out.prompt_token_ranks))
 
 
 class NativeExecutor(Executor):
@@ -69,6 +70,7 @@ class NativeExecutor(Executor):
         self.num_external_prompt_tokens = 0
         """Prompt tokens whose KV came from a prefill server (not computed, not a local prefix hit)."""
         self._generators: dict[str, torch.Generator] = {}  # transfer id -> seeded generator, this step only
+        self._prompt_logprobs: dict[str, RequestOutput] = {}  # transfer id -> the prefill's output that scored them
         mc = self.engine.model_config
         wire = torch.empty(runner.slab_shape(0), dtype=runner.kv_dtype, device="meta")
         self.info = ExecutorInfo(
@@ -155,8 +157,10 @@ class NativeExecutor(Executor):
                 self.engine.abort_request(s.local_id)  # a failed send's prompt may still be queued; no-op when done
             ok = s.state is SendState.DONE
             compute_s = max(0.0, s.first_token_at - s.admitted_at) if s.first_token_at else 0.0
+            scored = self._prompt_logprobs.pop(s.transfer_id, None)
             events.append(PrefillDone(s.local_id, s.transfer_id, ok, s.error, compute_s, s.num_cached_tokens,
-                                    s.num_bytes))
+                                      s.num_bytes, prompt_logprobs=scored and scored.prompt_logprobs,
+                                      prompt_token_ranks=scored and scored.prompt_token_ranks))
         return events
 
     def _on_schedule(self, sched):
@@ -183,6 +187,8 @@ class NativeExecutor(Executor):
                 time.sleep(0.002)
 
     def _prefill_output(self, transfer_id: str, out: RequestOutput) -> None:
+        if out.prompt_logprobs is not None:
+            self._prompt_logprobs[transfer_id] = out
         if out.token_ids:
             generator = self._generators.get(transfer_id)
             state = None if generator is None else generator.get_state().numpy().tobytes()

@@ -205,6 +205,22 @@ def vllm_sampling(params: SamplingParams, kv_transfer_params: dict[str, Any] | N
         bad_words=list(params.bad_words) or None, prompt_logprobs=params.prompt_logprobs)
 
 
+def prompt_logprobs_of(prompt: list[int], scored: list) -> tuple[list, list]:
+    """vLLM's ``RequestOutput.prompt_logprobs`` (per position: None, or token -> ``Logprob``) as Duet's: per
+    position the token -> logprob map and the rank of the prompt's own token (first position None)."""
+    logprobs: list[dict[int, float] | None] = []
+    ranks: list[int | None] = []
+    for token, position in zip(prompt, scored):
+        if position is None:
+            logprobs.append(None)
+            ranks.append(None)
+            continue
+        logprobs.append({int(t): float(lp.logprob) for t, lp in position.items()})
+        own = position.get(token)
+        ranks.append(int(own.rank) if own is not None and own.rank is not None else None)
+    return logprobs, ranks
+
+
 @dataclass
 class EngineLoad:
     """The latest scheduler snapshot vLLM reported (one step stale at most)."""
@@ -332,15 +348,20 @@ class VllmEngine:
 
         try:
             sp = vllm_sampling(params, kv_params)
+            prompt_scored = False
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt), sp, request_id):
                 c = out.outputs[0]
                 logprobs = None
                 if c.logprobs is not None:
                     logprobs = [{int(t): float(lp.logprob) for t, lp in d.items()} for d in c.logprobs]
                 reason = FinishReason.of(c.finish_reason) if out.finished else None
-                self.on_output(Tokens(request_id, TokenDelta(
-                    list(c.token_ids), logprobs, out.finished, reason,
-                    c.stop_reason if isinstance(c.stop_reason, int) else None, max(0, out.num_cached_tokens or 0))))
+                delta = TokenDelta(list(c.token_ids), logprobs, out.finished, reason,
+                                   c.stop_reason if isinstance(c.stop_reason, int) else None,
+                                   max(0, out.num_cached_tokens or 0))
+                if out.prompt_logprobs is not None and not prompt_scored:  # once, as Duet's engine sends them
+                    prompt_scored = True
+                    delta.prompt_logprobs, delta.prompt_token_ranks = prompt_logprobs_of(prompt, out.prompt_logprobs)
+                self.on_output(Tokens(request_id, delta))
                 if out.finished:
                     return
         except asyncio.CancelledError:

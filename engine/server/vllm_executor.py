@@ -31,7 +31,7 @@ import zmq
 from engine import envs
 from engine.config import EngineConfig
 from engine.kv_events import KVEvent
-from engine.protocol import PrefillDone, ServerStats, Tokens
+from engine.protocol import PrefillDone, ServerStats, TokenDelta, Tokens
 from engine.sampling_params import SamplingParams
 from engine.server.executor import Executor, ExecutorEvent, ExecutorInfo, KVLost, Load, handoff_stats_into
 from engine.server.server_config import ServerConfig
@@ -55,6 +55,8 @@ class _PrefillJob:
     transfer_id: str
     admitted_at: float
     compute_s: float = 0.0
+    scored: TokenDelta | None = None
+    """The output that carried the prompt logprobs (when the request asked for them)."""
 
 
 class VllmExecutor(Executor):
@@ -183,6 +185,8 @@ class VllmExecutor(Executor):
 
     def _prefill_output(self, job: _PrefillJob, out: Tokens) -> None:
         delta = out.delta
+        if delta.prompt_logprobs is not None:
+            job.scored = delta
         if delta.token_ids and not job.compute_s:
             job.compute_s = time.monotonic() - job.admitted_at
             logprobs = delta.logprobs[0] if delta.logprobs else None
@@ -199,8 +203,11 @@ class VllmExecutor(Executor):
                 request_id = next((rid for rid, j in self.jobs.items() if j.transfer_id == msg.transfer_id), None)
                 job = self.jobs.pop(request_id, None) if request_id is not None else None
                 if job is not None:
+                    scored = job.scored
                     events.append(PrefillDone(request_id, msg.transfer_id, msg.ok, msg.error, job.compute_s,
-                                              msg.num_cached_tokens, msg.num_bytes))
+                                              msg.num_cached_tokens, msg.num_bytes,
+                                              prompt_logprobs=scored and scored.prompt_logprobs,
+                                              prompt_token_ranks=scored and scored.prompt_token_ranks))
             elif isinstance(msg, RecvFailed):
                 events.append(KVLost(msg.request_id, msg.transfer_id, msg.reason))
 

@@ -13,7 +13,7 @@ import logging
 import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Sequence
+from typing import Callable, Sequence
 
 from engine.sampling_params import StructuredOutputsParams
 
@@ -124,8 +124,14 @@ class GrammarCompiler:
     The tokenizer table is built on the worker thread at the first compile (~0.7 s for 131k tokens).
     """
 
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int], max_threads: int = 1):
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int], max_threads: int = 1,
+                 load_tokenizer: Callable[[], object] | None = None):
+        """``tokenizer``: the engine's; None with ``load_tokenizer``, which the worker thread calls at the first
+        compile (a server's engine has no tokenizer of its own, and loading one takes seconds: not on its loop)."""
+        if tokenizer is None and load_tokenizer is None:
+            raise ValueError("GrammarCompiler needs a tokenizer or a way to load one")
         self.tokenizer = tokenizer
+        self._load_tokenizer = load_tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = [t for t in stop_token_ids if 0 <= t < vocab_size]
         self.max_threads = max_threads
@@ -136,6 +142,11 @@ class GrammarCompiler:
     def _get_compiler(self):
         with self._lock:
             if self._compiler is None:
+                if self.tokenizer is None:
+                    try:
+                        self.tokenizer = self._load_tokenizer()
+                    except (OSError, ValueError) as e:
+                        raise ValueError(f"structured_outputs: grammars need the model's tokenizer ({e})") from None
                 xgr = _import_xgrammar()
                 info = xgr.TokenizerInfo.from_huggingface(
                     self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids or None)

@@ -148,7 +148,7 @@ def test_dead_decode_server_is_dropped_within_three_heartbeats(model):
     d1 = ServerProcess("decode", model, "--kv-transport", "zmq", "--num-kv-blocks", "64", "--heartbeat-s", "0.2")
     d2 = ServerProcess("decode", model, "--kv-transport", "zmq", "--num-kv-blocks", "64", "--heartbeat-s", "0.2")
     r = ServerProcess("router", model, "--decode", d1.address, d2.address, "--policy", "round_robin",
-                      "--heartbeat-s", "0.2")
+                      "--heartbeat-s", "0.2", "--missed-heartbeats", "3")
     procs = start([r]) + [d1, d2]
     try:
         for i in range(4):

@@ -231,3 +231,20 @@ def test_killing_the_vllm_prefill_mid_transfer_recomputes_on_decode(servers, mod
         if slow.proc.poll() is None:
             kill_tree(slow)
         slow.log.close()
+
+
+def test_vllm_scores_prompts_like_the_native_engine(servers):
+    """echo + logprobs (prompt logprobs) from vLLM colocated and through vLLM P -> vLLM D equal the native
+    engine's, position by position."""
+    prompt = prompts(1, offset=5)[0]
+
+    def echo(url: str):
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        return c.completions.create(model="llama", prompt=prompt, echo=True, logprobs=1, max_tokens=1,
+                                    temperature=0).choices[0].logprobs
+
+    want = echo(servers["nserve"].url)
+    for name in ("vserve", "r_vv"):
+        got = echo(servers[name].url)
+        assert got.tokens == want.tokens and got.token_logprobs[0] is None
+        assert all(abs(a - b) < 1e-3 for a, b in zip(got.token_logprobs[1:], want.token_logprobs[1:])), name
