@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000, help="HTTP port")
     ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (not on /health)")
-    from engine.router.app import add_http_args, create_app, http_options, run_app
+    from engine.router.app import create_app
+    from engine.router.http_server import add_http_args, http_options, run_app
 
     add_http_args(ap)
     args = ap.parse_args(argv)

@@ -13,7 +13,8 @@ import asyncio
 import logging
 import os
 
-from engine.router.app import add_http_args, create_app, http_options, serve
+from engine.router.app import create_app
+from engine.router.http_server import add_http_args, http_options, serve
 from engine.router.cluster import ClusterDispatcher
 from engine.router.dispatcher import DispatchError
 from engine.router.scoring import POLICIES, RouterPolicy

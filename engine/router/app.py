@@ -24,7 +24,6 @@ TLS: ``serve(ssl_context=make_ssl_context(cert, key))``; the CLIs' ``--ssl-certf
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import hashlib
@@ -32,8 +31,6 @@ import hmac
 import json
 import logging
 import math
-import signal
-import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -47,7 +44,7 @@ from engine.router import openai_protocol as proto
 from engine.router.dispatcher import DispatchError, Dispatcher, GenerateRequest, TokenDelta
 from engine.metrics.exposition import StaticCollector, new_registry, render
 from engine.metrics.request_metrics import RequestMetrics
-from engine.router.http_server import HttpLimits, use_duet_server
+from engine.router.http_server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES, HTTP_LIMITS_KEY, HttpLimits
 from engine.router.openai_protocol import APIError, ChoiceState, ParsedRequest, RequestLimits
 from engine.router.tool_parsers import PARSERS, ToolCallStream, detect_parser, named_parser
 from engine.tokenizer import apply_chat_template, bad_words_token_ids
@@ -59,8 +56,6 @@ MAX_ZONE_CHARS = 64
 _DISCONNECTED = object()
 _TIMEOUT = object()
 _DISCONNECT_POLL_S = 0.25
-DEFAULT_MAX_BODY_BYTES = 8 << 20
-DEFAULT_MAX_HEADER_BYTES = 8190  # aiohttp's own default
 # A text prompt longer than max_prompt_tokens x this many characters is first tokenized only up to there:
 # ordinary text has 3-5 characters per token, so a prompt far over the limit is refused in bounded time.
 _PROBE_CHARS_PER_TOKEN = 8
@@ -566,6 +561,7 @@ def create_app(dispatcher: Dispatcher, tokenizer, model_name: str | Sequence[str
                                         # for this long (default 10 s) before it closes the connection
                                         "lingering_time": 1.0})
     app[FRONTEND_KEY] = front
+    app[HTTP_LIMITS_KEY] = http_limits
     app.router.add_post("/v1/completions", front.completions)
     app.router.add_post("/v1/chat/completions", front.chat)
     app.router.add_get("/v1/models", front.models)
@@ -584,95 +580,3 @@ def create_app(dispatcher: Dispatcher, tokenizer, model_name: str | Sequence[str
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     return app
-
-
-def make_ssl_context(certfile: str, keyfile: str | None = None) -> ssl.SSLContext:
-    """A server-side TLS context (TLS 1.2+) from a PEM certificate chain and its key (``None``: in certfile)."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(certfile, keyfile)
-    return context
-
-
-async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8000, *,
-                shutdown_timeout_s: float = 30.0, stop: asyncio.Event | None = None,
-                on_ready: Callable[[list], None] | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
-    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives (signals only on the main thread).
-
-    Shutdown: stop accepting, give in-flight requests ``shutdown_timeout_s`` to finish, cancel the rest
-    (which aborts them downstream), then close the dispatcher. ``on_ready(addresses)`` runs once listening.
-    ``ssl_context``: serve HTTPS only (``make_ssl_context``).
-    """
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout_s, handle_signals=False)
-    await runner.setup()
-    use_duet_server(runner, app[FRONTEND_KEY].http_limits)
-    signals = []
-    try:
-        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, stop.set)
-                signals.append(sig)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass  # not the main thread: the caller stops us through ``stop``
-        scheme = "https" if ssl_context is not None else "http"
-        logger.info("serving on %s", ", ".join(f"{scheme}://{a[0]}:{a[1]}" for a in runner.addresses))
-        if on_ready is not None:
-            on_ready(runner.addresses)
-        await stop.wait()
-        logger.info("shutting down")
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
-        await runner.cleanup()
-
-
-def run_app(app: web.Application, host: str = "127.0.0.1", port: int = 8000, *,
-            shutdown_timeout_s: float = 30.0, ssl_context: ssl.SSLContext | None = None,
-            on_ready: Callable[[list], None] | None = None) -> None:
-    """Blocking: ``serve`` on a fresh event loop until SIGTERM/SIGINT, then shut down cleanly."""
-    asyncio.run(serve(app, host, port, shutdown_timeout_s=shutdown_timeout_s, ssl_context=ssl_context,
-                      on_ready=on_ready))
-
-
-# ---- CLI flags shared by ``engine.serve --role both`` and ``engine.router`` -----------------------------------
-def add_http_args(ap: argparse.ArgumentParser) -> None:
-    """Request limits and TLS flags; ``http_options`` turns them into ``create_app`` and ``serve`` arguments."""
-    group = ap.add_argument_group("HTTP limits (violations get a 4xx) and TLS")
-    group.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger bodies get 413")
-    group.add_argument("--max-header-bytes", type=int, default=DEFAULT_MAX_HEADER_BYTES,
-                       help="longest request line or header line (aiohttp answers a plain 400)")
-    for f in dataclasses.fields(RequestLimits):
-        default = "the model's context" if f.default is None else "%(default)s"
-        group.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default,
-                           help=f"RequestLimits.{f.name} (default: {default})")
-    group.add_argument("--header-timeout-s", type=float, default=HttpLimits.header_timeout_s,
-                       help="a request's headers must arrive within this long (idle connections close after it too)")
-    group.add_argument("--body-timeout-s", type=float, default=HttpLimits.body_timeout_s,
-                       help="a request's body must arrive within this long of its headers (else 408)")
-    group.add_argument("--max-connections", type=int, default=HttpLimits.max_connections,
-                       help="open HTTP connections at most (one more gets 503)")
-    group.add_argument("--ssl-certfile", help="serve HTTPS with this PEM certificate (chain)")
-    group.add_argument("--ssl-keyfile", help="the certificate's PEM private key (default: inside --ssl-certfile)")
-
-
-def http_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[dict, ssl.SSLContext | None]:
-    """(``create_app`` keyword arguments, ``serve``'s ssl_context) from ``add_http_args`` flags; bad values
-    end the CLI through ``ap.error``."""
-    try:
-        if args.max_body_bytes < 1 or args.max_header_bytes < 1:
-            raise ValueError("--max-body-bytes and --max-header-bytes must be positive")
-        limits = RequestLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RequestLimits)})
-        http_limits = HttpLimits(args.header_timeout_s, args.body_timeout_s, args.max_connections)
-        if args.ssl_keyfile and not args.ssl_certfile:
-            raise ValueError("--ssl-keyfile needs --ssl-certfile")
-    except ValueError as e:
-        ap.error(str(e))
-    try:
-        context = make_ssl_context(args.ssl_certfile, args.ssl_keyfile) if args.ssl_certfile else None
-    except OSError as e:  # ssl.SSLError is an OSError
-        ap.error(f"--ssl-certfile {args.ssl_certfile} / --ssl-keyfile {args.ssl_keyfile}: {e}")
-    return {"max_body_bytes": args.max_body_bytes, "max_header_bytes": args.max_header_bytes,
-            "limits": limits, "http_limits": http_limits}, context

@@ -1,4 +1,5 @@
-"""aiohttp's HTTP server with Duet's connection limits, answering what it refuses in the OpenAI error shape.
+"""aiohttp's HTTP server with Duet's connection limits, answering what it refuses in the OpenAI error shape; how
+an app is served (``serve``, ``run_app``, TLS) and the HTTP flags every front end takes (``add_http_args``).
 
 aiohttp refuses some requests while parsing them, before any handler or middleware runs: headers or a request
 line over the size limit, malformed HTTP. Its ``RequestHandler.handle_error`` then writes a text/plain body and
@@ -15,17 +16,27 @@ Limits every connection lives under (``HttpLimits``):
 """
 from __future__ import annotations
 
+import argparse
+import asyncio
+import dataclasses
 import json
 import logging
+import signal
+import ssl
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Callable
 
 from aiohttp import web, web_protocol, web_server
+
+from engine.router.openai_protocol import RequestLimits
 
 logger = logging.getLogger(__name__)
 
 LOG_LINES_PER_MINUTE = 10
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+DEFAULT_MAX_HEADER_BYTES = 8190  # aiohttp's own default
 
 
 @dataclass(frozen=True)
@@ -168,3 +179,99 @@ def use_duet_server(runner: web.AppRunner, limits: HttpLimits) -> None:
     if type(runner.server) is web_server.Server:
         runner.server.__class__ = DuetServer
     runner.server.duet_limits = limits
+
+
+HTTP_LIMITS_KEY = web.AppKey("duet_http_limits", HttpLimits)
+"""Where ``engine.router.app.create_app`` leaves the app's limits for ``serve``."""
+
+
+def make_ssl_context(certfile: str, keyfile: str | None = None) -> ssl.SSLContext:
+    """A server-side TLS context (TLS 1.2+) from a PEM certificate chain and its key (``None``: in certfile)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 8000, *,
+                shutdown_timeout_s: float = 30.0, stop: asyncio.Event | None = None,
+                on_ready: Callable[[list], None] | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives (signals only on the main thread).
+
+    Shutdown: stop accepting, give in-flight requests ``shutdown_timeout_s`` to finish, cancel the rest
+    (which aborts them downstream), then close the dispatcher. ``on_ready(addresses)`` runs once listening.
+    ``ssl_context``: serve HTTPS only (``make_ssl_context``).
+    """
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout_s, handle_signals=False)
+    await runner.setup()
+    use_duet_server(runner, app[HTTP_LIMITS_KEY])
+    signals = []
+    try:
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+                signals.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread: the caller stops us through ``stop``
+        scheme = "https" if ssl_context is not None else "http"
+        logger.info("serving on %s", ", ".join(f"{scheme}://{a[0]}:{a[1]}" for a in runner.addresses))
+        if on_ready is not None:
+            on_ready(runner.addresses)
+        await stop.wait()
+        logger.info("shutting down")
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+
+
+def run_app(app: web.Application, host: str = "127.0.0.1", port: int = 8000, *,
+            shutdown_timeout_s: float = 30.0, ssl_context: ssl.SSLContext | None = None,
+            on_ready: Callable[[list], None] | None = None) -> None:
+    """Blocking: ``serve`` on a fresh event loop until SIGTERM/SIGINT, then shut down cleanly."""
+    asyncio.run(serve(app, host, port, shutdown_timeout_s=shutdown_timeout_s, ssl_context=ssl_context,
+                      on_ready=on_ready))
+
+
+# ---- CLI flags shared by ``engine.serve --role both`` and ``engine.router`` -----------------------------------
+def add_http_args(ap: argparse.ArgumentParser) -> None:
+    """Request limits and TLS flags; ``http_options`` turns them into ``create_app`` and ``serve`` arguments."""
+    group = ap.add_argument_group("HTTP limits (violations get a 4xx) and TLS")
+    group.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger bodies get 413")
+    group.add_argument("--max-header-bytes", type=int, default=DEFAULT_MAX_HEADER_BYTES,
+                       help="longest request line or header line (aiohttp answers a plain 400)")
+    for f in dataclasses.fields(RequestLimits):
+        default = "the model's context" if f.default is None else "%(default)s"
+        group.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default,
+                           help=f"RequestLimits.{f.name} (default: {default})")
+    group.add_argument("--header-timeout-s", type=float, default=HttpLimits.header_timeout_s,
+                       help="a request's headers must arrive within this long (idle connections close after it too)")
+    group.add_argument("--body-timeout-s", type=float, default=HttpLimits.body_timeout_s,
+                       help="a request's body must arrive within this long of its headers (else 408)")
+    group.add_argument("--max-connections", type=int, default=HttpLimits.max_connections,
+                       help="open HTTP connections at most (one more gets 503)")
+    group.add_argument("--ssl-certfile", help="serve HTTPS with this PEM certificate (chain)")
+    group.add_argument("--ssl-keyfile", help="the certificate's PEM private key (default: inside --ssl-certfile)")
+
+
+def http_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[dict, ssl.SSLContext | None]:
+    """(``create_app`` keyword arguments, ``serve``'s ssl_context) from ``add_http_args`` flags; bad values
+    end the CLI through ``ap.error``."""
+    try:
+        if args.max_body_bytes < 1 or args.max_header_bytes < 1:
+            raise ValueError("--max-body-bytes and --max-header-bytes must be positive")
+        limits = RequestLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RequestLimits)})
+        http_limits = HttpLimits(args.header_timeout_s, args.body_timeout_s, args.max_connections)
+        if args.ssl_keyfile and not args.ssl_certfile:
+            raise ValueError("--ssl-keyfile needs --ssl-certfile")
+    except ValueError as e:
+        ap.error(str(e))
+    try:
+        context = make_ssl_context(args.ssl_certfile, args.ssl_keyfile) if args.ssl_certfile else None
+    except OSError as e:  # ssl.SSLError is an OSError
+        ap.error(f"--ssl-certfile {args.ssl_certfile} / --ssl-keyfile {args.ssl_keyfile}: {e}")
+    return {"max_body_bytes": args.max_body_bytes, "max_header_bytes": args.max_header_bytes,
+            "limits": limits, "http_limits": http_limits}, context

@@ -15,7 +15,8 @@ import openai
 import pytest
 
 from engine import LLM, AsyncEngine, EngineConfig, SamplingParams
-from engine.router.app import create_app, serve
+from engine.router.app import create_app
+from engine.router.http_server import serve
 from engine.router.dispatcher import DispatchError, Dispatcher, TokenDelta
 from engine.router.local_dispatcher import LocalDispatcher
 from engine.tokenizer import apply_chat_template

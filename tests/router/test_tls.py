@@ -19,7 +19,8 @@ except ImportError:
 
 from engine import AsyncEngine, EngineConfig
 from engine.launcher import ServerProcess
-from engine.router.app import create_app, make_ssl_context
+from engine.router.app import create_app
+from engine.router.http_server import make_ssl_context
 from engine.router.local_dispatcher import LocalDispatcher
 from tests.router.test_http_local import running
 
