@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from engine.server.advertised_address import AdvertisedAddress
 from engine.server.cli import (
+    add_address_args,
     add_engine_args,
     add_frontend_args,
     add_logging_args,
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     add_engine_args(ap)
     add_frontend_args(ap)
     add_logging_args(ap)
-    ap.add_argument("--host", default="127.0.0.1")
+    add_address_args(ap, "the HTTP socket")
     ap.add_argument("--port", type=int, default=8000, help="HTTP port")
     ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (not on /health)")
     from engine.router.app import add_http_args, create_app, http_options, run_app
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     http_kwargs, ssl_context = http_options(ap, args)
     setup_logging(args)
     with startup_errors(prog, args):
+        where = AdvertisedAddress.resolve(args.host, args.advertise_host, allow_loopback=args.allow_loopback_advertise)
         from engine.tokenizer import generation_config_dir, generation_defaults, load_chat_template, load_tokenizer
 
         config = engine_config(args)
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     # Ready once listening: the dispatcher (a vLLM engine, say) starts inside run_app, before the socket binds.
     with startup_errors(prog, args):
         run_app(app, args.host, args.port, ssl_context=ssl_context,
-                on_ready=lambda _: print(f"DUET_READY both {scheme}://{args.host}:{args.port}", flush=True))
+                on_ready=lambda _: print(f"DUET_READY both {where.url(scheme, args.port)}", flush=True))
 
 
 if __name__ == "__main__":

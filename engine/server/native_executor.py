@@ -62,7 +62,9 @@ class NativeExecutor(Executor):
         self.debug_layer_delay_s = server.debug_layer_delay_s
         self.debug_step_delay_s = server.debug_step_delay_s
         runner = self.engine.runner
-        transport = make_transport(server.kv_transport, engine_id, host=server.host, keys=server.zmq_keys)
+        where = server.advertised
+        transport = make_transport(server.kv_transport, engine_id, host=where.bind_host,
+                                   advertise_host=where.advertise_host, keys=server.zmq_keys)
         staging = StagingPool(server.staging_bytes, runner.device)
         self.handoff = Handoff(transport, staging, runner, timeout_s=server.kv_timeout_s, faults=server.faults)
         self._prefills: dict[str, str] = {}  # engine request id of a prefill for a peer -> its transfer id
