@@ -205,6 +205,11 @@ class ZmqTransport(KVTransport):
         self._poller.register(dealer, zmq.POLLIN)
         self._poller.register(monitor, zmq.POLLIN)
 
+    def connected(self, peer_name: str) -> bool:
+        self._progress()  # a disconnect the monitor reported is seen now, not at the next poll
+        peer = self._peers.get(peer_name)
+        return peer is not None and peer.alive
+
     def disconnect(self, peer_name: str) -> None:
         peer = self._peers.pop(peer_name, None)
         if peer is None:

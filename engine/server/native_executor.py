@@ -84,6 +84,9 @@ class NativeExecutor(Executor):
     def connect_peer(self, transport_name: str, metadata: bytes) -> None:
         self.handoff.transport.connect(transport_name, metadata)
 
+    def peer_connected(self, transport_name: str) -> bool:
+        return self.handoff.transport.connected(transport_name)
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.engine.add_request(request_id, prompt_token_ids, params)
 

@@ -379,6 +379,10 @@ class Server:
             return f"peer {peer.engine_id}: {e}"
         if peer.transport_kind != self.info.transport_kind:
             return f"peer {peer.engine_id} uses KV transport {peer.transport_kind}, this server {self.info.transport_kind}"
+        if peer.transport_name in self._reachable and not self.executor.peer_connected(peer.transport_name):
+            logger.warning("%s: the KV connection to peer %s was lost (a network partition?): reconnecting",
+                           self.engine_id, peer.engine_id)
+            self._reachable.discard(peer.transport_name)
         if peer.transport_name not in self._reachable:
             try:
                 self.executor.connect_peer(peer.transport_name, peer.transport_metadata)
