@@ -21,6 +21,12 @@ def log_format() -> str:
     return _get("DUET_LOG_FORMAT", "text")
 
 
+def api_key() -> str | None:
+    """DUET_API_KEY: default of ``--api-key`` (router, ``duet serve``): set it from a secret store rather than on
+    the command line, where every process listing shows it."""
+    return os.environ.get("DUET_API_KEY") or None
+
+
 def attention_backend() -> str:
     """DUET_ATTENTION_BACKEND: ``auto`` (Triton on CUDA, torch elsewhere), ``triton`` or ``torch``."""
     return _get("DUET_ATTENTION_BACKEND", "auto").lower()

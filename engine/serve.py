@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from engine import envs
 from engine.server.advertised_address import AdvertisedAddress
 from engine.server.cli import (
     add_address_args,
@@ -40,7 +41,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     add_logging_args(ap)
     add_address_args(ap, "the HTTP socket")
     ap.add_argument("--port", type=int, default=8000, help="HTTP port")
-    ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (not on /health)")
+    ap.add_argument("--api-key", default=envs.api_key(),
+                    help="require 'Authorization: Bearer KEY' (not on /health); default: $DUET_API_KEY (from a "
+                    "Secret, say: a flag shows in the process list)")
     from engine.router.app import add_http_args, create_app, http_options, run_app
 
     add_http_args(ap)

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 
+from engine import envs
 from engine.router.app import add_http_args, create_app, http_options, serve
 from engine.router.cluster import ClusterDispatcher
 from engine.router.dispatcher import DispatchError
@@ -48,7 +49,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m engine.rout
                     "tcp://ADVERTISE_HOST:PORT on them)")
     add_address_args(ap, "the HTTP and registry sockets")
     ap.add_argument("--port", type=int, default=8000, help="HTTP port")
-    ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (not on /health)")
+    ap.add_argument("--api-key", default=envs.api_key(),
+                    help="require 'Authorization: Bearer KEY' (not on /health); default: $DUET_API_KEY (from a "
+                    "Secret, say: a flag shows in the process list)")
     ap.add_argument("--policy", default="prefix_aware", choices=list(POLICIES))
     ap.add_argument("--disagg-threshold-tokens", type=int, default=RouterPolicy.disagg_threshold_tokens,
                     help="prefill remotely only when more prompt tokens than this are uncached on the decode server")

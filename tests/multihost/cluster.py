@@ -16,7 +16,7 @@ from engine import LLM, SamplingParams
 from engine.launcher import query_server
 from engine.protocol import StatsRequest
 from engine.tools.virtual_hosts import HostProcess, VirtualNetwork
-from tests.serving.test_faults import stream
+from tests.serving.test_faults import stream, wait_until
 from transfer.curve import load_keys, make_keys
 
 HOSTS = ["client", "router", "p1", "p2", "d1", "d2"]
@@ -25,29 +25,39 @@ HOSTS = ["client", "router", "p1", "p2", "d1", "d2"]
 # another test's subject, and must not end the requests a partition test follows.
 ROUTER_ARGS = ("--disagg-threshold-tokens", "0", "--heartbeat-s", "0.5", "--lease-ttl-s", "20",
                "--kv-timeout-s", "10", "--connect-timeout-s", "240")
+REGISTRY_PORT = 7100
 LEAK_FIELDS = ("free_blocks", "total_blocks", "running", "waiting", "open_requests", "open_transfers")
 
 
 class Cluster:
     def __init__(self, model: str, keys_dir, *, transport: str, server_args: tuple[str, ...] = (),
-                 host_args: dict[str, tuple[str, ...]] | None = None):
+                 host_args: dict[str, tuple[str, ...]] | None = None, registered: tuple[str, ...] = ()):
         """``server_args``: flags of all four servers; ``host_args``: more flags per host (``--zone``, say: a
-        request with ``X-Duet-Zone`` then goes to that zone's servers only)."""
+        request with ``X-Duet-Zone`` then goes to that zone's servers only); ``registered``: servers that are
+        not listed on the router's command line but register with its registry (``--router``), as pods do."""
         make_keys(keys_dir)
         self.model, self.keys_dir, self.keys = model, str(keys_dir), load_keys(keys_dir)
         self.net = VirtualNetwork(HOSTS)
         self.client = self.net["client"]
         host_args = host_args or {}
+        registry = f"tcp://{self.net['router'].ip}:{REGISTRY_PORT}"
         try:
             self.servers: dict[str, HostProcess] = {}
             for name in ("p1", "p2", "d1", "d2"):
                 role = "prefill" if name.startswith("p") else "decode"
+                register = ("--router", registry) if name in registered else ()
                 self.servers[name] = self._start(name, role, "--kv-transport", transport, "--num-kv-blocks", "400",
-                                                 *server_args, *host_args.get(name, ()))
-            self.router = self._start("router", "router", "--prefill", self.servers["p1"].address,
-                                      self.servers["p2"].address, "--decode", self.servers["d1"].address,
-                                      self.servers["d2"].address, *ROUTER_ARGS)
+                                                 *register, *server_args, *host_args.get(name, ()))
+            listed = {role: [self.servers[n].address for n in names if n not in registered]
+                      for role, names in (("--prefill", ("p1", "p2")), ("--decode", ("d1", "d2")))}
+            self.router = self._start("router", "router", *[a for role, addrs in listed.items() if addrs
+                                                             for a in (role, *addrs)],
+                                      *(("--registry-port", str(REGISTRY_PORT)) if registered else ()), *ROUTER_ARGS)
             self.router.wait_ready(240)
+            for name in registered:
+                wait_until(lambda: self.router_metric("duet_router_server_healthy",
+                                                      server=self.servers[name].address) == 1, 120,
+                           f"{name} to register with the router")
         except BaseException:
             self.close()
             raise

@@ -30,7 +30,9 @@ def model(tiny_model):
 
 @pytest.fixture(scope="module")
 def cluster(model, tmp_path_factory):
-    c = Cluster(model, tmp_path_factory.mktemp("keys") / "keys", transport="nixl", server_args=("--ucx-tls", "tcp"))
+    # d2 is not listed on the router's command line: it registers itself (--router), as a pod does.
+    c = Cluster(model, tmp_path_factory.mktemp("keys") / "keys", transport="nixl", server_args=("--ucx-tls", "tcp"),
+                registered=("d2",))
     yield c
     c.close()
 
@@ -74,7 +76,11 @@ def test_every_server_advertises_its_host_address_not_its_bind_address(cluster):
         info, ip = welcome.info, cluster.net[name].ip
         assert info.address == cluster[name].address == f"tcp://{ip}:{cluster[name].port}"
         assert info.event_address.startswith(f"tcp://{ip}:") and info.transport_kind == "nixl"
-    assert "0.0.0.0" not in cluster.router.output() and cluster.router.url in cluster.router.output()
+    out, router_ip = cluster.router.output(), cluster.net["router"].ip
+    # What the servers were told to register at: the router's host IP, never its bind address.
+    assert "0.0.0.0" not in out and f"DUET_READY router {cluster.router.url} registry tcp://{router_ip}:" in out
+    for name in ("p1", "p2", "d1", "d2"):  # all four serve, the registered one too, at their advertised address
+        assert cluster.router_metric("duet_router_server_healthy", server=cluster[name].address) == 1
 
 
 def test_a_host_without_the_keys_is_refused(cluster):
