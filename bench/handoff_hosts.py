@@ -54,7 +54,7 @@ class Setup:
 
     def __init__(self, name: str, model: str, transport: str, net: VirtualNetwork | None):
         self.name, self.net = name, net
-        env = {"UCX_PROTO_INFO": "y", "OMP_WAIT_POLICY": "PASSIVE"}
+        env = {"UCX_PROTO_INFO": "y", "OMP_WAIT_POLICY": "PASSIVE", "DUET_LOG_LEVEL": "INFO"}
         if net is None:
             start = ServerProcess
             where = {"p": {}, "d": {}, "router": {}}
@@ -65,9 +65,10 @@ class Setup:
             where = {name: {"host_name": name} for name in ("p", "d", "router")}
         kv = ("--kv-transport", transport)
         self.p = start("prefill", model, *kv, *SERVER_FLAGS, env=env, **where["p"])
-        self.d = start("decode", model, *kv, *SERVER_FLAGS, **where["d"])
+        info = {"DUET_LOG_LEVEL": "INFO"}
+        self.d = start("decode", model, *kv, *SERVER_FLAGS, env=info, **where["d"])
         self.router = start("router", model, "--prefill", self.p.address, "--decode", self.d.address, *ROUTER_FLAGS,
-                            **where["router"])
+                            env=info, **where["router"])
 
     def call(self, fn, *args):
         return fn(*args) if self.net is None else self.net["client"].call(fn, *args)
@@ -79,7 +80,7 @@ class Setup:
         def run() -> dict:
             body = json.dumps({"prompt": prompt, "max_tokens": 2, "temperature": 0, "ignore_eos": True}).encode()
             req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
-            rid = json.loads(urllib.request.urlopen(req, timeout=300).read())["id"]
+            rid = json.loads(urllib.request.urlopen(req, timeout=120).read())["id"]
             return json.loads(urllib.request.urlopen(f"{url}/debug/requests/{rid}", timeout=60).read())["stages"]
 
         stages = self.call(run)
