@@ -233,8 +233,8 @@ def server_parser(role: str, prog: str | None = None) -> argparse.ArgumentParser
     u = ap.add_argument_group("NIXL/UCX (exported to UCX before the NIXL agent starts; see 'Across hosts' in "
                               "the README)")
     u.add_argument("--ucx-tls", default=envs.ucx_tls(), metavar="LIST",
-                   help="UCX transports NIXL may use (UCX_TLS): between hosts 'tcp', or RDMA 'rc,ud' (plus "
-                   "'cuda_copy,cuda_ipc' for GPU memory); default: $DUET_UCX_TLS, else UCX's own choice")
+                   help="UCX transports NIXL may use (UCX_TLS): between hosts 'rc' (InfiniBand/RoCE) or 'tcp', "
+                   "plus 'cuda_copy,cuda_ipc' for GPU memory; default: $DUET_UCX_TLS, else UCX's own choice")
     u.add_argument("--ucx-net-devices", default=envs.ucx_net_devices(), metavar="LIST",
                    help="UCX devices NIXL may use (UCX_NET_DEVICES), e.g. 'eth0' or 'mlx5_0:1'; default: "
                    "$DUET_UCX_NET_DEVICES, else every device UCX finds")

@@ -188,6 +188,12 @@ class Server:
         if self.cmd in events:
             for ident, msg in recv_messages(self.cmd, routed=True, on_bad=self._refuse_malformed):
                 self._dispatch(ident, msg)
+        now = time.monotonic()
+        if self._leases and now >= self._next_lease_check:
+            # Right after the commands are read: a lease renewal that waited in the socket while this loop was
+            # busy (a long step) counts; a router is silent only when nothing from it is waiting here.
+            self._next_lease_check = now + 0.25
+            self._expire_leases(now)
         for event in self.executor.run_once():
             if isinstance(event, Tokens):
                 self._on_output(event)
@@ -198,10 +204,6 @@ class Server:
                 if req is not None and req.phase is Phase.AWAITING_KV:
                     self._kv_lost(req, event.reason)
         self._publish_events()
-        now = time.monotonic()
-        if self._leases and now >= self._next_lease_check:
-            self._next_lease_check = now + 0.25
-            self._expire_leases(now)
         if self.draining:
             self._check_drained()
         if not self.executor.healthy():

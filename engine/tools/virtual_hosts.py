@@ -88,7 +88,7 @@ class VirtualHost:
         self.netns = f"{network.token}-{name}"
         self.switch_port = port
         """The bridge's end of this host's link (in the switch namespace)."""
-        self._thread: concurrent.futures.ThreadPoolExecutor | None = None  # its threads live in ``netns``
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # its threads live in ``netns``
         self.processes: list[HostProcess] = []
 
     # ---- processes ----------------------------------------------------------------------------------------
@@ -107,9 +107,9 @@ class VirtualHost:
     def submit(self, fn: Callable[..., T], *args, **kwargs) -> concurrent.futures.Future[T]:
         """Run ``fn(*args, **kwargs)`` on a thread inside this host's network namespace (a small pool per host):
         sockets it opens, and threads it starts, are on this host's network."""
-        if self._thread is None:
-            self._thread = concurrent.futures.ThreadPoolExecutor(MAX_CALLERS, f"host-{self.name}", self._enter)
-        return self._thread.submit(fn, *args, **kwargs)
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(MAX_CALLERS, f"host-{self.name}", self._enter)
+        return self._pool.submit(fn, *args, **kwargs)
 
     def call(self, fn: Callable[..., T], *args, timeout_s: float = 300.0, **kwargs) -> T:
         """``submit`` and wait: fn's result (or its exception)."""
@@ -144,12 +144,12 @@ class VirtualHost:
     def close(self) -> None:
         for proc in self.processes:
             proc.stop(timeout_s=5)
-        self.close_thread()
+        self.close_pool()
 
-    def close_thread(self) -> None:
-        if self._thread is not None:
-            self._thread.shutdown(wait=False, cancel_futures=True)
-            self._thread = None
+    def close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 class HostProcess(ServerProcess):
@@ -256,7 +256,7 @@ class VirtualNetwork:
             except Exception:  # noqa: BLE001 - tear down the rest regardless
                 pass
         for host in self.hosts.values():
-            host.close_thread()
+            host.close_pool()
         for netns in [h.netns for h in self.hosts.values()] + [self.switch]:
             pids = _ip("netns", "pids", netns, check=False).stdout.split()
             for pid in pids:  # only processes inside our own namespaces

