@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(PY) -m engine.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -7,6 +7,7 @@ working): this module only picks it and passes the remaining arguments on, under
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -14,7 +15,7 @@ BENCHMARKS = {
     "attention": "bench.attention", "kv_pack": "bench.kv_pack", "transfer": "bench.transfer",
     "engine_throughput": "bench.engine_throughput", "pd_vs_colocated": "bench.pd_vs_colocated",
     "serving": "bench.serving", "router_sim": "bench.router_sim", "vllm_peer": "bench.vllm_peer",
-    "decode_roofline": "bench.decode_roofline",
+    "decode_roofline": "bench.decode_roofline", "handoff_hosts": "bench.handoff_hosts",
 }
 
 USAGE = """usage: duet <command> [arguments]
@@ -37,6 +38,21 @@ def _version() -> str:
         return version("duet")
     except Exception:  # noqa: BLE001 - not installed (a source checkout)
         return "unknown (not installed)"
+
+
+def parse_command(argv: list[str]) -> tuple[str, argparse.Namespace]:
+    """``duet prefill|decode|router ARGS`` parsed exactly as that command parses them, starting nothing: how
+    deployment manifests are checked against the CLI (``tests/deploy``). Exits 2 on a bad flag, as the command."""
+    if not argv or argv[0] not in ("prefill", "decode", "router"):
+        raise ValueError(f"not a server command: {argv[:1]} (prefill, decode or router)")
+    command, rest = argv[0], argv[1:]
+    if command == "router":
+        from engine.router.__main__ import parse_args
+
+        return command, parse_args(rest, prog=f"duet {command}")
+    from engine.server.cli import parse_server_args
+
+    return command, parse_server_args(command, rest, prog=f"duet {command}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,6 +21,12 @@ def log_format() -> str:
     return _get("DUET_LOG_FORMAT", "text")
 
 
+def api_key() -> str | None:
+    """DUET_API_KEY: default of ``--api-key`` (router, ``duet serve``): set it from a secret store rather than on
+    the command line, where every process listing shows it."""
+    return os.environ.get("DUET_API_KEY") or None
+
+
 def attention_backend() -> str:
     """DUET_ATTENTION_BACKEND: ``auto`` (Triton on CUDA, torch elsewhere), ``triton`` or ``torch``."""
     return _get("DUET_ATTENTION_BACKEND", "auto").lower()
@@ -59,3 +65,31 @@ def fault_drop_notif_p() -> float:
 def vllm_cpu_kvcache_space() -> str | None:
     """VLLM_CPU_KVCACHE_SPACE (vLLM's own variable): GiB of KV cache for vLLM's CPU backend, None when unset."""
     return os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+
+
+def ucx_tls() -> str | None:
+    """DUET_UCX_TLS: default of ``--ucx-tls`` (UCX transports for NIXL, e.g. ``tcp`` or ``rc,cuda_copy``)."""
+    return os.environ.get("DUET_UCX_TLS") or None
+
+
+def ucx_net_devices() -> str | None:
+    """DUET_UCX_NET_DEVICES: default of ``--ucx-net-devices`` (UCX devices for NIXL, e.g. ``eth0`` or
+    ``mlx5_0:1``)."""
+    return os.environ.get("DUET_UCX_NET_DEVICES") or None
+
+
+def ucx_setting(name: str) -> str | None:
+    """The value of UCX's own variable ``name`` in this process's environment (None when unset)."""
+    return os.environ.get(name)
+
+
+def apply_ucx_settings(tls: str | None, net_devices: str | None) -> dict[str, str]:
+    """Export ``UCX_TLS`` / ``UCX_NET_DEVICES`` (UCX's own variables) into this process's environment, before the
+    NIXL agent starts: UCX reads them once, when the agent's UCX context is created, and every process started
+    from here (a vLLM worker, model-parallel ranks) inherits them. ``None`` leaves a variable as it is (set by
+    the user, or UCX's default: every transport and device it finds). Returns what was set."""
+    applied = {}
+    for name, value in (("UCX_TLS", tls), ("UCX_NET_DEVICES", net_devices)):
+        if value is not None:
+            os.environ[name] = applied[name] = value
+    return applied

@@ -25,24 +25,37 @@ def free_port() -> int:
 class ServerProcess:
     """One ``python -m engine.<module>`` process on a free port.
 
-    ``address``: the ZeroMQ command socket (prefill / decode); ``url``: the HTTP base (router, serve).
+    ``address``: the ZeroMQ command socket (prefill / decode); ``url``: the HTTP base (router, serve); both on
+    ``host`` (what clients dial). ``wrap``: a command prefix the process runs under (``ip netns exec NS ...``:
+    another network namespace, see ``engine.tools.virtual_hosts``); a wrapper that forks overrides ``pid`` and
+    ``kill`` so signals reach the server itself.
     """
 
     def __init__(self, module: str, model: str, *args: str, threads: int = 1, env: dict[str, str] | None = None,
-                 port: int | None = None):
+                 port: int | None = None, host: str = "127.0.0.1", wrap: tuple[str, ...] = ()):
         self.role = module
         self.port = port or free_port()
-        self.address = f"tcp://127.0.0.1:{self.port}"
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.address = f"tcp://{host}:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", **(env or {}))
         env.setdefault("DUET_LOG_LEVEL", "WARNING")
-        self.log_path = Path(tempfile.gettempdir()) / f"duet-{module}-{self.port}.log"
+        where = "" if host == "127.0.0.1" else f"{host}-"
+        self.log_path = Path(tempfile.gettempdir()) / f"duet-{module}-{where}{self.port}.log"
         self.log = open(self.log_path, "w")
         threads_args = [] if module == "router" else ["--torch-threads", str(threads)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"engine.{module}", "--model", model, "--port", str(self.port),
+            [*wrap, sys.executable, "-m", f"engine.{module}", "--model", model, "--port", str(self.port),
              *threads_args, *args],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        """The server process's pid (signals go there)."""
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL the server (and whatever it started)."""
+        self.proc.kill()
 
     def wait_ready(self, timeout_s: float = 120.0) -> "ServerProcess":
         wait_for_line(self.proc, self.log_path, "DUET_READY", timeout_s)
@@ -50,11 +63,14 @@ class ServerProcess:
 
     def stop(self, timeout_s: float = 10.0) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass  # exiting already
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self.kill()
                 self.proc.wait(5)
         self.log.close()
         return self.proc.returncode
@@ -74,14 +90,16 @@ def wait_for_line(proc: subprocess.Popen, log_path: Path, needle: str, timeout_s
     raise TimeoutError(f"{needle!r} not seen in {timeout_s}s:\n{log_path.read_text()[-3000:]}")
 
 
-def query_server(address: str, messages: list, want: int, timeout_s: float = 30.0, keys=None) -> list:
-    """Send wire messages to a server's command socket as a raw DEALER; collect ``want`` decoded replies."""
+def query_server(address: str, messages: list, want: int, timeout_s: float = 30.0, keys=None, ctx=None) -> list:
+    """Send wire messages to a server's command socket as a raw DEALER; collect ``want`` decoded replies.
+    ``ctx``: the ``zmq.Context`` to use (default: the process's), e.g. one whose I/O thread lives in another
+    network namespace."""
     import zmq
 
     from transfer.curve import secure_client
     from transfer.wire import decode, encode
 
-    ctx = zmq.Context.instance()
+    ctx = ctx or zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     secure_client(sock, keys)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from engine import envs
+from engine.server.advertised_address import AdvertisedAddress
 from engine.server.cli import (
+    add_address_args,
     add_engine_args,
     add_frontend_args,
     add_logging_args,
@@ -36,9 +39,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     add_engine_args(ap)
     add_frontend_args(ap)
     add_logging_args(ap)
-    ap.add_argument("--host", default="127.0.0.1")
+    add_address_args(ap, "the HTTP socket")
     ap.add_argument("--port", type=int, default=8000, help="HTTP port")
-    ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (not on /health)")
+    ap.add_argument("--api-key", default=envs.api_key(),
+                    help="require 'Authorization: Bearer KEY' (not on /health); default: $DUET_API_KEY (from a "
+                    "Secret, say: a flag shows in the process list)")
     from engine.router.app import create_app
     from engine.router.http_server import add_http_args, http_options, run_app
 
@@ -48,6 +53,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     http_kwargs, ssl_context = http_options(ap, args)
     setup_logging(args)
     with startup_errors(prog, args):
+        where = AdvertisedAddress.resolve(args.host, args.advertise_host, allow_loopback=args.allow_loopback_advertise)
         from engine.tokenizer import generation_config_dir, generation_defaults, load_chat_template, load_tokenizer
 
         config = engine_config(args)
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     # Ready once listening: the dispatcher (a vLLM engine, say) starts inside run_app, before the socket binds.
     with startup_errors(prog, args):
         run_app(app, args.host, args.port, ssl_context=ssl_context,
-                on_ready=lambda _: print(f"DUET_READY both {scheme}://{args.host}:{args.port}", flush=True))
+                on_ready=lambda _: print(f"DUET_READY both {where.url(scheme, args.port)}", flush=True))
 
 
 if __name__ == "__main__":

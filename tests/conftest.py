@@ -32,3 +32,12 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama_dir(tiny_model) -> str:
     return tiny_model("llama")
+
+
+def pytest_report_header(config):
+    """Say up front whether the multi-host tests run here, and if not, why (they skip themselves)."""
+    from engine.tools.virtual_hosts import unavailable
+
+    why = unavailable()
+    return "multi-host tests (tests/multihost): " + ("network namespaces available" if why is None
+                                                     else f"skipped: {why}")

@@ -23,12 +23,13 @@ def nixl_importable() -> bool:
 
 
 def make_transport(kind: TransportKind = "auto", name: str = "duet", *, host: str = "127.0.0.1",
-                   keys: ZmqKeys | None = None, **kwargs) -> KVTransport:
+                   advertise_host: str | None = None, keys: ZmqKeys | None = None, **kwargs) -> KVTransport:
     """A new transport named ``name`` + a random suffix.
 
     ``kind``: ``nixl`` (fails if NIXL is missing), ``zmq``, or ``auto`` (NIXL if importable and its agent
-    starts, else ZMQ). ``host`` is where the ZMQ backend binds (NIXL/UCX picks its own interfaces);
-    ``keys`` turns on CURVE for the ZMQ backend (NIXL's UCX data path is not covered by them);
+    starts, else ZMQ). ``host`` is where the ZMQ backend binds and ``advertise_host`` what its metadata tells
+    peers to dial (default: ``host``); NIXL/UCX picks its own interfaces (``UCX_NET_DEVICES``) and puts them in
+    its metadata. ``keys`` turns on CURVE for the ZMQ backend (NIXL's UCX data path is not covered by them);
     other keyword arguments go to the backend's constructor.
     """
     if kind not in ("nixl", "zmq", "auto"):
@@ -47,4 +48,4 @@ def make_transport(kind: TransportKind = "auto", name: str = "duet", *, host: st
             logger.warning("NIXL is installed but its agent failed to start (%s); using ZMQ", exc)
     from transfer.zmq_transport import ZmqTransport
 
-    return ZmqTransport(name, host=host, keys=keys, **kwargs)
+    return ZmqTransport(name, host=host, advertise_host=advertise_host, keys=keys, **kwargs)

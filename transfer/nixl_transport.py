@@ -49,6 +49,7 @@ class NixlTransport(KVTransport):
         self._regions: dict[int, RegionHandle] = {}
         self._next_region_id = 0
         self._peers: set[str] = set()
+        self._suspect: set[str] = set()  # peers a post, status or notification failed with: reconnect them
         self._live: set[TransferHandle] = set()  # posted and not released
 
     # ---- memory
@@ -97,6 +98,12 @@ class NixlTransport(KVTransport):
             self._agent.remove_remote_agent(loaded)
             raise ValueError(f"metadata is for agent {loaded!r}, not {peer_name!r}")
         self._peers.add(peer_name)
+        self._suspect.discard(peer_name)
+
+    def connected(self, peer_name: str) -> bool:
+        # UCX's endpoint to a peer that errored (a partition, a reset connection) stays failed; loading the
+        # metadata again makes a new one.
+        return peer_name in self._peers and peer_name not in self._suspect
 
     def disconnect(self, peer_name: str) -> None:
         if peer_name not in self._peers:
@@ -104,6 +111,7 @@ class NixlTransport(KVTransport):
         for handle in [h for h in self._live if h.peer == peer_name]:
             self.release(handle)
         self._peers.discard(peer_name)
+        self._suspect.discard(peer_name)
         try:
             self._agent.remove_remote_agent(peer_name)
         except Exception as exc:  # noqa: BLE001 - NIXL raises its own exception types
@@ -163,6 +171,7 @@ class NixlTransport(KVTransport):
     def _fail(self, handle: TransferHandle, error: str) -> None:
         logger.warning("NIXL write %s -> %s: %s", self.name, handle.peer, error)
         handle.state, handle.error = ERROR, error
+        self._suspect.add(handle.peer)
 
     def release(self, handle: TransferHandle) -> None:
         if handle.released:
@@ -189,6 +198,7 @@ class NixlTransport(KVTransport):
         try:
             self._agent.send_notif(peer_name, notif)
         except Exception as exc:  # noqa: BLE001
+            self._suspect.add(peer_name)
             raise TransferError(f"notification to {peer_name} failed: {type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:

@@ -134,6 +134,11 @@ class KVTransport(abc.ABC):
     def disconnect(self, peer_name: str) -> None:
         """Forget a peer; its pending transfers end in ERROR."""
 
+    def connected(self, peer_name: str) -> bool:
+        """Whether ``peer_name`` is connected and its connection not known to be lost (it dropped after a network
+        partition, say). False means: ``connect`` again (with the same metadata) before the next transfer."""
+        return True
+
     # ---- data
     def write(self, local: RegionHandle, local_offset: int, nbytes: int, remote: RemoteRegion, remote_offset: int,
               notif: bytes = b"") -> TransferHandle:

@@ -160,7 +160,8 @@ class DuetConnector(KVConnectorBase_V1):
                                float(extra.get("duet_fault_drop_notif_p", 0.0)))
         config = MoverConfig(
             extra["duet_control"], transport_kind=extra.get("duet_transport", "auto"),
-            host=extra.get("duet_host", "127.0.0.1"), staging_bytes=int(extra.get("duet_staging_bytes", 64 << 20)),
+            host=extra.get("duet_host", "127.0.0.1"), advertise_host=extra.get("duet_advertise_host"),
+            staging_bytes=int(extra.get("duet_staging_bytes", 64 << 20)),
             timeout_s=float(extra.get("duet_kv_timeout_s", 30.0)), keys_dir=extra.get("duet_keys_dir"),
             faults=faults, debug_layer_delay_s=float(extra.get("duet_debug_layer_delay_s", 0.0)))
         self.mover = KVMover(VllmKVPort(views), layout, config)

@@ -72,6 +72,8 @@ class MoverConfig:
     control_address: str
     transport_kind: str = "auto"
     host: str = "127.0.0.1"
+    advertise_host: str | None = None
+    """What the ZeroMQ transport's metadata tells peers to dial (None: ``host``)."""
     staging_bytes: int = 64 << 20
     timeout_s: float = 30.0
     keys_dir: str | None = None
@@ -149,7 +151,8 @@ class KVMover:
     def _setup(self) -> None:
         cfg = self.config
         keys = load_keys(cfg.keys_dir) if cfg.keys_dir else None
-        transport = make_transport(cfg.transport_kind, "vllm", host=cfg.host, keys=keys)
+        transport = make_transport(cfg.transport_kind, "vllm", host=cfg.host, advertise_host=cfg.advertise_host,
+                                   keys=keys)
         staging = StagingPool(cfg.staging_bytes, self.port.kv_device)
         self.handoff = Handoff(transport, staging, self.port, timeout_s=cfg.timeout_s, faults=cfg.faults)
         self.control = zmq.Context.instance().socket(zmq.DEALER)

@@ -1,6 +1,8 @@
 """KVTransport over ZeroMQ TCP, for hosts without NIXL (and for tests): honest, simple, not fast.
 
-Each instance binds one ROUTER socket (``tcp://host:port``, a random port by default). A writer keeps one
+Each instance binds one ROUTER socket (``tcp://host:port``, a random port by default) and advertises
+``tcp://advertise_host:port`` in its metadata (``advertise_host`` defaults to ``host``, and is required when
+``host`` is a wildcard: the server passes what ``--advertise-host`` resolved to). A writer keeps one
 DEALER per peer. A WRITE is one multipart message ``[ZmqWrite header, payload of range 0, range 1, ...]``;
 the receiver, inside its own ``notifications()``/``poll()`` call, validates it, copies every payload into
 the registered tensor, queues the notif (so the notif is only ever seen after the data), and answers with a
@@ -21,7 +23,6 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
-import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -99,6 +100,8 @@ class ZmqTransport(KVTransport):
     def __init__(self, name: str = "duet", *, host: str = "127.0.0.1", port: int = 0,
                  advertise_host: str | None = None, connect_timeout_s: float = 5.0, unique: bool = True,
                  keys: ZmqKeys | None = None):
+        if advertise_host is None and host in ("0.0.0.0", "*", "::"):
+            raise ValueError(f"bound to {host} (every interface): give advertise_host, the address peers dial")
         self.name = f"{name}-{secrets.token_hex(4)}" if unique else name
         self._connect_timeout_s = connect_timeout_s
         self._keys = keys
@@ -119,9 +122,7 @@ class ZmqTransport(KVTransport):
             raise
         bound = self._router.getsockopt_string(zmq.LAST_ENDPOINT)  # tcp://ip:port
         bound_port = bound.rsplit(":", 1)[1]
-        if advertise_host is None:
-            advertise_host = socket.gethostbyname(socket.gethostname()) if host in ("0.0.0.0", "*") else host
-        self.endpoint = f"tcp://{advertise_host}:{bound_port}"
+        self.endpoint = f"tcp://{advertise_host or host}:{bound_port}"  # what peers dial: the metadata carries it
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
         self._peers: dict[str, _Peer] = {}
@@ -203,6 +204,11 @@ class ZmqTransport(KVTransport):
         self._by_socket[dealer] = self._by_socket[monitor] = peer
         self._poller.register(dealer, zmq.POLLIN)
         self._poller.register(monitor, zmq.POLLIN)
+
+    def connected(self, peer_name: str) -> bool:
+        self._progress()  # a disconnect the monitor reported is seen now, not at the next poll
+        peer = self._peers.get(peer_name)
+        return peer is not None and peer.alive
 
     def disconnect(self, peer_name: str) -> None:
         peer = self._peers.pop(peer_name, None)

@@ -1,7 +1,10 @@
-"""``--metrics-port`` of prefill and decode servers: their own ``GET /metrics`` over HTTP.
+"""``--metrics-port`` of prefill and decode servers: their own ``GET /metrics`` and ``GET /health`` over HTTP.
 
-A server that speaks only ZeroMQ still gets scraped like any vLLM server. The exporter runs
-prometheus_client's HTTP server on a daemon thread; each scrape calls the server's ``stats`` callable on
+A server that speaks only ZeroMQ still gets scraped like any vLLM server, and probed like one: ``/health``
+answers 200 while the server's ``ready`` callable says it takes requests, 503 otherwise (draining, its engine
+dead), so a Kubernetes readiness probe stops routing to a draining pod. The exporter runs a threading WSGI
+server (prometheus_client's metrics app behind a two-route dispatcher) on a daemon thread; each scrape calls
+the server's ``stats`` callable on
 that thread and turns the result into families through ``server_stats.stats_families`` (the same table the
 router uses for the stats it gathers), next to the process collectors and whatever the server registered
 itself on ``exporter.registry`` (its own histograms, say).
@@ -20,10 +23,12 @@ them (``ServerStats``). When it raises, the scrape still answers: the stats fami
 from __future__ import annotations
 
 import logging
+import socketserver
 import threading
 from typing import Any, Callable, Sequence
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram, make_wsgi_app
 
 from engine.metrics.exposition import new_registry
 from engine.metrics.server_stats import DUET_LABELS, VLLM_LABELS, EngineStats, as_stats, stats_families
@@ -49,6 +54,15 @@ class _StatsCollector:
         return []
 
 
+class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scraper never holds up close()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        pass  # scrapes and probes every few seconds: not worth a log line each
+
+
 class ServerMetricsExporter:
     """Serves one server's metrics at ``http://HOST:PORT/metrics`` from a background thread.
 
@@ -58,7 +72,10 @@ class ServerMetricsExporter:
     """
 
     def __init__(self, stats: Callable[[], Any], *, model_name: str, role: str, engine_id: str,
-                 host: str = "127.0.0.1", port: int = 0, process_metrics: bool = True):
+                 host: str = "127.0.0.1", port: int = 0, process_metrics: bool = True,
+                 ready: Callable[[], bool] = lambda: True):
+        """``ready``: whether the server takes requests (``GET /health``: 200 or 503), called on the exporter's
+        thread like ``stats``."""
         if not model_name:
             raise ValueError("model_name must be a non-empty string")
         if not engine_id:
@@ -74,6 +91,8 @@ class ServerMetricsExporter:
         self.registry.register(_StatsCollector(stats, model_name, role, engine_id, errors.labels(model_name,
                                                                                                   engine_id, role)))
         self.registry.register(errors)
+        self.ready = ready
+        self._metrics_app = make_wsgi_app(self.registry)
         self._httpd = None
         self._thread: threading.Thread | None = None
 
@@ -89,12 +108,28 @@ class ServerMetricsExporter:
         if self._httpd is not None:
             return self
         try:
-            self._httpd, self._thread = start_http_server(self.port, addr=self.host, registry=self.registry)
+            self._httpd = make_server(self.host, self.port, self._app, _ThreadingWSGIServer,
+                                      handler_class=_QuietHandler)
         except OSError as e:
             raise OSError(e.errno, f"--metrics-port: cannot listen on {self.host}:{self.port}: {e.strerror}") from e
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="duet-metrics", daemon=True)
+        self._thread.start()
         self.port = self._httpd.server_port
         logger.info("metrics on http://%s:%d/metrics", self.host, self.port)
         return self
+
+    def _app(self, environ, start_response):
+        if environ.get("PATH_INFO") != "/health":
+            return self._metrics_app(environ, start_response)
+        try:
+            ok = bool(self.ready())
+        except Exception:  # noqa: BLE001 - a probe that cannot tell says "not ready"
+            logger.warning("readiness check failed", exc_info=True)
+            ok = False
+        body = b'{"status": "ok"}\n' if ok else b'{"status": "unavailable"}\n'
+        start_response("200 OK" if ok else "503 Service Unavailable",
+                       [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
 
     @property
     def url(self) -> str:

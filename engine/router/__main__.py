@@ -13,12 +13,15 @@ import asyncio
 import logging
 import os
 
+from engine import envs
 from engine.router.app import create_app
 from engine.router.http_server import add_http_args, http_options, serve
 from engine.router.cluster import ClusterDispatcher
 from engine.router.dispatcher import DispatchError
 from engine.router.scoring import POLICIES, RouterPolicy
+from engine.server.advertised_address import AdvertisedAddress
 from engine.server.cli import (
+    add_address_args,
     add_frontend_args,
     add_logging_args,
     add_model_args,
@@ -43,10 +46,13 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m engine.rout
     ap.add_argument("--prefill", nargs="+", action="extend", default=[],
                     help="prefill servers' command sockets (tcp://H:P)")
     ap.add_argument("--decode", nargs="+", action="extend", default=[], help="decode servers' command sockets (tcp://H:P)")
-    ap.add_argument("--registry-port", type=int, help="accept servers registering at run time (--router on them)")
-    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--registry-port", type=int, help="accept servers registering at run time (--router "
+                    "tcp://ADVERTISE_HOST:PORT on them)")
+    add_address_args(ap, "the HTTP and registry sockets")
     ap.add_argument("--port", type=int, default=8000, help="HTTP port")
-    ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (not on /health)")
+    ap.add_argument("--api-key", default=envs.api_key(),
+                    help="require 'Authorization: Bearer KEY' (not on /health); default: $DUET_API_KEY (from a "
+                    "Secret, say: a flag shows in the process list)")
     ap.add_argument("--policy", default="prefix_aware", choices=list(POLICIES))
     ap.add_argument("--disagg-threshold-tokens", type=int, default=RouterPolicy.disagg_threshold_tokens,
                     help="prefill remotely only when more prompt tokens than this are uncached on the decode server")
@@ -73,13 +79,19 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m engine.rout
     return args
 
 
+def advertised(args: argparse.Namespace) -> AdvertisedAddress:
+    """The router's bind and advertised addresses (ValueError naming the flag when they cannot work)."""
+    return AdvertisedAddress.resolve(args.host, args.advertise_host, allow_loopback=args.allow_loopback_advertise)
+
+
 async def amain(args: argparse.Namespace) -> None:
+    where = advertised(args)  # first: a wrong address fails before the tokenizer loads
     names = args.served_model_names
     tokenizer = load_tokenizer(args.tokenizer or args.model, load_chat_template(args.chat_template))
     default_sampling = generation_defaults(_generation_dir(args))
     policy = RouterPolicy(policy=args.policy, disagg_threshold_tokens=args.disagg_threshold_tokens,
                           default_ttft_budget_s=args.ttft_budget_s)
-    registry = f"tcp://{args.host}:{args.registry_port}" if args.registry_port else None
+    registry = where.bind_endpoint(args.registry_port) if args.registry_port else None
     if not args.zmq_keys:
         logger.warning("the ZeroMQ control plane to the servers is plaintext; turn on CURVE with --zmq-keys DIR "
                        "(python -m engine.tools.keys DIR) on the router and every server")
@@ -101,8 +113,12 @@ async def amain(args: argparse.Namespace) -> None:
                      request_timeout_s=args.request_timeout_s, default_sampling=default_sampling,
                      debug_traces=args.debug_traces, metrics_engine="router", **args.http_kwargs)
     scheme = "https" if args.ssl_context is not None else "http"
+    ready = f"DUET_READY router {where.url(scheme, args.port)}"
+    if registry:  # what servers give as --router: the advertised address, not the bind one
+        ready += f" registry {where.endpoint(args.registry_port)}"
+        logger.info("servers register at %s (bound on %s)", where.endpoint(args.registry_port), registry)
     await serve(app, args.host, args.port, ssl_context=args.ssl_context,
-                on_ready=lambda addrs: print(f"DUET_READY router {scheme}://{args.host}:{args.port}", flush=True))
+                on_ready=lambda addrs: print(ready, flush=True))
 
 
 def _generation_dir(args: argparse.Namespace):

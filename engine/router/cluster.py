@@ -52,6 +52,13 @@ class _Placement:
     """Set when the request wants prompt logprobs from its prefill server: its ``PrefillDone`` carries them."""
 
 
+def _send_soon(link: ServerLink, msg: Message) -> None:
+    """Send from synchronous code on the event loop. ``zmq.asyncio``'s ``send`` returns a Future, not a coroutine
+    (``asyncio.create_task`` raises TypeError on it; that once killed the registry's watch loop, so no server
+    was declared dead again): ``ensure_future`` takes either."""
+    asyncio.ensure_future(link.socket.send(encode(msg)))
+
+
 class ClusterDispatcher(Dispatcher):
     def __init__(self, prefill: list[str], decode: list[str], model_name: str, policy: RouterPolicy | None = None, *,
                  connect_timeout_s: float = 120.0, kv_timeout_s: float = 30.0, request_timeout_s: float = 600.0,
@@ -236,7 +243,7 @@ class ClusterDispatcher(Dispatcher):
             if len(self._stale_aborted) >= MAX_STALE_ABORTS:
                 self._stale_aborted.clear()
             self._stale_aborted.add(key)
-            asyncio.create_task(link.socket.send(encode(Abort(msg.request_id, attempt=msg.attempt))))
+            _send_soon(link, Abort(msg.request_id, attempt=msg.attempt))
 
     def _on_dead(self, link: ServerLink) -> None:
         self.router_metrics.event("server_deaths")
@@ -244,8 +251,7 @@ class ClusterDispatcher(Dispatcher):
             if pl.decode is link and rid in self._queues:
                 self._queues[rid].put_nowait(_SERVER_GONE)
             elif pl.prefill is link and pl.transfer_id is not None:  # the KV will never come: decode falls back now
-                asyncio.create_task(pl.decode.socket.send(encode(
-                    KVFailed(rid, pl.transfer_id, f"prefill server {link.address} died"))))
+                _send_soon(pl.decode, KVFailed(rid, pl.transfer_id, f"prefill server {link.address} died"))
 
     # ---- placement ---------------------------------------------------------------------------------
     def _decide(self, request: GenerateRequest, prompt: list[int], max_tokens: int, exclude: set[str]):

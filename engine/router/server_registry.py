@@ -236,7 +236,10 @@ class ServerRegistry:
                     link.silent_since = now
                     link.state.healthy = False
                     self.prefix_index.cleared(link.engine_id)
-                    self.on_dead(link)
+                    try:
+                        self.on_dead(link)
+                    except Exception:  # noqa: BLE001 - the watch must outlive any one rescue
+                        logger.exception("rescuing the requests of %s failed", link.address)
             if now >= next_regreet:
                 next_regreet = now + self.regreet_period_s
                 for link in list(self.links.values()):

@@ -103,6 +103,20 @@ def add_frontend_args(ap: argparse.ArgumentParser) -> None:
                     "tokenizer's")
 
 
+def add_address_args(ap: argparse.ArgumentParser, what: str) -> None:
+    """``--host`` (bind), ``--advertise-host`` (what others dial) and ``--allow-loopback-advertise``; see
+    ``engine.server.advertised_address`` for how they are checked."""
+    g = ap.add_argument_group("addresses (see 'Across hosts' in the README)")
+    g.add_argument("--host", default="127.0.0.1",
+                   help=f"interface {what} bind to; 0.0.0.0: every interface (containers, pods)")
+    g.add_argument("--advertise-host", metavar="HOST",
+                   help="the address others dial to reach this process (the pod or node IP; with --host 0.0.0.0). "
+                   "Default: --host itself, or this host's primary address when --host is 0.0.0.0")
+    g.add_argument("--allow-loopback-advertise", action="store_true",
+                   help="allow advertising a loopback address while bound to a non-loopback one (every peer "
+                   "runs on this host)")
+
+
 def add_logging_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--log-level", default=envs.log_level(), type=str.upper,
                     choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
@@ -203,18 +217,27 @@ def apply_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.torch_threads)
 
 
-def server_main(role: str, argv: list[str] | None = None, prog: str | None = None) -> None:
-    """``duet prefill|decode`` (``python -m engine.prefill`` / ``engine.decode``): one engine behind ZeroMQ."""
+def server_parser(role: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """The flags of ``duet prefill|decode`` (``server_main``); parse with ``parse_server_args``."""
     prog = prog or f"python -m engine.{role}"
     ap = argparse.ArgumentParser(prog=prog, description=f"Duet {role} server")
     add_engine_args(ap)
     add_logging_args(ap)
-    ap.add_argument("--host", default="127.0.0.1")
+    add_address_args(ap, "the command, event, metrics and ZeroMQ KV sockets")
     ap.add_argument("--port", type=int, required=True, help="ZeroMQ command port (0 = random)")
     ap.add_argument("--event-port", type=int, help="ZeroMQ event (PUB) port (default: random)")
     ap.add_argument("--metrics-port", type=int,
-                    help="serve this server's Prometheus metrics at http://HOST:PORT/metrics")
+                    help="serve this server's Prometheus metrics at http://HOST:PORT/metrics, and GET /health "
+                    "(200 while it takes requests, 503 while draining or broken: a readiness probe)")
     ap.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "zmq"])
+    u = ap.add_argument_group("NIXL/UCX (exported to UCX before the NIXL agent starts; see 'Across hosts' in "
+                              "the README)")
+    u.add_argument("--ucx-tls", default=envs.ucx_tls(), metavar="LIST",
+                   help="UCX transports NIXL may use (UCX_TLS): between hosts 'rc' (InfiniBand/RoCE) or 'tcp', "
+                   "plus 'cuda_copy,cuda_ipc' for GPU memory; default: $DUET_UCX_TLS, else UCX's own choice")
+    u.add_argument("--ucx-net-devices", default=envs.ucx_net_devices(), metavar="LIST",
+                   help="UCX devices NIXL may use (UCX_NET_DEVICES), e.g. 'eth0' or 'mlx5_0:1'; default: "
+                   "$DUET_UCX_NET_DEVICES, else every device UCX finds")
     ap.add_argument("--zone")
     ap.add_argument("--staging-mib", type=int, default=64, help="registered staging memory for KV slabs")
     ap.add_argument("--kv-timeout-s", type=float, default=30.0, help="how long KV may take to arrive")
@@ -228,22 +251,37 @@ def server_main(role: str, argv: list[str] | None = None, prog: str | None = Non
                     "encrypt every ZeroMQ socket")
     ap.add_argument("--debug-layer-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--debug-step-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
+    return ap
+
+
+def parse_server_args(role: str, argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    """``duet prefill|decode``'s arguments, checked as the command checks them (exit 2 on a bad one)."""
+    ap = server_parser(role, prog)
     args = ap.parse_args(argv)
     resolve_model_args(ap, args)
+    return args
+
+
+def server_main(role: str, argv: list[str] | None = None, prog: str | None = None) -> None:
+    """``duet prefill|decode`` (``python -m engine.prefill`` / ``engine.decode``): one engine behind ZeroMQ."""
+    prog = prog or f"python -m engine.{role}"
+    args = parse_server_args(role, argv, prog)
     setup_logging(args)
     with startup_errors(prog, args):
+        sconfig = server_config(role, args)  # addresses first: a wrong one fails before anything loads
         config = engine_config(args)
         check_model_files(config, executor=args.executor, tokenizer=False)
         apply_threads(args)
         from engine.server.server import make_server
 
-        server = make_server(config, server_config(role, args))
+        server = make_server(config, sconfig)
         exporter = None
         if args.metrics_port is not None:
             from engine.metrics.server_exporter import ServerMetricsExporter
 
             exporter = ServerMetricsExporter(server.stats, model_name=args.served_model_name, role=role,
-                                             engine_id=server.engine_id, host=args.host, port=args.metrics_port)
+                                             engine_id=server.engine_id, host=args.host, port=args.metrics_port,
+                                             ready=server.ready)
             try:
                 exporter.start()
             except OSError:
@@ -259,7 +297,9 @@ def server_main(role: str, argv: list[str] | None = None, prog: str | None = Non
 
 def server_config(role: str, args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
-        role=role, host=args.host, port=args.port, event_port=args.event_port or 0, executor=args.executor,
+        role=role, host=args.host, advertise_host=args.advertise_host,
+        allow_loopback_advertise=args.allow_loopback_advertise, port=args.port, event_port=args.event_port or 0,
+        executor=args.executor, ucx_tls=args.ucx_tls, ucx_net_devices=args.ucx_net_devices,
         kv_transport=args.kv_transport, zone=args.zone, staging_bytes=args.staging_mib << 20,
         kv_timeout_s=args.kv_timeout_s, kv_failure_policy=args.kv_failure_policy, heartbeat_s=args.heartbeat_s,
         router_address=args.router, drain_timeout_s=args.drain_timeout_s,

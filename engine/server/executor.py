@@ -94,6 +94,11 @@ class Executor(abc.ABC):
         """Make a peer server's transport reachable (before the first transfer with it, either direction).
         Raises ``TransferError`` / ``ValueError`` / ``RuntimeError`` when it cannot be (the server refuses it)."""
 
+    def peer_connected(self, transport_name: str) -> bool:
+        """False when the connection to a peer made with ``connect_peer`` is known to be lost (a partition); the
+        server then calls ``connect_peer`` again before the next transfer with it."""
+        return True
+
     @abc.abstractmethod
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Prefill and decode here."""

@@ -63,7 +63,9 @@ class NativeExecutor(Executor):
         self.debug_layer_delay_s = server.debug_layer_delay_s
         self.debug_step_delay_s = server.debug_step_delay_s
         runner = self.engine.runner
-        transport = make_transport(server.kv_transport, engine_id, host=server.host, keys=server.zmq_keys)
+        where = server.advertised
+        transport = make_transport(server.kv_transport, engine_id, host=where.bind_host,
+                                   advertise_host=where.advertise_host, keys=server.zmq_keys)
         staging = StagingPool(server.staging_bytes, runner.device)
         self.handoff = Handoff(transport, staging, runner, timeout_s=server.kv_timeout_s, faults=server.faults)
         self._prefills: dict[str, str] = {}  # engine request id of a prefill for a peer -> its transfer id
@@ -83,6 +85,9 @@ class NativeExecutor(Executor):
     # ---- requests ---------------------------------------------------------------------------------------
     def connect_peer(self, transport_name: str, metadata: bytes) -> None:
         self.handoff.transport.connect(transport_name, metadata)
+
+    def peer_connected(self, transport_name: str) -> bool:
+        return self.handoff.transport.connected(transport_name)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.engine.add_request(request_id, prompt_token_ids, params)

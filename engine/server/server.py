@@ -37,6 +37,7 @@ from typing import Callable
 
 import zmq
 
+from engine import envs
 from engine.protocol import (Abort, Drain, Generate, Hello, KVEvents, KVFailed, Lease, LoadReport, PeerRef, Prefill,
                              PrefillDone, Refused, Role, ServerInfo, ServerStats, Stats, StatsRequest, TokenDelta,
                              Tokens, Welcome)
@@ -99,10 +100,11 @@ class Server:
         self._auth = start_authenticator(self.ctx, keys)  # CURVE: only key holders get in (None: plaintext)
         self.cmd = self._socket(zmq.ROUTER, server=True)
         self.cmd.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        port = self._bind(self.cmd, config.host, config.port)
+        where = config.advertised  # what the router and peers are told: never the bind address itself
+        port = self._bind(self.cmd, where.bind_endpoint(), config.port)
         self.pub = self._socket(zmq.PUB, server=True)
-        event_port = self._bind(self.pub, config.host, config.event_port)
-        self.address, self.event_address = f"tcp://{config.host}:{port}", f"tcp://{config.host}:{event_port}"
+        event_port = self._bind(self.pub, where.bind_endpoint(), config.event_port)
+        self.address, self.event_address = where.endpoint(port), where.endpoint(event_port)
         try:
             self.executor = executor = make_executor(engine_id)
         except BaseException:
@@ -147,9 +149,9 @@ class Server:
         self._load = self._load_report()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="duet-heartbeat", daemon=True)
         self._heartbeat.start()
-        logger.info("%s serving %s on %s (events %s, %s executor, KV transport %s, tp=%d pp=%d)", engine_id,
-                    config.model_name, self.address, self.event_address, config.executor, x.transport_kind,
-                    x.tensor_parallel_size, x.pipeline_parallel_size)
+        logger.info("%s serving %s on %s (events %s, bound on %s, %s executor, KV transport %s, tp=%d pp=%d)",
+                    engine_id, config.model_name, self.address, self.event_address, where.bind_host, config.executor,
+                    x.transport_kind, x.tensor_parallel_size, x.pipeline_parallel_size)
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -186,6 +188,12 @@ class Server:
         if self.cmd in events:
             for ident, msg in recv_messages(self.cmd, routed=True, on_bad=self._refuse_malformed):
                 self._dispatch(ident, msg)
+        now = time.monotonic()
+        if self._leases and now >= self._next_lease_check:
+            # Right after the commands are read: a lease renewal that waited in the socket while this loop was
+            # busy (a long step) counts; a router is silent only when nothing from it is waiting here.
+            self._next_lease_check = now + 0.25
+            self._expire_leases(now)
         for event in self.executor.run_once():
             if isinstance(event, Tokens):
                 self._on_output(event)
@@ -196,10 +204,6 @@ class Server:
                 if req is not None and req.phase is Phase.AWAITING_KV:
                     self._kv_lost(req, event.reason)
         self._publish_events()
-        now = time.monotonic()
-        if self._leases and now >= self._next_lease_check:
-            self._next_lease_check = now + 0.25
-            self._expire_leases(now)
         if self.draining:
             self._check_drained()
         if not self.executor.healthy():
@@ -377,6 +381,10 @@ class Server:
             return f"peer {peer.engine_id}: {e}"
         if peer.transport_kind != self.info.transport_kind:
             return f"peer {peer.engine_id} uses KV transport {peer.transport_kind}, this server {self.info.transport_kind}"
+        if peer.transport_name in self._reachable and not self.executor.peer_connected(peer.transport_name):
+            logger.warning("%s: the KV connection to peer %s was lost (a network partition?): reconnecting",
+                           self.engine_id, peer.engine_id)
+            self._reachable.discard(peer.transport_name)
         if peer.transport_name not in self._reachable:
             try:
                 self.executor.connect_peer(peer.transport_name, peer.transport_metadata)
@@ -434,6 +442,11 @@ class Server:
             self._reply(req.client, Tokens(req.request_id, TokenDelta.failure(error, status, retryable), req.attempt))
 
     # ---- events, stats, heartbeats ----------------------------------------------------------------------
+    def ready(self) -> bool:
+        """Takes new requests: its engine is healthy and it is not draining (the ``/health`` of ``--metrics-port``;
+        read from the exporter's thread: two flags, no lock needed)."""
+        return not self.draining and not self.stopping and self.executor.healthy()
+
     def stats(self) -> ServerStats:
         s = ServerStats()
         self.executor.fill_stats(s)
@@ -487,11 +500,11 @@ class Server:
         return sock
 
     @staticmethod
-    def _bind(sock: zmq.Socket, host: str, port: int) -> int:
-        """Bind ``sock`` on ``host``; port 0 picks a free one. Returns the port."""
+    def _bind(sock: zmq.Socket, base: str, port: int) -> int:
+        """Bind ``sock`` on ``base`` (``tcp://HOST``); port 0 picks a free one. Returns the port."""
         if port == 0:
-            return sock.bind_to_random_port(f"tcp://{host}")
-        sock.bind(f"tcp://{host}:{port}")
+            return sock.bind_to_random_port(base)
+        sock.bind(f"{base}:{port}")
         return port
 
     def _reply(self, ident: bytes, msg: Message) -> None:
@@ -509,6 +522,9 @@ class Server:
 def make_server(engine_config, config: ServerConfig) -> Server:
     """A server with the executor ``config.executor`` names (``engine_config`` configures its engine)."""
     engine_id = f"{config.role}-{'vllm-' if config.executor == 'vllm' else ''}{uuid.uuid4().hex[:8]}"
+    ucx = envs.apply_ucx_settings(config.ucx_tls, config.ucx_net_devices)  # before any NIXL agent starts
+    if ucx:
+        logger.info("%s: NIXL/UCX settings %s", engine_id, " ".join(f"{k}={v}" for k, v in ucx.items()))
 
     def make_executor(engine_id: str) -> Executor:
         if config.executor == "vllm":

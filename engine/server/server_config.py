@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 
 from engine import envs
 from engine.protocol import SERVER_ROLES, Role
+from engine.server.advertised_address import AdvertisedAddress
 from transfer.curve import ZmqKeys, load_keys
 from transfer.handoff import HandoffFaults
 
 KV_FAILURE_POLICIES = ("recompute", "fail")
 EXECUTORS = ("native", "vllm")
 KV_TRANSPORTS = ("auto", "nixl", "zmq")
+_UCX_LIST = re.compile(r"^\^?[A-Za-z0-9_:.\-]+(,[A-Za-z0-9_:.\-]+)*$")  # UCX_TLS / UCX_NET_DEVICES syntax
 
 
 def _faults_from_env() -> HandoffFaults:
@@ -26,7 +29,13 @@ class ServerConfig:
     """``prefill`` (prefills for decode servers), ``decode`` (generates; prompt KV from prefill servers or its
     own prefill) or ``both`` (colocated: does both for its own requests)."""
     host: str = "127.0.0.1"
-    """Interface the command, event and KV sockets bind to."""
+    """Interface the command, event and ZeroMQ KV sockets bind to (``0.0.0.0``: every interface)."""
+    advertise_host: str | None = None
+    """What the router and peers are told to connect to (every advertised endpoint: command, events, ZeroMQ KV);
+    None: ``host`` itself, or this host's primary address when ``host`` is a wildcard. See
+    ``engine.server.advertised_address``."""
+    allow_loopback_advertise: bool = False
+    """Allow advertising a loopback address while bound to a non-loopback one (every peer on this host)."""
     port: int = 0
     """Command (ROUTER) port; 0 picks a free one."""
     event_port: int = 0
@@ -51,6 +60,11 @@ class ServerConfig:
     """On SIGTERM or ``Drain``: how long in-flight work may take to finish before it is aborted."""
     model_name: str = ""
     """Name in the OpenAI API (default: the model path)."""
+    ucx_tls: str | None = None
+    """NIXL: UCX transports (``UCX_TLS``, e.g. ``tcp``, ``rc,cuda_copy``); None leaves UCX's choice (or the
+    environment's ``UCX_TLS``)."""
+    ucx_net_devices: str | None = None
+    """NIXL: UCX devices (``UCX_NET_DEVICES``, e.g. ``eth0``, ``mlx5_0:1``); None: every device UCX finds."""
     zmq_keys_dir: str | None = None
     """CURVE key directory: authenticate and encrypt every ZeroMQ socket (None: plaintext)."""
     faults: HandoffFaults = field(default_factory=_faults_from_env)
@@ -59,6 +73,8 @@ class ServerConfig:
     """Test hook: sleep this long after each layer of a step that streams KV out."""
     debug_step_delay_s: float = 0.0
     """Test hook: sleep this long after each engine step."""
+    advertised: AdvertisedAddress = field(init=False, repr=False)
+    """Derived from ``host`` / ``advertise_host``: where sockets bind, and every endpoint peers are told."""
 
     def __post_init__(self) -> None:
         try:
@@ -84,6 +100,14 @@ class ServerConfig:
         for name in ("debug_layer_delay_s", "debug_step_delay_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("ucx_tls", "ucx_net_devices"):
+            value = getattr(self, name)
+            if value is not None and not _UCX_LIST.match(value):
+                raise ValueError(f"{name} must be a comma-separated UCX list (e.g. 'tcp', 'mlx5_0:1,eth0'), "
+                                 f"got {value!r}")
+        # Validated now: a wrong address fails at start-up, not at the first peer that cannot dial it.
+        self.advertised = AdvertisedAddress.resolve(self.host, self.advertise_host,
+                                                    allow_loopback=self.allow_loopback_advertise)
 
     @functools.cached_property
     def zmq_keys(self) -> ZmqKeys | None:

@@ -82,7 +82,9 @@ class VllmExecutor(Executor):
         self.worker_stats = HandoffStats()
         self.worker_open_transfers = 0
         faults = server.faults
-        extra = {"duet_control": control_address, "duet_transport": server.kv_transport, "duet_host": server.host,
+        where = server.advertised
+        extra = {"duet_control": control_address, "duet_transport": server.kv_transport, "duet_host": where.bind_host,
+                 "duet_advertise_host": where.advertise_host,
                  "duet_staging_bytes": server.staging_bytes, "duet_kv_timeout_s": server.kv_timeout_s,
                  "duet_model_id": model_id(engine_config.model), "duet_debug_layer_delay_s": server.debug_layer_delay_s,
                  "duet_fault_fail_write_p": faults.fail_write_p, "duet_fault_drop_notif_p": faults.drop_notif_p,

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import pytest
@@ -126,3 +127,23 @@ with ServerMetricsExporter(lambda: {"running": 2}, model_name="m", role="decode"
     assert samples(out.stdout, "duet_x_seconds_count")[0][1] == 1.0
     assert samples(out.stdout, "vllm:time_to_first_token_seconds_sum")[0][1] == 0.25
     assert any(tmp_path.iterdir()), "values went through the multiprocess files"
+
+
+def test_health_follows_the_servers_readiness():
+    """``GET /health`` is the readiness probe of a prefill or decode pod: 503 while draining, 200 otherwise."""
+    state = {"ready": True}
+
+    def ready():
+        if state["ready"] is None:
+            raise RuntimeError("broken")
+        return state["ready"]
+
+    with ServerMetricsExporter(lambda: {}, model_name="m", role="prefill", engine_id="p-1", ready=ready) as exporter:
+        health = exporter.url.replace("/metrics", "/health")
+        with urllib.request.urlopen(health, timeout=10) as resp:
+            assert resp.status == 200 and resp.read() == b'{"status": "ok"}\n'
+        for state["ready"] in (False, None):  # draining; the check itself failing
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(health, timeout=10)
+            assert e.value.code == 503
+        assert "duet_server_stats_errors_total" in scrape(exporter.url)  # /metrics still served beside it

@@ -34,13 +34,14 @@ def no_leaks(*procs: ServerProcess) -> bool:
                and s["open_transfers"] == 0 for p in procs)
 
 
-async def stream(url: str, prompt: list[int], max_tokens: int, on_token=None) -> tuple[int, list[str], str | None]:
+async def stream(url: str, prompt: list[int], max_tokens: int, on_token=None,
+                 headers: dict[str, str] | None = None) -> tuple[int, list[str], str | None]:
     """Stream a greedy completion; returns (status, token strings, error message)."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "logprobs": 0}
     tokens: list[str] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        async with session.post(url + "/v1/completions", json=body) as resp:
+        async with session.post(url + "/v1/completions", json=body, headers=headers) as resp:
             if resp.status != 200:
                 return resp.status, tokens, (await resp.json())["error"]["message"]
             async for raw in resp.content:

@@ -201,7 +201,9 @@ def test_in_process_basics(kind):
         local, remote = a.register(src), b.describe(b.register(dst))
         with pytest.raises(ValueError):
             a.connect("someone-else", b.metadata())
+        assert not a.connected(b.name)
         a.connect(b.name, b.metadata())
+        assert a.connected(b.name)
         with pytest.raises(ValueError):
             a.write_many(local, remote, [])
         with pytest.raises(ValueError):
@@ -221,6 +223,7 @@ def test_in_process_basics(kind):
         with pytest.raises(TimeoutError):
             b.wait_notifications(1, deadline_s=0.05)
         a.disconnect(b.name)
+        assert not a.connected(b.name)
         with pytest.raises(PeerNotConnected):
             a.send_notif(b.name, b"x")
     a.close()  # a second close is a no-op
@@ -240,4 +243,5 @@ def test_pending_write_fails_when_receiver_goes_away(kind):
             pytest.skip("the write completed without the receiver's progress")
         b.close()
         assert _wait_error(a, handle) == ERROR and handle.error
+        assert not a.connected(b.name)  # the server reconnects such a peer before its next transfer
         a.release(handle)
