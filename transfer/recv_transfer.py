@@ -95,6 +95,8 @@ class RecvTransfer(TransferMachine):
         if self.state is not RecvState.AWAITING_KV:
             owner.stats.duplicate_notifications += 1  # nothing was asked for yet, or it is over
             return
+        if self.error is not None:
+            return  # failing or cancelled: its blocks may belong to someone else by now, never scatter into them
         layers = range(msg.layer_start, msg.layer_end)
         if msg.layer_end > owner.port.num_layers or any(layer in self.layers_received for layer in layers):
             owner.stats.duplicate_notifications += 1
