@@ -440,6 +440,8 @@ class ServerStats:
     """Admissions that looked past their device hits (host tier on, or a pull)."""
     host_tier_blocks: int = 0
     host_tier_cached_blocks: int = 0
+    host_tier_busy_blocks: int = 0
+    """Host blocks being read or written by a copy; 0 when idle."""
     host_hits: int = 0
     """Admissions that loaded blocks from the host tier (misses: ``tier_lookups`` - ``host_hits`` - pulls)."""
     host_hit_tokens: int = 0

@@ -223,7 +223,7 @@ class Scheduler:
             if not req.ready:
                 idx += 1
                 continue
-            resumed = req.num_computed_tokens > 0  # its KV came from a tier: no lookup, its blocks are held
+            resumed = bool(req.block_ids)  # back from a fetch (maybe a failed one): no lookup, its blocks are held
             cached = bm.find_cached_prefix(req) if not resumed else []
             del cached[req.max_prefix_hit_tokens // bm.block_size:]
             host = self.tier.match(req, len(cached)) if self.tier is not None and not resumed else []

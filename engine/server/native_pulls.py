@@ -173,6 +173,7 @@ def tier_stats_into(stats: ServerStats, engine: LLMEngine, pulls: PullStats) -> 
         return
     t, pool = tier.stats, tier.pool
     stats.host_tier_blocks, stats.host_tier_cached_blocks = pool.num_blocks, pool.num_cached_blocks
+    stats.host_tier_busy_blocks = pool.num_read_blocks + pool.num_writing_blocks
     stats.host_offload_blocks, stats.host_offload_bytes = t.offload_blocks, t.offload_bytes
     stats.host_load_blocks, stats.host_load_bytes, stats.host_load_failures = t.load_blocks, t.load_bytes, t.load_failures
     stats.host_load_seconds_sum, stats.host_load_seconds_max = t.load_seconds_sum, t.load_seconds_max
