@@ -62,6 +62,9 @@ MODEL = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, interme
 BLOCK = 16
 MIN_TOKEN, MAX_TOKEN = 5, 4096
 CONFIGS = ("off", "host", "host+pulls")
+HEARTBEAT_S = 1.0
+"""What the router expects (servers beat every 0.2 s): 3 s of silence before a server counts as dead, since on
+a shared 2-core machine a long prefill step can hold a server's heartbeat thread back for a second."""
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,8 @@ async def run_config(name: str, model: str, w: Workload, costs: dict, turns: lis
     """One configuration on fresh servers: every conversation of ``turns`` on its schedule."""
     procs = start_servers(model, w, host=name != "off")
     disp = ClusterDispatcher([], [p.address for p in procs], "m", router_policy(costs, pulls=name == "host+pulls"),
-                             connect_timeout_s=120, request_timeout_s=600, queue_timeout_s=120)
+                             connect_timeout_s=120, request_timeout_s=600, queue_timeout_s=120,
+                             heartbeat_s=HEARTBEAT_S)
     records: list[dict] = []
     try:
         await disp.start()
@@ -245,7 +249,8 @@ def calibrate(model: str, w: Workload, quick: bool) -> dict:
         costs: dict = {}
 
         async def prefill_and_decode() -> None:
-            disp = ClusterDispatcher([], [procs[0].address], "m", RouterPolicy(), connect_timeout_s=120)
+            disp = ClusterDispatcher([], [procs[0].address], "m", RouterPolicy(), connect_timeout_s=120,
+                                     heartbeat_s=HEARTBEAT_S)
             await disp.start()
             try:
                 await generate(disp, "cal-warm", [MIN_TOKEN] * 40, 2)
@@ -273,29 +278,34 @@ def calibrate(model: str, w: Workload, quick: bool) -> dict:
         stop(procs)
 
 
-def calibrate_pulls(procs: list[ServerProcess], rng: random.Random, big_blocks: int) -> dict:
-    """Two pulls from server 0 to server 1 (4 blocks, ``big_blocks`` blocks): the fixed cost and the bandwidth."""
+def calibrate_pulls(procs: list[ServerProcess], rng: random.Random, big_blocks: int, repeats: int = 3) -> dict:
+    """Pulls from server 0 to server 1, ``repeats`` of 4 blocks and of ``big_blocks`` blocks: the fixed cost and
+    the bandwidth, from the medians (a pull's seconds run from the owner's admission to its last WRITE)."""
     hello = Hello(ServerInfo("bench", "e", "router", "m"))
     a, b = (query_server(p.address, [hello], 1, timeout_s=60)[0].info for p in procs)
-    points = []
-    for k, num_blocks in enumerate((4, big_blocks)):
-        prompt = [rng.randrange(MIN_TOKEN, MAX_TOKEN) for _ in range(num_blocks * BLOCK + 1)]
-        query_server(procs[0].address, [Generate(f"pc{k}", prompt, SamplingParams(max_tokens=1, **GREEDY))], 1, 120)
-        done = {}
-        tid = f"cal-pull-{k}"
-        serve = threading.Thread(target=lambda: done.update(msg=query_server(procs[0].address, [
-            PullKV(f"pp{k}", tid, prompt[:num_blocks * BLOCK], PeerRef.of(b), 60)], 1, timeout_s=120)[0]))
-        serve.start()
-        query_server(procs[1].address, [Generate(f"pp{k}", prompt, SamplingParams(max_tokens=1, **GREEDY),
-                                                 pull=RemotePull(PeerRef.of(a), tid, num_blocks, 60))], 1, 120)
-        serve.join()
-        if not done["msg"].ok:
-            raise RuntimeError(f"calibration pull failed: {done['msg'].error}")
-        points.append((done["msg"].num_bytes, done["msg"].seconds))
-    (small_bytes, small_s), (big_bytes, big_s) = points
-    per_byte = max((big_s - small_s) / max(big_bytes - small_bytes, 1), 1e-12)
+    points: dict[int, list[tuple[int, float]]] = {4: [], big_blocks: []}
+    for k in range(repeats):
+        for num_blocks in points:
+            prompt = [rng.randrange(MIN_TOKEN, MAX_TOKEN) for _ in range(num_blocks * BLOCK + 1)]
+            params = SamplingParams(max_tokens=1, **GREEDY)
+            query_server(procs[0].address, [Generate(f"pc{k}-{num_blocks}", prompt, params)], 1, 120)
+            done = {}
+            tid = f"cal-pull-{k}-{num_blocks}"
+            serve = threading.Thread(target=lambda: done.update(msg=query_server(procs[0].address, [
+                PullKV(tid, tid, prompt[:num_blocks * BLOCK], PeerRef.of(b), 60)], 1, timeout_s=120)[0]))
+            serve.start()
+            query_server(procs[1].address, [Generate(tid, prompt, params,
+                                                     pull=RemotePull(PeerRef.of(a), tid, num_blocks, 60))], 1, 120)
+            serve.join()
+            if not done["msg"].ok:
+                raise RuntimeError(f"calibration pull failed: {done['msg'].error}")
+            points[num_blocks].append((done["msg"].num_bytes, done["msg"].seconds))
+    (small_bytes, small_s), (big_bytes, big_s) = ((p[0][0], statistics.median(s for _, s in p)) for p in points.values())
+    per_byte = (big_s - small_s) / max(big_bytes - small_bytes, 1)
+    if per_byte <= 0:  # the difference drowned in noise: charge everything to the bandwidth of the big pulls
+        per_byte = big_s / big_bytes
     return {"pull_overhead_s": max(small_s - small_bytes * per_byte, 0.0), "pull_bytes_per_s": 1 / per_byte,
-            "pull_samples": points}
+            "pull_samples": {n: p for n, p in points.items()}}
 
 
 # ---- the simulator's prediction -----------------------------------------------------------------------------

@@ -102,3 +102,20 @@ def test_scorer_prices_device_over_host_over_pull_and_places_pulls():
     # Without the tier view the scorer decides as before tiers: no host hit, no pull.
     d = s.choose(req, servers, ix.match(req.block_hashes))
     assert d.host_hit_tokens == 0 and d.pull_from_id is None
+
+
+def test_simulator_host_tier_and_pulls_recompute_less():
+    from dataclasses import replace
+
+    from bench.router_sim import SimConfig, simulate
+
+    # Four decode servers whose pools hold a few conversations; turns come back after others evicted them.
+    cfg = SimConfig(num_prefill=0, num_decode=4, duration_s=20.0, conversations_per_s=2.0, mean_think_s=6.0,
+                    decode_blocks=400, prefill_b_s_per_token=1 / 5000, pull_s_per_token=1e-6, seed=1)
+    policy = RouterPolicy(tiers=TierPolicy(pulls=True, kv_bytes_per_token=1024, pull_bytes_per_s=1e9))
+    off, host, pulls = (simulate(replace(cfg, host_blocks=h), ("prefix_aware",), base_policy=replace(
+        policy, tiers=replace(policy.tiers, pulls=p)))[0] for h, p in ((0, False), (50_000, False), (50_000, True)))
+    assert min(off["requests"], host["requests"], pulls["requests"]) > 80
+    assert off["host_hit_rate"] == 0 and host["host_hit_rate"] > 0.1 and host["pulled_rate"] == 0
+    assert host["prefix_hit_rate"] > off["prefix_hit_rate"] + 0.1  # tokens not recomputed
+    assert pulls["pulled_rate"] > 0.1 and pulls["prefix_hit_rate"] > host["prefix_hit_rate"]
