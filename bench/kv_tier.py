@@ -257,11 +257,12 @@ def calibrate(model: str, w: Workload, quick: bool) -> dict:
                 lengths, seconds = [], []
                 top = w.system_tokens + w.doc_tokens[1] + w.num_turns * (w.followup_tokens[1] + w.reply_tokens)
                 for length in sorted({16, 64, 256, top // 2, top} if not quick else {16, 64, top}):
-                    for rep in range(2):
+                    samples = []
+                    for rep in range(3):
                         prompt = [rng.randrange(MIN_TOKEN, MAX_TOKEN) for _ in range(length)]
-                        ttft, _, _ = await generate(disp, f"cal-{length}-{rep}", prompt, 1)
-                        lengths.append(length)
-                        seconds.append(ttft)
+                        samples.append((await generate(disp, f"cal-{length}-{rep}", prompt, 1))[0])
+                    lengths.append(length)
+                    seconds.append(statistics.median(samples))  # the machine is shared: one slow sample is noise
                 costs["prefill_a_s"], costs["prefill_b_s"], costs["prefill_c_s"] = fit_quadratic(lengths, seconds)
                 costs["prefill_samples"] = list(zip(lengths, seconds))
                 t0 = time.perf_counter()

@@ -360,7 +360,10 @@ class Simulation:
             prompt = req.info.num_prompt_tokens
             on_decode = server.state.role == "decode"
             num_blocks = -(-(prompt + (self.cfg.max_tokens if on_decode else 0)) // bs)
-            pull = req.decision.pull_tokens // bs if on_decode and req.decision.pull_from_id else 0
+            pull = 0  # a planned pull's end block (the decode server keeps its own hits before it)
+            if on_decode and req.decision.pull_from_id:
+                d = req.decision
+                pull = (d.decode_cached_tokens + d.host_hit_tokens + d.pull_tokens) // bs
             if pull:
                 m = server.pool.acquire(req.info.block_hashes, num_blocks, pull)
             else:

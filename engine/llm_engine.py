@@ -251,9 +251,9 @@ class LLMEngine:
         return self.tier is not None and self.tier.busy
 
     def add_pulled_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
-                           num_blocks: int) -> KVFetch | None:
+                           num_blocks: int) -> KVFetch | str:
         """Admit a request whose first ``num_blocks`` prompt blocks another server will send (``pull_ended``
-        reports how that went). None when nothing needs pulling or there is no room: it was queued as usual."""
+        reports how that went); or why nothing is pulled (it was then queued as usual)."""
         req = self.make_request(request_id, prompt_token_ids, params)
         return self.scheduler.admit_for_pull(req, num_blocks)
 

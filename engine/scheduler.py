@@ -146,11 +146,11 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     # ---- KV from the tiers (host tier, pulls from other servers) --------------------------------------
-    def admit_for_pull(self, req: Request, num_blocks: int) -> KVFetch | None:
+    def admit_for_pull(self, req: Request, num_blocks: int) -> KVFetch | str:
         """Admit ``req`` with its first ``num_blocks`` prompt blocks pulled from another server, less what this
         server caches (device hits, then a host run, which loads meanwhile). Returns the fetch, whose ``peer``
-        part the caller receives into; None when there is nothing left to pull or no KV room now (the request
-        is then queued as any other and computes what it does not find)."""
+        part the caller receives into, or why nothing is pulled (this server caches enough of it, or has no KV
+        room now): the request is then queued as any other and computes what it does not find."""
         bm = self.block_manager
         cached = bm.find_cached_prefix(req)
         host = self.tier.match(req, len(cached)) if self.tier is not None else []
@@ -158,10 +158,14 @@ class Scheduler:
         num_blocks = min(num_blocks, (req.num_tokens - 1) // bm.block_size, req.max_prefix_hit_tokens // bm.block_size)
         del cached[num_blocks:]
         del host[max(0, num_blocks - len(cached)):]
-        if num_blocks <= len(cached) + len(host) or not bm.allocate(req, (num_blocks - len(cached)) * bm.block_size,
-                                                                    cached):
+        why = None
+        if num_blocks <= len(cached) + len(host):
+            why = f"{len(cached)} + {len(host)} of its {num_blocks} blocks are cached here (device + host)"
+        elif not bm.allocate(req, (num_blocks - len(cached)) * bm.block_size, cached):
+            why = f"no KV room for {num_blocks - len(cached)} blocks ({bm.num_free_blocks} free)"
+        if why is not None:
             self.add(req)
-            return None
+            return why
         self.num_tier_lookups += 1
         end = len(cached) + len(host)
         parts = [FetchPart("host", len(cached), end)] if host else []

@@ -321,7 +321,9 @@ class ClusterDispatcher(Dispatcher):
         if p is None and decision.pull_from_id in self.registry.links and request.params.prompt_logprobs is None:
             # The owner stands where P would. (A request scoring its prompt computes it: nothing to pull.)
             p = self.registry.links[decision.pull_from_id]
-            self._pull_blocks[request.request_id] = decision.pull_tokens // self.block_size
+            # The pull covers the prompt's first blocks up to the end of the pulled run (D keeps its own hits).
+            covered = decision.decode_cached_tokens + decision.host_hit_tokens + decision.pull_tokens
+            self._pull_blocks[request.request_id] = covered // self.block_size
             self.router_metrics.event("pulls_planned")
         return d, p
 
@@ -484,7 +486,8 @@ class ClusterDispatcher(Dispatcher):
             self.scorer.observe_pull(msg.num_bytes, msg.seconds)
         else:
             self.router_metrics.event("pulls_failed")
-            logger.info("pull %s from %s failed: %s", msg.transfer_id, link.address, msg.error)
+            logger.warning("pull %s from %s failed (the puller computes it): %s", msg.transfer_id, link.address,
+                           msg.error)
 
     def _handoff_part(self, tid: str, key: str, value: float) -> None:
         parts = self._handoff_parts.get(tid)

@@ -61,8 +61,8 @@ class NativePulls:
               owner: str, num_blocks: int, timeout_s: float) -> bool:
         """See ``Executor.add_pulled``."""
         fetch = self.engine.add_pulled_request(request_id, prompt_token_ids, params, num_blocks)
-        if fetch is None:
-            self.handoff.decline(transfer_id, owner, "nothing to pull: cached here already, or no KV room")
+        if isinstance(fetch, str):
+            self.handoff.decline(transfer_id, owner, f"nothing pulled: {fetch}")
             return False
         part = fetch.part("peer")
         part.transfer_id = transfer_id

@@ -153,3 +153,47 @@ def test_owner_killed_mid_pull_the_request_recomputes_and_completes(model, cold)
         assert_clean(b)
     finally:
         a.stop(), b.stop()
+
+
+def test_router_plans_a_pull_and_the_puller_computes_only_the_rest(model):
+    """Round-robin placement sends a conversation's second turn to the other server; the router's tier view
+    (events of both tiers) plans a pull of the first turn's blocks from the server that computed them."""
+    import asyncio
+
+    from engine.router.cluster import ClusterDispatcher
+    from engine.router.dispatcher import GenerateRequest
+    from engine.router.scoring import RouterPolicy
+    from engine.router.tier_cost import TierPolicy
+
+    a, b = ServerProcess("decode", model, *SERVER_ARGS), ServerProcess("decode", model, *SERVER_ARGS)
+    policy = RouterPolicy(policy="round_robin", prior_tokens_per_s=200.0,  # prefill looks slow, pulls cheap
+                          tiers=TierPolicy(pulls=True, pull_bytes_per_s=1e10, pull_overhead_s=1e-3))
+
+    async def run():
+        disp = ClusterDispatcher([], [a.address, b.address], "m", policy, connect_timeout_s=60, heartbeat_s=1.0)
+        await disp.start()
+        try:
+            out = []
+            async for delta in disp.generate(GenerateRequest("t1", P1, GREEDY)):
+                out += delta.token_ids
+            turn2 = P1 + out + P3[:20]
+            await asyncio.sleep(1.0)  # the first turn's KV events reach the router
+            toks = []
+            async for delta in disp.generate(GenerateRequest("t2", turn2, GREEDY)):
+                toks += delta.token_ids
+            return turn2, toks, dict(disp.counters)
+        finally:
+            await disp.close()
+
+    try:
+        a.wait_ready(), b.wait_ready()
+        turn2, tokens, counters = asyncio.run(run())
+        assert counters.get("pulls_planned") == 1 and counters.get("pulls_served") == 1, counters
+        ref = LLM(model, show_progress=False, num_kv_blocks=64).generate([turn2], GREEDY)[0].token_ids
+        assert tokens == ref
+        sa, sb = stats(a), stats(b)
+        puller = sa if sa["pulls_started"] else sb
+        assert puller["pulled_tokens"] == 4 * BS and puller["prompt_tokens_computed"] == len(turn2) - 4 * BS
+        assert_clean(a, b)
+    finally:
+        a.stop(), b.stop()
