@@ -1,6 +1,6 @@
 """Multi-turn conversations on device pools too small to keep them: host KV tier off vs on vs on + pulls.
 
-    python -m bench.kv_tier [--quick] [--conversations N] [--repeats R] [--scratch DIR]
+    python -m bench.kv_tier [--quick] [--conversations N] [--repeats R] [--record]
 
 Two decode servers (native executor, each prefilling its own requests, KV over ZeroMQ) behind the cluster
 router, in one process with this script. A seeded workload of ``--conversations`` conversations shares one
@@ -181,7 +181,7 @@ async def run_config(name: str, model: str, w: Workload, costs: dict, turns: lis
         await asyncio.gather(*(conversation(i) for i in range(len(turns))))
         after = await server_totals(disp)
         counters = {k: after[k] - before.get(k, 0) for k in after}
-        counters.update({f"router_{k}": v for k, v in disp.counters.items()})
+        counters.update({f"router_{k}": v for k, v in disp.router_metrics.event_counts().items()})
         return records, counters
     finally:
         await disp.close()
@@ -410,7 +410,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--quick", action="store_true", help="a small workload (tests, smoke runs)")
     ap.add_argument("--conversations", type=int)
     ap.add_argument("--repeats", type=int, default=2, help="rounds over the configurations, in alternating order")
-    ap.add_argument("--scratch", help="write results under this folder instead of bench/results/ (exploratory runs)")
+    from bench.report import add_record_arg, write_results
+
+    add_record_arg(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     w = QUICK if args.quick else Workload()
@@ -436,14 +438,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in rows:
         row["speedup_returning_p50"] = base / row["returning_ttft_p50_ms"] if row["returning_ttft_p50_ms"] else 0.0
 
-    from bench import report
-
-    if args.scratch:
-        report.RESULTS_ROOT = Path(args.scratch)
-    report.write_results("kv_tier_quick" if args.quick else "kv_tier", rows, COLUMNS, device="cpu", plot=plot_rows(rows),
-                         extra={"workload": asdict(w), "model": MODEL, "repeats": args.repeats, "costs": costs,
-                                "order": "alternating", "requests": {c: records[c] for c in CONFIGS},
-                                "counters": counters})
+    write_results("kv_tier_quick" if args.quick else "kv_tier", rows, COLUMNS, device="cpu", plot=plot_rows(rows),
+                  extra={"workload": asdict(w), "model": MODEL, "repeats": args.repeats, "costs": costs,
+                         "order": "alternating", "requests": {c: records[c] for c in CONFIGS}, "counters": counters},
+                  record=args.record)
     return rows
 
 

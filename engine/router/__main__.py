@@ -18,6 +18,7 @@ from engine.router.http_server import add_http_args, http_options, serve
 from engine.router.cluster import ClusterDispatcher
 from engine.router.dispatcher import DispatchError
 from engine.router.scoring import POLICIES, RouterPolicy
+from engine.router.tier_cost import TierPolicy
 from engine.server.cli import (
     add_frontend_args,
     add_logging_args,

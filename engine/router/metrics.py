@@ -57,6 +57,7 @@ class RouterMetrics:
                 "pulls_failed": "Planned pulls that failed or were declined (the puller computed the prefix)."}
         event_counters = [Counter(f"duet_router_{name}", docs[name], ["model_name"], registry=None) for name in EVENTS]
         self.events = {name: c.labels(*m) for name, c in zip(EVENTS, event_counters)}
+        self._event_counters = dict(zip(EVENTS, event_counters))
         self.queue_length = Gauge("duet_router_queue_length", "Requests waiting in the admission queue now.",
                                   ["model_name"], registry=None, multiprocess_mode="mostrecent")
         self.prefill_compute = Histogram("duet_prefill_compute_seconds", "Prefill server compute per request.",
@@ -81,6 +82,12 @@ class RouterMetrics:
 
     def event(self, name: str, amount: float = 1.0) -> None:
         self.events[name].inc(amount)
+
+    def event_counts(self) -> dict[str, float]:
+        """Every event's count so far (benchmarks and tests read it here; a scrape reads ``families``)."""
+        return {name: sum(sample.value for metric in counter.collect() for sample in metric.samples
+                          if sample.name.endswith("_total"))
+                for name, counter in self._event_counters.items()}
 
     def set_queue_length(self, n: int) -> None:
         self.queue_length.labels(self.model_name).set(n)

@@ -181,7 +181,7 @@ def test_router_plans_a_pull_and_the_puller_computes_only_the_rest(model):
             toks = []
             async for delta in disp.generate(GenerateRequest("t2", turn2, GREEDY)):
                 toks += delta.token_ids
-            return turn2, toks, dict(disp.counters)
+            return turn2, toks, disp.router_metrics.event_counts()
         finally:
             await disp.close()
 
