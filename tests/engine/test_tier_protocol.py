@@ -39,7 +39,9 @@ def test_pull_messages_round_trip_and_old_generates_have_no_pull():
     with pytest.raises(ValueError, match="num_blocks"):
         RemotePull(PEER, "t", 0)
     with pytest.raises(ValueError, match="timeout_s"):
-        PullKV("r", "t", [], PEER, timeout_s=0)
+        PullKV("r", "t", [1], PEER, timeout_s=0)
+    with pytest.raises(ValueError, match="prefix_token_ids"):
+        PullKV("r", "t", [], PEER)
     raw = encode(Generate("r", [1], params, pull=RemotePull(PEER, "t", 1)))
     obj = msgpack.unpackb(raw, strict_map_key=False)
     obj["pull"]["num_blocks"] = -5  # a hostile router: refused where decoded
