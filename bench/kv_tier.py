@@ -62,8 +62,8 @@ MODEL = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, interme
 BLOCK = 16
 MIN_TOKEN, MAX_TOKEN = 5, 4096
 CONFIGS = ("off", "host", "host+pulls")
-HEARTBEAT_S = 1.0
-"""What the router expects (servers beat every 0.2 s): 3 s of silence before a server counts as dead, since on
+HEARTBEAT_S = 2.0
+"""What the router expects (servers beat every 0.2 s): 6 s of silence before a server counts as dead, since on
 a shared 2-core machine a long prefill step can hold a server's heartbeat thread back for a second."""
 
 

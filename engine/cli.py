@@ -14,7 +14,7 @@ BENCHMARKS = {
     "attention": "bench.attention", "kv_pack": "bench.kv_pack", "transfer": "bench.transfer",
     "engine_throughput": "bench.engine_throughput", "pd_vs_colocated": "bench.pd_vs_colocated",
     "serving": "bench.serving", "router_sim": "bench.router_sim", "vllm_peer": "bench.vllm_peer",
-    "decode_roofline": "bench.decode_roofline",
+    "decode_roofline": "bench.decode_roofline", "kv_tier": "bench.kv_tier",
 }
 
 USAGE = """usage: duet <command> [arguments]

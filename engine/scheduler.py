@@ -13,10 +13,12 @@ outputs) is passed over until it is ready, without losing its place. A request t
 takes a prefix-cache hit only for positions whose logprobs it already has (``Request.max_prefix_hit_tokens``).
 
 With a host KV tier (``engine.kv_tier``), admission looks past a request's device prefix-cache hits into the
-tier: when it holds more of the prompt, the request claims its device hits, gets blocks for the host run, and
-waits in WAITING_FOR_KV (``fetching``) while those blocks load (a ``KVFetch``); ``fetch_ended`` puts it back at
-the front of the queue with the loaded tokens computed, and it prefills from the first token not in place. A
-request that pulls a prefix from another server (``admit_for_pull``) waits the same way.
+tier: when it holds more of the prompt, the request claims its device hits, gets blocks for its whole prompt,
+and waits in WAITING_FOR_KV (``fetching``) while the host run loads (a ``KVFetch``); ``fetch_ended`` puts it back
+at the front of the queue with the loaded tokens computed, and it prefills from the first token not in place. A
+request that pulls a prefix from another server (``admit_for_pull``) waits the same way. Because its prompt's
+blocks are all held from the fetch on, a request back from one never waits for blocks (waiting requests that
+held only part of theirs could each wait, at the head of the queue, for blocks the others held).
 """
 from __future__ import annotations
 
@@ -161,8 +163,8 @@ class Scheduler:
         why = None
         if num_blocks <= len(cached) + len(host):
             why = f"{len(cached)} + {len(host)} of its {num_blocks} blocks are cached here (device + host)"
-        elif not bm.allocate(req, (num_blocks - len(cached)) * bm.block_size, cached):
-            why = f"no KV room for {num_blocks - len(cached)} blocks ({bm.num_free_blocks} free)"
+        elif not bm.allocate(req, req.num_tokens - len(cached) * bm.block_size, cached):  # its whole prompt
+            why = f"no KV room for its prompt ({bm.num_free_blocks} blocks free)"
         if why is not None:
             self.add(req)
             return why
@@ -233,7 +235,9 @@ class Scheduler:
             host = self.tier.match(req, len(cached)) if self.tier is not None and not resumed else []
             del host[max(0, req.max_prefix_hit_tokens // bm.block_size - len(cached)):]
             if host:  # more of it on the host tier: load that first, prefill after
-                if not bm.allocate(req, len(host) * bm.block_size, cached):
+                # Blocks for its whole prompt now: a request back from a fetch never waits for blocks (it would
+                # wait at the head of the queue for blocks that other fetched requests behind it hold).
+                if not bm.allocate(req, req.num_tokens - len(cached) * bm.block_size, cached):
                     break
                 del self.waiting[idx]
                 self.num_tier_lookups += 1

@@ -200,8 +200,11 @@ def test_abort_while_loading_frees_blocks_only_after_the_copy_ends(llama_dir):
     e.step()
     assert "r" in e.scheduler.fetching and e.tier.busy  # the load waits at the gate
     held = list(e.get_request("r").block_ids)
+    assert len(held) == 5  # its whole prompt: 4 blocks to load, 1 to prefill
     e.abort_request("r")
-    assert e.num_free_blocks == e.num_total_blocks - 4 and all(e.block_manager.blocks[b].ref_count == 1 for b in held)
+    # The copy still holds the 4 it writes into; the 5th went back at once.
+    assert e.num_free_blocks == e.num_total_blocks - 4
+    assert [e.block_manager.blocks[b].ref_count for b in held] == [1, 1, 1, 1, 0]
     assert e.tier.pool.num_read_blocks == 4  # and the host blocks stay pinned: the copy reads them
     assert_nothing_held(llm)
     llm.close()
@@ -256,5 +259,31 @@ def test_a_failed_load_is_recomputed(llama_dir, cold, monkeypatch):
     [out] = llm.generate([PROMPT], GREEDY)
     assert out.token_ids == cold["greedy"] and e.tier.stats.load_failures == 1
     assert e.num_prompt_tokens_computed - computed == len(PROMPT) and e.scheduler.fetched_tokens["host"] == 0
+    assert_nothing_held(llm)
+    llm.close()
+
+
+def test_fetching_requests_never_deadlock_the_pool(llama_dir, cold):
+    """Four requests whose host runs fill the whole 12-block pool between them, each with more prompt after the
+    run: every one holds its whole prompt's blocks from admission on, so the ones admitted complete and the rest
+    follow (a fetch that held only its run's blocks left the resumed requests each waiting at the head of the
+    queue for blocks the others held, forever)."""
+    llm = tiered(llama_dir)
+    e = llm.engine
+    prompts = [[5 + (i * 7 + k * 101) % 450 for i in range(48)] + [7] for k in range(4)]  # 3 full blocks + 1
+    llm.generate(prompts, GREEDY)
+    forget_device_cache(llm)
+    longer = [p[:48] + [11 + k] * 24 for k, p in enumerate(prompts)]  # 3 host blocks, then 24 tokens to prefill
+    ref = LLM(llama_dir, show_progress=False, num_kv_blocks=64).generate(longer, GREEDY)
+    for k, p in enumerate(longer):
+        e.add_request(f"f{k}", p, GREEDY)
+    outs = {}
+    for _ in range(300):
+        outs.update((o.request_id, o) for o in e.step() if o.finished)
+        if len(outs) == 4:
+            break
+    assert sorted(outs) == ["f0", "f1", "f2", "f3"], (outs.keys(), e.scheduler.waiting, e.scheduler.fetching)
+    assert [outs[f"f{k}"].token_ids for k in range(4)] == [r.token_ids for r in ref]
+    assert e.scheduler.fetched_tokens["host"] == 4 * 48
     assert_nothing_held(llm)
     llm.close()
