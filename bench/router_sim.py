@@ -19,6 +19,10 @@ The simulator runs the router's real scoring (``engine.router.scoring``) and pre
 - Disaggregated path: the decode server allocates first, then the prefill server prefills, the KV
   transfer tail is ``tokens * transfer_s_per_token``, the prefill server frees its blocks, and the
   first token arrives with the KV.
+- KV tiers (``host_blocks`` > 0, ``bench.sim_tiers``): each server keeps a write-through host tier of that many
+  blocks under its device pool; the router sees its events (tier ``host``) and prices host hits and, with
+  ``RouterPolicy.tiers.pulls``, pulls from other servers; a request's host loads and pull delay the start of
+  its prefill by their copy time, without occupying the server.
 - The router sees load and KV events instantly (no staleness) and reports every observed prefill time
   to the scorer's cost models. Retryable rejections wait in a bounded FIFO at the router, retried
   every ``retry_interval_s``. When that FIFO is full, the request gets a 429 and its conversation ends.
@@ -44,6 +48,7 @@ import numpy as np
 from engine.block_hash import block_hashes
 from engine.router.prefix_index import PrefixIndex
 from engine.router.scoring import POLICIES, Decision, RequestInfo, RouterPolicy, Scorer, ServerState
+from engine.router.tier_cost import TierPolicy
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,11 @@ class SimConfig:
     ttft_budget_s: float = 20.0
     router_queue_limit: int = 512
     retry_interval_s: float = 0.05
+    host_blocks: int = 0
+    """KV tiers: host-tier blocks per server (0 = no host tier; see ``bench.sim_tiers``)."""
+    host_load_s_per_token: float = 2e-6
+    pull_overhead_s: float = 0.01
+    pull_s_per_token: float = 2e-6
     seed: int = 0
 
 
@@ -152,6 +162,7 @@ class SimRequest:
     finish_s: float = math.nan
     d_blocks: tuple[int, int] = (0, 0)  # (cached prefix blocks held, anonymous blocks held) on decode
     p_blocks: tuple[int, int] = (0, 0)
+    tier_tokens: tuple[int, int] = (0, 0)  # KV tiers: prompt tokens loaded from the host tier, pulled
 
     @property
     def turn(self) -> Turn:
@@ -252,7 +263,7 @@ class Simulation:
                 sid = f"{role[0]}{i:04d}"
                 speed = cfg.slow_speed if self.rng.random() < cfg.slow_fraction else 1.0
                 state = ServerState(sid, role=role, block_size=cfg.block_size, total_blocks=blocks, free_blocks=blocks)
-                self.servers[sid] = SimServer(state, BlockPool(sid, blocks, self.index), speed)
+                self.servers[sid] = SimServer(state, self._pool(sid, blocks), speed)
         self.states = [s.state for s in self.servers.values()]
         self.router_queue: deque[SimRequest] = deque()
         self.retry_scheduled = False
@@ -260,6 +271,15 @@ class Simulation:
         self.num_rejected = 0
         self.num_queued = 0
         self.reject_reasons: dict[str, int] = {}
+
+    def _pool(self, server_id: str, blocks: int) -> BlockPool:
+        cfg = self.cfg
+        if not cfg.host_blocks:
+            return BlockPool(server_id, blocks, self.index)
+        from bench.sim_tiers import TieredBlockPool
+
+        return TieredBlockPool(server_id, blocks, self.index, cfg.host_blocks, cfg.block_size,
+                               cfg.host_load_s_per_token, cfg.pull_overhead_s, cfg.pull_s_per_token)
 
     # --- event loop -----------------------------------------------------------------------------
 
@@ -291,7 +311,10 @@ class Simulation:
             self.schedule_retry()
 
     def route(self, req: SimRequest) -> bool:
-        decision = self.scorer.choose(req.info, self.states, self.index.match(req.info.block_hashes))
+        tiers = None
+        if self.cfg.host_blocks or self.scorer.policy.tiers.pulls:
+            tiers = self.index.match_tiers(req.info.block_hashes)
+        decision = self.scorer.choose(req.info, self.states, self.index.match(req.info.block_hashes), tiers)
         if not decision.accepted:
             self.reject_reasons[decision.reason] = self.reject_reasons.get(decision.reason, 0) + 1
             if decision.retryable:
@@ -337,17 +360,27 @@ class Simulation:
             prompt = req.info.num_prompt_tokens
             on_decode = server.state.role == "decode"
             num_blocks = -(-(prompt + (self.cfg.max_tokens if on_decode else 0)) // bs)
-            m = server.pool.acquire(req.info.block_hashes, num_blocks)
+            pull = 0  # a planned pull's end block (the decode server keeps its own hits before it)
+            if on_decode and req.decision.pull_from_id:
+                d = req.decision
+                pull = (d.decode_cached_tokens + d.host_hit_tokens + d.pull_tokens) // bs
+            if pull:
+                m = server.pool.acquire(req.info.block_hashes, num_blocks, pull)
+            else:
+                m = server.pool.acquire(req.info.block_hashes, num_blocks)
             if m is None:
                 break
             server.waiting.popleft()
             cached = min(m * bs, prompt - 1)
+            fetch_s = getattr(server.pool, "fetch_s", 0.0)
+            if fetch_s:
+                req.tier_tokens = tuple(n * bs for n in server.pool.last_fetch)
             if on_decode:
                 req.d_blocks = (m, num_blocks - m)
                 if req.decision.prefill_id is None:
                     req.computed_tokens = prompt - cached
                     server.queued_tokens -= cached
-                    server.prefill_queue.append((req, prompt - cached, False))
+                    self._queue_prefill(server, (req, prompt - cached, False), fetch_s)
                 else:
                     server.queued_tokens -= prompt  # its prefill happens elsewhere
                     p = self.servers[req.decision.prefill_id]
@@ -358,9 +391,21 @@ class Simulation:
                 req.p_blocks = (m, num_blocks - m)
                 req.computed_tokens = prompt - cached
                 server.queued_tokens -= cached
-                server.prefill_queue.append((req, prompt - cached, True))
+                self._queue_prefill(server, (req, prompt - cached, True), fetch_s)
             self.kick(server)
         self.sync(server)
+
+    def _queue_prefill(self, server: SimServer, entry: tuple, fetch_s: float) -> None:
+        """Queue a prefill now, or once its KV-tier copies took ``fetch_s`` (the server works on meanwhile)."""
+        if not fetch_s:
+            server.prefill_queue.append(entry)
+            return
+
+        def arrived() -> None:
+            server.prefill_queue.append(entry)
+            self.kick(server)
+
+        self.at(self.now + fetch_s, arrived)
 
     def kick(self, server: SimServer) -> None:
         if server.busy:
@@ -485,6 +530,8 @@ class Simulation:
             "prefill_util": sum(s.busy_s for s in self.servers.values() if s.state.role == "prefill")
             / max(self.cfg.num_prefill * self.now, 1e-9),
             "mean_prompt_tokens": prompt / max(len(done), 1),
+            "host_hit_rate": sum(r.tier_tokens[0] for r in done) / prompt if prompt else math.nan,
+            "pulled_rate": sum(r.tier_tokens[1] for r in done) / prompt if prompt else math.nan,
             "reject_reasons": dict(self.reject_reasons),
             "sim_end_s": self.now,
         }
@@ -513,6 +560,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--servers", type=int, help="total servers (1/4 prefill, 3/4 decode); load scales with it")
     parser.add_argument("--duration", type=float, help="seconds of arrivals")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--host-blocks", type=int, default=0, help="KV tiers: host-tier blocks per server")
+    parser.add_argument("--kv-pulls", action="store_true", help="KV tiers: the router may plan pulls")
     from bench.report import add_record_arg
 
     add_record_arg(parser)
@@ -526,12 +575,12 @@ def main(argv: list[str] | None = None) -> None:
                       conversations_per_s=cfg.conversations_per_s * args.servers / (cfg.num_prefill + cfg.num_decode))
     if args.duration:
         cfg = replace(cfg, duration_s=args.duration)
-    cfg = replace(cfg, seed=args.seed)
+    cfg = replace(cfg, seed=args.seed, host_blocks=args.host_blocks)
 
     t0 = time.perf_counter()
     trace = make_trace(cfg)
     trace_s = time.perf_counter() - t0
-    rows = simulate(cfg, trace=trace)
+    rows = simulate(cfg, trace=trace, base_policy=RouterPolicy(tiers=TierPolicy(pulls=args.kv_pulls)))
 
     from bench.report import write_results  # imports torch; keep it out of the simulator proper
 
@@ -555,6 +604,8 @@ def main(argv: list[str] | None = None) -> None:
                "tpot_p50_ms", "tpot_p90_ms", "disaggregated", "local_prefill", "decode_busy_cv", "decode_busy_max_mean",
                "prefill_busy_cv", "prefill_busy_max_mean", "ttft_pred_rel_err_p50", "wall_s"]
     name = "router_sim_quick" if args.quick else f"router_sim_{cfg.num_prefill}p{cfg.num_decode}d"
+    name += f"_host{cfg.host_blocks}" if cfg.host_blocks else ""
+    name += "_pulls" if args.kv_pulls else ""
     write_results(name, rows, columns, device="cpu", plot=plot, extra={
         "config": cfg.__dict__, "conversations": len(trace), "turns": sum(len(c.turns) for c in trace),
         "trace_s": trace_s}, record=args.record)

@@ -6,6 +6,10 @@ allocation. Free blocks sit in one LRU queue (least recently freed first); a cac
 a prefix hit or evicted by an allocation, whichever comes first. Lookups verify the stored token ids, so a
 hash collision can never return wrong KV.
 
+Besides requests, a copy in flight holds blocks (``hold`` / ``release``: the host tier's offloads and loads,
+a pull's packing), so a block is never reused while a copy reads or writes it. With ``track_cached`` set (the
+host tier is on) every block that enters the prefix cache is also listed for ``drain_cached`` (write-through).
+
 No CUDA here: the block manager is pure bookkeeping and is unit-tested on CPU.
 """
 from __future__ import annotations
@@ -25,6 +29,16 @@ class Block:
     block_hash: int | None = None
     token_ids: tuple[int, ...] | None = None
     """The block's tokens, kept for cached blocks to verify hash matches."""
+
+
+@dataclass(frozen=True)
+class CachedBlock:
+    """A block that just entered the prefix cache (``drain_cached``): what a copy of it elsewhere needs."""
+
+    block_id: int
+    block_hash: int
+    parent_hash: int
+    token_ids: tuple[int, ...]
 
 
 @dataclass
@@ -48,6 +62,9 @@ class BlockManager:
         self._cached: dict[int, Block] = {}
         self._events: list[KVEvent] = []
         self.stats = PrefixCacheStats()
+        self.track_cached = False
+        """List every newly cached block for ``drain_cached`` (the host tier copies them)."""
+        self._newly_cached: list[CachedBlock] = []
 
     # ---- queries -------------------------------------------------------------------------------------
     @property
@@ -74,12 +91,18 @@ class BlockManager:
         max_blocks = (req.num_tokens - 1) // self.block_size
         hits: list[int] = []
         for i, h in enumerate(hashes[:max_blocks]):
-            block = self._cached.get(h)
-            start = i * self.block_size
-            if block is None or block.token_ids != tuple(req.token_slice(start, start + self.block_size)):
+            block_id = self.cached_block(h, req.token_slice(i * self.block_size, (i + 1) * self.block_size))
+            if block_id is None:
                 break
-            hits.append(block.block_id)
+            hits.append(block_id)
         return hits
+
+    def cached_block(self, block_hash: int, token_ids: list[int] | tuple[int, ...]) -> int | None:
+        """The block caching ``block_hash`` with exactly these tokens, or None."""
+        block = self._cached.get(block_hash)
+        if block is None or block.token_ids != tuple(token_ids):
+            return None
+        return block.block_id
 
     # ---- allocation ----------------------------------------------------------------------------------
     def allocate(self, req: Request, num_new_tokens: int, cached_block_ids: list[int] = ()) -> bool:
@@ -155,6 +178,9 @@ class BlockManager:
                 block.block_hash = h
                 block.token_ids = tuple(req.token_slice(start, start + self.block_size))
                 self._cached[h] = block
+                if self.track_cached:
+                    self._newly_cached.append(CachedBlock(block.block_id, h, hashes[i - 1] if i else ROOT_HASH,
+                                                          block.token_ids))
                 if first_new is None:
                     first_new = i
                 stored.append(h)
@@ -169,19 +195,37 @@ class BlockManager:
     def free(self, req: Request) -> None:
         """Release all of ``req``'s blocks. Tail blocks go first into the LRU so they are evicted first."""
         for block_id in reversed(req.block_ids):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count < 0:
-                raise RuntimeError(f"block {block_id} freed twice (request {req.request_id})")
-            if block.ref_count == 0:
-                if block.block_hash is None:
-                    # Uncached blocks are worthless: put them at the eviction end.
-                    self._free[block_id] = None
-                    self._free.move_to_end(block_id, last=False)
-                else:
-                    self._free[block_id] = None
+            self._unref(block_id, req.request_id)
         req.block_ids = []
         req.num_registered_blocks = 0
+
+    def hold(self, block_ids: list[int]) -> None:
+        """A copy reads or writes these blocks (each held by a request or cached): keep them until ``release``."""
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.ref_count == 0 and block.block_hash is None:
+                raise RuntimeError(f"block {block_id} is free: there is nothing in it to hold")
+            self._claim(block)
+
+    def release(self, block_ids: list[int]) -> None:
+        """The copy that ``hold`` was for ended."""
+        for block_id in reversed(block_ids):
+            self._unref(block_id, "a copy")
+
+    def _unref(self, block_id: int, owner: str) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count < 0:
+            raise RuntimeError(f"block {block_id} freed twice ({owner})")
+        if block.ref_count == 0:
+            self._free[block_id] = None
+            if block.block_hash is None:  # uncached blocks are worthless: put them at the eviction end
+                self._free.move_to_end(block_id, last=False)
+
+    def drain_cached(self) -> list[CachedBlock]:
+        """Blocks that entered the prefix cache since the last call (with ``track_cached``), in cache order."""
+        cached, self._newly_cached = self._newly_cached, []
+        return cached
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block that no request holds. False if some are still in use."""

@@ -16,6 +16,7 @@ BENCHMARKS = {
     "engine_throughput": "bench.engine_throughput", "pd_vs_colocated": "bench.pd_vs_colocated",
     "serving": "bench.serving", "router_sim": "bench.router_sim", "vllm_peer": "bench.vllm_peer",
     "decode_roofline": "bench.decode_roofline", "handoff_hosts": "bench.handoff_hosts",
+    "kv_tier": "bench.kv_tier",
 }
 
 USAGE = """usage: duet <command> [arguments]

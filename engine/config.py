@@ -40,6 +40,10 @@ class EngineConfig:
     """Longest prompt + output; None = the model's max_position_embeddings (capped by a sliding window)."""
     enable_prefix_caching: bool = True
     """Reuse KV blocks of identical prompt prefixes across requests."""
+    host_kv_cache_bytes: int = 0
+    """Host memory for a KV tier under the prefix cache (``engine.kv_tier``): cached blocks are written through
+    to it and loaded back instead of recomputed. 0 = off. Needs prefix caching and one process (no model
+    parallelism)."""
     seed: int = 0
     """Seed of the engine-wide generator used by unseeded sampled requests."""
     attention_backend: str = "auto"
@@ -100,6 +104,12 @@ class EngineConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not isinstance(self.expert_parallel, bool):
             raise ValueError(f"expert_parallel must be a bool, got {self.expert_parallel!r}")
+        if isinstance(self.host_kv_cache_bytes, bool) or not isinstance(self.host_kv_cache_bytes, int) \
+                or self.host_kv_cache_bytes < 0:
+            raise ValueError(f"host_kv_cache_bytes must be an integer >= 0, got {self.host_kv_cache_bytes!r}")
+        if self.host_kv_cache_bytes and (not self.enable_prefix_caching or self.world_size > 1):
+            raise ValueError("host_kv_cache_bytes: the host KV tier needs prefix caching and a single-process engine "
+                             "(tensor_parallel_size = pipeline_parallel_size = 1)")
         if not self.distributed_timeout_s > 0:
             raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
         if self.attention_backend not in ("auto", "triton", "torch"):

@@ -25,6 +25,9 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_tier.block_copier import CopyJob
+from engine.kv_tier.host_tier import HostKVTier
+from engine.kv_tier.kv_fetch import KVFetch
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner
 from engine.models.decoder import LayerHook
@@ -78,6 +81,16 @@ class LLMEngine:
             self.runner = ModelRunner(config, mc, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        self.tier: HostKVTier | None = None
+        """The host KV tier (``config.host_kv_cache_bytes`` > 0)."""
+        if config.host_kv_cache_bytes:
+            num_host_blocks = config.host_kv_cache_bytes // self.runner.bytes_per_block
+            if num_host_blocks < 1:
+                raise ValueError(f"host_kv_cache_bytes: {config.host_kv_cache_bytes} bytes hold no KV block of "
+                                 f"{self.runner.bytes_per_block} bytes")
+            self.tier = self.scheduler.tier = HostKVTier(self.block_manager, self.runner.kv_cache, num_host_blocks)
+        self.packs_done: list[CopyJob] = []
+        """Ended copies of cached blocks into pull slabs (``HostKVTier.pack``), for the server to take."""
         self._tracked: dict[str, _Tracked] = {}
         self._finished_outputs: list[RequestOutput] = []
         self._grammar_compiler: GrammarCompiler | None = None
@@ -87,6 +100,8 @@ class LLMEngine:
 
     def close(self) -> None:
         """Stop the model-parallel worker processes, if any; the engine cannot step afterwards. Idempotent."""
+        if self.tier is not None:
+            self.tier.close()
         self.runner.close()
         if self._grammar_compiler is not None:
             self._grammar_compiler.close()
@@ -195,6 +210,7 @@ class LLMEngine:
         return a hook called after each layer.
         """
         outputs, self._finished_outputs = self._finished_outputs, []
+        self.advance_tier()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             self._wait_for_grammars()
@@ -202,6 +218,8 @@ class LLMEngine:
         layer_hook = on_schedule(sched) if on_schedule is not None else None
         results = self.runner.execute(sched, layer_hook)
         outputs.extend(self.apply_results(sched, results))
+        if self.tier is not None:
+            self.tier.write_through()
         return outputs
 
     def _wait_for_grammars(self) -> None:
@@ -212,6 +230,42 @@ class LLMEngine:
 
             concurrent.futures.wait([g.compiled for g in pending], timeout=GRAMMAR_WAIT_S,
                                     return_when=concurrent.futures.FIRST_COMPLETED)
+
+    # ---- the host KV tier ----------------------------------------------------------------------------
+    def advance_tier(self) -> None:
+        """Between steps: write newly cached blocks through to the host tier, and take in ended copies (requests
+        whose blocks loaded resume; ended pull packings go to ``packs_done``). A no-op without a tier."""
+        if self.tier is None:
+            return
+        self.tier.write_through()  # blocks cached outside a step (remote KV arrived) before any step evicts them
+        for job in self.tier.poll():
+            if job.kind == "load":
+                if job.tag.ended:
+                    self.scheduler.fetch_ended(job.tag)
+            else:
+                self.packs_done.append(job)
+
+    @property
+    def tier_busy(self) -> bool:
+        """Tier copies are in flight: the owner should come back soon (``advance_tier`` takes them in)."""
+        return self.tier is not None and self.tier.busy
+
+    def add_pulled_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
+                           num_blocks: int) -> KVFetch | str:
+        """Admit a request whose first ``num_blocks`` prompt blocks another server will send (``pull_ended``
+        reports how that went); or why nothing is pulled (it was then queued as usual)."""
+        req = self.make_request(request_id, prompt_token_ids, params)
+        return self.scheduler.admit_for_pull(req, num_blocks)
+
+    def pull_ended(self, request_id: str, ok: bool) -> None:
+        """The pulled blocks of ``request_id`` are in place (``ok``) or will not come: it resumes once its other
+        fetch parts ended, at the first block not in place."""
+        fetch = self.scheduler.fetching.get(request_id)
+        if fetch is None:
+            return  # aborted
+        fetch.finish("peer", ok)
+        if fetch.ended:
+            self.scheduler.fetch_ended(fetch)
 
     def apply_results(self, sched: SchedulerOutput, runner_out: RunnerOutput) -> list[RequestOutput]:
         outputs = []

@@ -13,6 +13,16 @@ A disaggregated request (one request id; one transfer id per attempt)::
     D -> router   Tokens ... Tokens(finished)
     P -> router   PrefillDone(transfer_id, compute time, ok / error)
 
+A prefix pull (issue 19: the router found a prompt's prefix cached on server A, device or host tier, and places
+the request on server B, which computes only the rest)::
+
+    router -> B   Generate(pull=RemotePull(A, transfer_id, num_blocks))   B allocates, greets A's transport
+    router -> A   PullKV(transfer_id, prefix tokens, puller=B)             concurrently; A pins the blocks
+    B ~> A        KVDest                                                  as in a hand-off
+    A ~> B        KVLayers (every layer, no first token)                  B then prefills the rest itself
+    A -> router   PullDone(ok / error)
+    B -> router   Tokens ... Tokens(finished)                             a failed pull is recomputed on B
+
 Servers answer the router's ``Hello`` with ``Welcome`` (their ``ServerInfo``). Servers never greet each other:
 the router hands each side of a transfer the other's ``PeerRef`` (transport name and metadata, KV layout), and
 each side checks the layout against its own before any KV moves (``transfer.compat``). Events on each server's PUB socket: ``LoadReport`` (also the
@@ -177,6 +187,23 @@ class RemotePrefill:
 
 
 @dataclass
+class RemotePull:
+    """The first ``num_blocks`` prompt blocks are cached on ``owner``: pull them instead of computing them."""
+
+    owner: PeerRef
+    transfer_id: str
+    num_blocks: int
+    kv_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        check_id("transfer_id", self.transfer_id)
+        if not 0 < self.num_blocks <= 1 << 24:
+            raise ValueError(f"num_blocks must be in (0, {1 << 24}], got {self.num_blocks}")
+        if not 0 < self.kv_timeout_s <= 3600:
+            raise ValueError(f"kv_timeout_s must be in (0, 3600], got {self.kv_timeout_s}")
+
+
+@dataclass
 class Generate(Message):
     """Router -> D (or a colocated server): generate tokens, prefilling locally unless ``remote`` is set."""
 
@@ -188,6 +215,8 @@ class Generate(Message):
     attempt: int = 0
     """Which try of the request this is (the router moves a request to another server under a new attempt);
     every ``Tokens`` of it carries the number back, so a superseded attempt's late output is recognised."""
+    pull: RemotePull | None = None
+    """Pull a cached prefix from another server (ignored with ``remote``); the rest is prefilled here."""
 
     def __post_init__(self) -> None:
         check_id("request_id", self.request_id)
@@ -237,6 +266,44 @@ class PrefillDone(Message):
     """When the request asked for them (``SamplingParams.prompt_logprobs``): scored by the prefill server, so the
     decode server never recomputes the prompt; the router puts them in the request's first delta."""
     prompt_token_ranks: list[int | None] | None = None
+
+
+@dataclass
+class PullKV(Message):
+    """Router -> A: send the KV of ``prefix_token_ids`` (whole blocks, cached here) to the server ``puller``."""
+
+    TYPE = "pull_kv"
+    request_id: str
+    transfer_id: str
+    prefix_token_ids: list[int]
+    puller: PeerRef
+    timeout_s: float = 30.0
+    attempt: int = 0
+
+    def __post_init__(self) -> None:
+        check_id("request_id", self.request_id)
+        check_id("transfer_id", self.transfer_id)
+        check_attempt(self.attempt)
+        if not 0 < len(self.prefix_token_ids) <= MAX_PROMPT_TOKENS:
+            raise ValueError(f"prefix_token_ids must hold 1-{MAX_PROMPT_TOKENS} tokens")
+        if not 0 < self.timeout_s <= 3600:
+            raise ValueError(f"timeout_s must be in (0, 3600], got {self.timeout_s}")
+
+
+@dataclass
+class PullDone(Message):
+    """A -> router: the pull ``transfer_id`` ended (its blocks are no longer pinned here)."""
+
+    TYPE = "pull_done"
+    request_id: str
+    transfer_id: str
+    ok: bool
+    error: str | None = None
+    num_blocks: int = 0
+    num_bytes: int = 0
+    seconds: float = 0.0
+    """Admission to the last WRITE acknowledged (or the failure)."""
+    attempt: int = 0
 
 
 @dataclass
@@ -368,6 +435,34 @@ class ServerStats:
     """Transfers refused because the peer's KV layout or transport did not fit, or it could not be reached."""
     kv_events_published: int = 0
     engine_healthy: int = 1
+    # KV tiers (issue 19): where prompt tokens came from, and what each tier moved.
+    tier_lookups: int = 0
+    """Admissions that looked past their device hits (host tier on, or a pull)."""
+    host_tier_blocks: int = 0
+    host_tier_cached_blocks: int = 0
+    host_tier_busy_blocks: int = 0
+    """Host blocks being read or written by a copy; 0 when idle."""
+    host_hits: int = 0
+    """Admissions that loaded blocks from the host tier (misses: ``tier_lookups`` - ``host_hits`` - pulls)."""
+    host_hit_tokens: int = 0
+    host_offload_blocks: int = 0
+    host_offload_bytes: int = 0
+    host_load_blocks: int = 0
+    host_load_bytes: int = 0
+    host_load_failures: int = 0
+    host_load_seconds_sum: float = 0.0
+    host_load_seconds_max: float = 0.0
+    host_evictions: int = 0
+    host_writes_refused: int = 0
+    pulls_started: int = 0
+    pull_hits: int = 0
+    """Pulls whose blocks were used (``pulls_started`` - ``pull_hits``: failed or declined, recomputed)."""
+    pulled_tokens: int = 0
+    pull_bytes_received: int = 0
+    pull_seconds_sum: float = 0.0
+    pulls_served: int = 0
+    pulls_served_failed: int = 0
+    pull_bytes_served: int = 0
 
 
 @dataclass

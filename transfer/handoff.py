@@ -19,6 +19,10 @@ and never end a transfer; commands are not handled there.
     for layer in range(num_layers): <compute layer>; p.pack_layer(layer); p.progress()
     p.end_packing(); p.first_token("t1", token, None, None)
     while not p.advance(time.monotonic()).sends: ...                    # DONE or FAILED
+
+A pull (a server asks another for KV blocks that one caches already) is the same send and receive: the owner
+reserves the slab, ``begin_pull`` / ``pull_packed`` stand for the packing step (every layer at once), and the
+puller's receive (``expect_recv(..., pull=True)``) completes without a first token.
 """
 from __future__ import annotations
 
@@ -171,16 +175,38 @@ class Handoff:
         if t is not None:
             t.set_first_token(token, logprobs, generator_state, time.monotonic())
 
+    def begin_pull(self, transfer_id: str) -> torch.Tensor | None:
+        """A pull's blocks are cached here: the owner copies every layer of them into the returned slab (it may do
+        so off the loop thread) and then calls ``pull_packed``. None when the send is not ADMITTED (it fails).
+
+        slab  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], a view of the staging
+        """
+        t = self.sends.get(transfer_id)
+        if t is None:
+            return None
+        t.begin_pull()
+        return t.slab if t.state is SendState.PACKING and t.error is None else None
+
+    def pull_packed(self, transfer_id: str, error: str | None = None) -> None:
+        """The copy ``begin_pull`` asked for ended (``error``: it failed); the layers go out from the next advance."""
+        t = self.sends.get(transfer_id)
+        if t is not None:
+            t.pull_packed(error)
+            if error is None:
+                self.trace(t.request_id or transfer_id, "pull_packed")
+
     def abort_send(self, transfer_id: str, reason: str = "aborted") -> None:
         t = self.sends.get(transfer_id)
         if t is not None:
             t.fail(reason)
 
     # ---- decode side ------------------------------------------------------------------------------------
-    def expect_recv(self, transfer_id: str, timeout_s: float | None = None) -> RecvTransfer:
+    def expect_recv(self, transfer_id: str, timeout_s: float | None = None, pull: bool = False) -> RecvTransfer:
+        """The receive of ``transfer_id`` (made if new). ``pull``: cached blocks another server sends, no first token."""
         t = self.recvs.get(transfer_id)
         if t is None:
-            t = self.recvs[transfer_id] = RecvTransfer(self, transfer_id, time.monotonic(), timeout_s or self.timeout_s)
+            t = self.recvs[transfer_id] = RecvTransfer(self, transfer_id, time.monotonic(), timeout_s or self.timeout_s,
+                                                       pull=pull)
         return t
 
     def recv_blocks(self, transfer_id: str, request_id: str, block_ids: torch.Tensor, num_skip_blocks: int) -> None:

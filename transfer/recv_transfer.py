@@ -10,7 +10,11 @@ means those layers' bytes have landed; they are scattered into the request's blo
     AWAITING_PEER  blocks and peer known, slab reserved, KVDest sent             AWAITING_KV
                    no slab room / KVDest cannot be sent / fail() / deadline      FAILED
     AWAITING_KV    every layer and the first token arrived                       COMPLETE
+                   pull: every layer arrived (a pull carries no token)           COMPLETE
                    an error notification / fail() / deadline                     FAILED
+
+A *pull* (``pull=True``) receives blocks another server caches already, for a prompt this side then computes
+the rest of itself: it completes on its layers alone, with no first token.
 
 A failure that comes before the blocks (the peer was refused while the engine had not admitted the request
 yet) waits for them, so it still reaches the request; one whose blocks never come ends at the deadline.
@@ -53,8 +57,10 @@ class RecvTransfer(TransferMachine):
     TRANSITIONS = RECV_TRANSITIONS
     TRACE = RECV_TRACE
 
-    def __init__(self, owner: Handoff, transfer_id: str, now: float, timeout_s: float):
+    def __init__(self, owner: Handoff, transfer_id: str, now: float, timeout_s: float, pull: bool = False):
         super().__init__(owner, transfer_id, RecvState.AWAITING_PEER, now, timeout_s)
+        self.pull = pull
+        """Cached blocks pulled from another server: complete without a first token."""
         self.block_ids: torch.Tensor | None = None  # [num_blocks] int64: destination blocks in the local cache
         self.num_skip_blocks = 0
         self.peer: str | None = None
@@ -89,6 +95,8 @@ class RecvTransfer(TransferMachine):
         if self.state is not RecvState.AWAITING_KV:
             owner.stats.duplicate_notifications += 1  # nothing was asked for yet, or it is over
             return
+        if self.error is not None:
+            return  # failing or cancelled: its blocks may belong to someone else by now, never scatter into them
         layers = range(msg.layer_start, msg.layer_end)
         if msg.layer_end > owner.port.num_layers or any(layer in self.layers_received for layer in layers):
             owner.stats.duplicate_notifications += 1
@@ -118,7 +126,7 @@ class RecvTransfer(TransferMachine):
         if self.state is RecvState.AWAITING_PEER and self.error is None and self.block_ids is not None \
                 and self.peer is not None:
             self._offer()
-        if self.state is RecvState.AWAITING_KV and self.error is None and self.first is not None \
+        if self.state is RecvState.AWAITING_KV and self.error is None and (self.first is not None or self.pull) \
                 and len(self.layers_received) == self.owner.port.num_layers:
             self.owner.port.sync()
             self._to(RecvState.COMPLETE)

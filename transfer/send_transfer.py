@@ -10,9 +10,12 @@ side's ``KVDest`` (where to write; it may come first), the step that computes th
     PENDING   reserve() found slab room                                     ADMITTED
               reserve() found none / fail() / deadline                      FAILED
     ADMITTED  begin_packing(): the step that completes the prompt starts    PACKING
+              begin_pull(): the copy of cached blocks into the slab starts  PACKING
               fail() / deadline                                             FAILED
     PACKING   every layer and the first token posted (dest known)           POSTED
+              pull: every layer posted once pull_packed() (dest known)      POSTED
               a WRITE could not be posted / fail() / deadline after the step FAILED
+              pull: pull_packed(error), the copy failed                     FAILED
     POSTED    every WRITE reported DONE                                     DONE
               a WRITE reported ERROR / fail() / deadline                    FAILED
 
@@ -22,6 +25,12 @@ the compute of layer l+1; the last layer waits for the first token. While a step
 FAILED every handle is released and the slab freed, once (``released``); a failure also tells the decode
 side at once (an error ``KVLayers``), so it falls back now rather than at its own deadline. A send cancelled
 before its prompt was admitted here waits (until its deadline) for the prompt, so the failure reaches it.
+
+A *pull* is a send from blocks this side caches already (its device pool or its host tier), for a server that
+computes the rest of the prompt itself: no step computes it and there is no first token. ``begin_pull`` starts
+the owner's copy of every layer of those blocks into the slab at once (off the step loop; the copy counts as
+an open step, so nothing is released under it), ``pull_packed`` ends it, and every layer is then posted, the
+last one with a notification that carries no token. Same states, same table, same failure paths.
 """
 from __future__ import annotations
 
@@ -79,6 +88,8 @@ class SendTransfer(TransferMachine):
         """The decode side said it wants nothing (``KVCancel``): it is not told about the failure."""
         self.admitted_at = 0.0
         self.first_token_at = 0.0
+        self.pull = False
+        """A pull: cached blocks copied in by the owner, every layer at once, no first token."""
 
     # ---- inputs -----------------------------------------------------------------------------------------
     def reserve(self, num_blocks: int, now: float) -> None:
@@ -110,6 +121,27 @@ class SendTransfer(TransferMachine):
         self.block_ids, self.num_cached_tokens = block_ids, num_cached_tokens
         self.step_open = True
         self._to(SendState.PACKING)
+
+    def begin_pull(self) -> None:
+        """The owner starts copying the cached blocks into ``slab`` (every layer); ``pull_packed`` ends it."""
+        if self.error is not None:
+            return  # failing already: nothing may be copied in (the owner is told by begin_pull's None)
+        if self.state is not SendState.ADMITTED:
+            self.fail(f"transfer {self.transfer_id}: cannot start a pull in state {self.state.value}")
+            return
+        self.pull = True
+        self.step_open = True
+        self._to(SendState.PACKING)
+
+    def pull_packed(self, error: str | None = None) -> None:
+        """The copy into the slab ended: every layer is in it, or it failed with ``error``."""
+        self.step_open = False
+        if error is not None:
+            self.fail(error)
+            return
+        num_layers = self.owner.port.num_layers
+        self.packed(num_layers)
+        self.last_notif = KVLayers(self.transfer_id, num_layers - 1, num_layers)
 
     def packed(self, num_layers: int) -> None:
         """Layers [0, num_layers) are in the slab."""

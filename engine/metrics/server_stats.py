@@ -71,7 +71,9 @@ def _kv_usage(stats: Mapping[str, float]) -> float | None:
 
 
 _PROMPT_SOURCES = (("local_compute", "prompt_tokens_computed"), ("local_cache_hit", "prefix_hit_tokens"),
-                   ("external_kv_transfer", "prompt_tokens_external"))
+                   ("external_kv_transfer", "prompt_tokens_external"),
+                   # KV tiers (issue 19): loaded from the server's host tier, pulled from another server's tiers.
+                   ("local_host_tier", "host_hit_tokens"), ("external_kv_pull", "pulled_tokens"))
 
 STAT_METRICS: tuple[StatMetric, ...] = (
     # ---- vLLM's names (vllm/v1/metrics/loggers.py), same meaning --------------------------------------------
@@ -89,7 +91,7 @@ STAT_METRICS: tuple[StatMetric, ...] = (
     *(StatMetric("vllm:prompt_tokens_by_source", "counter", "Number of prompt tokens by source.", key,
                  extra_labels=(("source", source),)) for source, key in _PROMPT_SOURCES),
     StatMetric("vllm:prompt_tokens_cached", "counter", "Number of cached prompt tokens (local + external).",
-               derive=_sum("prefix_hit_tokens", "prompt_tokens_external")),
+               derive=_sum("prefix_hit_tokens", "prompt_tokens_external", "host_hit_tokens", "pulled_tokens")),
     StatMetric("vllm:generation_tokens", "counter", "Number of generation tokens processed.", "generated_tokens"),
     # ---- Duet's own ----------------------------------------------------------------------------------------
     StatMetric("duet_num_requests_waiting_for_kv", "gauge",
@@ -135,6 +137,41 @@ STAT_METRICS: tuple[StatMetric, ...] = (
                "fit, or it could not be reached.", "peers_refused"),
     StatMetric("duet_kv_events_published", "counter", "KV cache events published for the router's prefix index.",
                "kv_events_published"),
+    # ---- KV tiers (issue 19): the host tier and prefix pulls; their tokens are prompt_tokens_by_source ----------
+    StatMetric("duet_kv_tier_lookups", "counter", "Admissions that looked past their device prefix hits (host tier "
+               "or a pull).", "tier_lookups"),
+    StatMetric("duet_kv_host_hits", "counter", "Admissions that loaded blocks from the host tier.", "host_hits"),
+    StatMetric("duet_kv_host_blocks", "gauge", "Blocks in the host tier.", "host_tier_blocks"),
+    StatMetric("duet_kv_host_cached_blocks", "gauge", "Host-tier blocks holding a cached block.",
+               "host_tier_cached_blocks"),
+    StatMetric("duet_kv_host_busy_blocks", "gauge", "Host-tier blocks a copy is reading or writing now.",
+               "host_tier_busy_blocks"),
+    StatMetric("duet_kv_host_offload_blocks", "counter", "Blocks written through to the host tier.",
+               "host_offload_blocks"),
+    StatMetric("duet_kv_host_offload_bytes", "counter", "Bytes written through to the host tier.", "host_offload_bytes"),
+    StatMetric("duet_kv_host_load_blocks", "counter", "Blocks loaded from the host tier into the device pool.",
+               "host_load_blocks"),
+    StatMetric("duet_kv_host_load_bytes", "counter", "Bytes loaded from the host tier.", "host_load_bytes"),
+    StatMetric("duet_kv_host_load_failures", "counter", "Host-tier loads that failed (those tokens were recomputed).",
+               "host_load_failures"),
+    StatMetric("duet_kv_host_load_seconds", "counter", "Seconds from submission to the end of each host-tier load, "
+               "summed (divided by duet_kv_host_hits_total: about the mean).", "host_load_seconds_sum"),
+    StatMetric("duet_kv_host_load_seconds_max", "gauge", "Longest host-tier load so far, in seconds.",
+               "host_load_seconds_max"),
+    StatMetric("duet_kv_host_evictions", "counter", "Host-tier blocks evicted (least recently used, never one being "
+               "read).", "host_evictions"),
+    StatMetric("duet_kv_host_writes_refused", "counter", "Write-throughs dropped: every host block was being "
+               "written or read.", "host_writes_refused"),
+    StatMetric("duet_kv_pulls_started", "counter", "Prefix pulls this server started receiving.", "pulls_started"),
+    StatMetric("duet_kv_pull_hits", "counter", "Prefix pulls whose blocks were used (the rest recomputed).",
+               "pull_hits"),
+    StatMetric("duet_kv_pull_received_bytes", "counter", "Bytes received by prefix pulls.", "pull_bytes_received"),
+    StatMetric("duet_kv_pull_seconds", "counter", "Seconds of prefix pulls on the receiving side, summed.",
+               "pull_seconds_sum"),
+    StatMetric("duet_kv_pulls_served", "counter", "Prefix pulls this server sent completely.", "pulls_served"),
+    StatMetric("duet_kv_pull_serve_failures", "counter", "Prefix pulls this server could not send (blocks gone, the "
+               "puller cancelled, a write failed).", "pulls_served_failed"),
+    StatMetric("duet_kv_pull_served_bytes", "counter", "Bytes sent by prefix pulls.", "pull_bytes_served"),
 )
 
 KNOWN_KEYS = frozenset(m.key for m in STAT_METRICS if m.key is not None)

@@ -19,6 +19,7 @@ from engine.router.http_server import add_http_args, http_options, serve
 from engine.router.cluster import ClusterDispatcher
 from engine.router.dispatcher import DispatchError
 from engine.router.scoring import POLICIES, RouterPolicy
+from engine.router.tier_cost import TierPolicy
 from engine.server.advertised_address import AdvertisedAddress
 from engine.server.cli import (
     add_address_args,
@@ -57,6 +58,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m engine.rout
     ap.add_argument("--disagg-threshold-tokens", type=int, default=RouterPolicy.disagg_threshold_tokens,
                     help="prefill remotely only when more prompt tokens than this are uncached on the decode server")
     ap.add_argument("--ttft-budget-s", type=float, default=RouterPolicy.default_ttft_budget_s)
+    ap.add_argument("--kv-pulls", action="store_true",
+                    help="let a server pull a prompt prefix cached on another server (device or host tier) when "
+                    "the pull is predicted cheaper than recomputing it")
     ap.add_argument("--heartbeat-s", type=float, default=0.2, help="servers' heartbeat period")
     ap.add_argument("--missed-heartbeats", type=int, default=5,
                     help="a server silent this many heartbeat periods is taken for dead (its requests move)")
@@ -90,7 +94,7 @@ async def amain(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.tokenizer or args.model, load_chat_template(args.chat_template))
     default_sampling = generation_defaults(_generation_dir(args))
     policy = RouterPolicy(policy=args.policy, disagg_threshold_tokens=args.disagg_threshold_tokens,
-                          default_ttft_budget_s=args.ttft_budget_s)
+                          default_ttft_budget_s=args.ttft_budget_s, tiers=TierPolicy(pulls=args.kv_pulls))
     registry = where.bind_endpoint(args.registry_port) if args.registry_port else None
     if not args.zmq_keys:
         logger.warning("the ZeroMQ control plane to the servers is plaintext; turn on CURVE with --zmq-keys DIR "

@@ -10,6 +10,11 @@ re-scored on every load report; a full queue or a wait past ``queue_timeout_s`` 
 When D dies mid-request (missed heartbeats), the request migrates: the prompt plus the tokens generated so
 far go to another decode server, so the client's stream continues with no token lost or repeated. When P
 dies mid-transfer, D is told the KV will not come and applies its failure policy.
+
+KV tiers (issue 19): the prefix match is per tier (``PrefixIndex.match_tiers``), so the scorer prices a device
+hit, a host-tier hit and a pull from another server differently. A decision with a pull sends the decode server
+``Generate(pull=...)`` and the owner ``PullKV`` (the owner stands where a prefill server would: when it dies, D
+is told, and computes the prefix itself); the owner's ``PullDone`` feeds the scorer's bandwidth estimate.
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ import zmq
 import zmq.asyncio
 
 from engine.protocol import (Abort, FinishReason, Generate, Hello, KVFailed, Lease, PeerRef, Prefill, PrefillDone,
-                             RemotePrefill, Role, ServerInfo, Stats, StatsRequest, TokenDelta, Tokens)
+                             PullDone, PullKV, RemotePrefill, RemotePull, Role, ServerInfo, Stats, StatsRequest,
+                             TokenDelta, Tokens)
 from engine.router.dispatcher import Dispatcher, DispatchError, GenerateRequest
 from engine.router.metrics import RouterMetrics
 from engine.router.scoring import NO_SERVER_IN_ZONE, RequestInfo, RouterPolicy, Scorer
@@ -89,6 +95,7 @@ class ClusterDispatcher(Dispatcher):
         self.block_size = 16
         self._queues: dict[str, asyncio.Queue] = {}
         self._placement: dict[str, _Placement] = {}
+        self._pull_blocks: dict[str, int] = {}  # request id -> blocks its next attempt pulls from its "p" link
         self._stale_aborted: set[tuple[str, int]] = set()
         self.lease_ttl_s = lease_ttl_s
         self.router_id = f"router-{uuid.uuid4().hex[:8]}"
@@ -180,6 +187,7 @@ class ClusterDispatcher(Dispatcher):
             self.max_model_len = min(i.max_model_len for i in infos)
             self.vocab_size = infos[0].vocab_size
             self.block_size = infos[0].layout.block_size
+            self._price_kv_bytes(infos[0].layout)
 
     async def _hold_leases(self) -> None:
         """Renew this router's lease on every server: if the router dies, they abort its requests."""
@@ -225,6 +233,8 @@ class ClusterDispatcher(Dispatcher):
             else:
                 self.router_metrics.event("prefill_failures")
                 logger.warning("prefill of %s on %s failed: %s", msg.request_id, link.address, msg.error)
+        elif isinstance(msg, PullDone):
+            self._on_pull_done(link, msg)
         elif isinstance(msg, Stats):
             fut = self._stats_waiters.pop(msg.token, None)
             if fut is not None and not fut.done():
@@ -260,7 +270,8 @@ class ClusterDispatcher(Dispatcher):
                                        request_id=request.request_id)
         links = [lk for lk in self.registry.links.values() if lk.engine_id not in exclude]
         match = self.registry.prefix_index.match(info.block_hashes)
-        return self.scorer.choose(info, [lk.state for lk in links], match), info
+        tiers = self.registry.prefix_index.match_tiers(info.block_hashes)
+        return self.scorer.choose(info, [lk.state for lk in links], match, tiers), info
 
     async def _place(self, request: GenerateRequest, prompt: list[int], max_tokens: int, exclude: set[str]):
         decision, info = self._decide(request, prompt, max_tokens, exclude)
@@ -313,6 +324,13 @@ class ClusterDispatcher(Dispatcher):
             p.state.queued_requests += 1
             p.state.queued_prefill_tokens += info.num_prompt_tokens
         self.router_metrics.event("prefix_hit_tokens_predicted", decision.decode_cached_tokens)
+        if p is None and decision.pull_from_id in self.registry.links and request.params.prompt_logprobs is None:
+            # The owner stands where P would. (A request scoring its prompt computes it: nothing to pull.)
+            p = self.registry.links[decision.pull_from_id]
+            # The pull covers the prompt's first blocks up to the end of the pulled run (D keeps its own hits).
+            covered = decision.decode_cached_tokens + decision.host_hit_tokens + decision.pull_tokens
+            self._pull_blocks[request.request_id] = covered // self.block_size
+            self.router_metrics.event("pulls_planned")
         return d, p
 
     # ---- requests ----------------------------------------------------------------------------------
@@ -400,13 +418,17 @@ class ClusterDispatcher(Dispatcher):
         finished = False
         try:
             remote = None
-            if p is not None:
+            pull = self._pull_blocks.pop(rid, 0)  # p owns a prefix to pull: it is not a prefill server
+            if p is not None and not pull:
                 remote = RemotePrefill(PeerRef.of(p.info), tid, self.kv_timeout_s)
                 self._handoff_parts[tid] = {"sent": time.monotonic()}
                 while len(self._handoff_parts) > 10_000:  # parts of failed transfers never complete
                     self._handoff_parts.pop(next(iter(self._handoff_parts)))
-            await d.socket.send(encode(Generate(rid, prompt, sampling, remote, attempt)))
-            if p is not None:
+            if pull:
+                await self._send_pull(rid, tid, prompt, sampling, d, p, pull, attempt)
+            else:
+                await d.socket.send(encode(Generate(rid, prompt, sampling, remote, attempt)))
+            if p is not None and not pull:
                 await p.socket.send(encode(Prefill(rid, tid, prompt, sampling, PeerRef.of(d.info), self.kv_timeout_s,
                                                    attempt)))
             while not finished:
@@ -447,6 +469,31 @@ class ClusterDispatcher(Dispatcher):
         if done is None or done.prompt_logprobs is None:
             raise DispatchError("prompt logprobs did not come back from the prefill server", 502)
         return replace(delta, prompt_logprobs=done.prompt_logprobs, prompt_token_ranks=done.prompt_token_ranks)
+
+    # ---- prefix pulls (KV tiers) --------------------------------------------------------------------
+    def _price_kv_bytes(self, layout) -> None:
+        """Pulls are priced by the servers' real KV bytes per token (their layout), not the policy's default."""
+        tiers = self.scorer.policy.tiers
+        per_token = layout.block_bytes * 2 * layout.num_layers // layout.block_size
+        if tiers.kv_bytes_per_token != per_token:
+            self.scorer.policy = replace(self.scorer.policy, tiers=replace(tiers, kv_bytes_per_token=per_token))
+
+    async def _send_pull(self, rid: str, tid: str, prompt: list[int], sampling, d: ServerLink, owner: ServerLink,
+                         num_blocks: int, attempt: int) -> None:
+        """D generates, pulling the first ``num_blocks`` blocks from ``owner``; the owner sends them."""
+        pull = RemotePull(PeerRef.of(owner.info), tid, num_blocks, self.kv_timeout_s)
+        await d.socket.send(encode(Generate(rid, prompt, sampling, attempt=attempt, pull=pull)))
+        await owner.socket.send(encode(PullKV(rid, tid, prompt[:num_blocks * self.block_size], PeerRef.of(d.info),
+                                              self.kv_timeout_s, attempt)))
+
+    def _on_pull_done(self, link: ServerLink, msg: PullDone) -> None:
+        if msg.ok:
+            self.router_metrics.event("pulls_served")
+            self.scorer.observe_pull(msg.num_bytes, msg.seconds)
+        else:
+            self.router_metrics.event("pulls_failed")
+            logger.warning("pull %s from %s failed (the puller computes it): %s", msg.transfer_id, link.address,
+                           msg.error)
 
     def _handoff_part(self, tid: str, key: str, value: float) -> None:
         parts = self._handoff_parts.get(tid)

@@ -24,7 +24,8 @@ ADMISSION_REASONS = ("max_num_queued_reqs", "queue_timeout")
 """``vllm:admission_rejections`` reasons: the admission queue was full (``--max-queue``, vLLM's
 ``max_num_queued_reqs``) or a request waited past ``--queue-timeout-s`` (Duet's own)."""
 EVENTS = ("retries", "migrations", "server_deaths", "prefill_failures", "queued", "prefix_hit_tokens_predicted",
-          "stale_attempt_messages_dropped", "local_prefill_layout_mismatch")
+          "stale_attempt_messages_dropped", "local_prefill_layout_mismatch", "pulls_planned", "pulls_served",
+          "pulls_failed")
 
 
 class RouterMetrics:
@@ -50,9 +51,13 @@ class RouterMetrics:
                 "stale_attempt_messages_dropped": "Output of a superseded attempt of a request (a server that "
                                                   "stalled and woke after the request moved on), dropped.",
                 "local_prefill_layout_mismatch": "Prefills kept on the decode server because the chosen prefill "
-                                                 "server has another KV layout (mid rolling model update)."}
+                                                 "server has another KV layout (mid rolling model update).",
+                "pulls_planned": "Requests placed with a pull of a prefix cached on another server (KV tiers).",
+                "pulls_served": "Planned pulls whose owner sent every block.",
+                "pulls_failed": "Planned pulls that failed or were declined (the puller computed the prefix)."}
         event_counters = [Counter(f"duet_router_{name}", docs[name], ["model_name"], registry=None) for name in EVENTS]
         self.events = {name: c.labels(*m) for name, c in zip(EVENTS, event_counters)}
+        self._event_counters = dict(zip(EVENTS, event_counters))
         self.queue_length = Gauge("duet_router_queue_length", "Requests waiting in the admission queue now.",
                                   ["model_name"], registry=None, multiprocess_mode="mostrecent")
         self.prefill_compute = Histogram("duet_prefill_compute_seconds", "Prefill server compute per request.",
@@ -77,6 +82,12 @@ class RouterMetrics:
 
     def event(self, name: str, amount: float = 1.0) -> None:
         self.events[name].inc(amount)
+
+    def event_counts(self) -> dict[str, float]:
+        """Every event's count so far (benchmarks and tests read it here; a scrape reads ``families``)."""
+        return {name: sum(sample.value for metric in counter.collect() for sample in metric.samples
+                          if sample.name.endswith("_total"))
+                for name, counter in self._event_counters.items()}
 
     def set_queue_length(self, n: int) -> None:
         self.queue_length.labels(self.model_name).set(n)

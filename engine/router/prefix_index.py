@@ -15,6 +15,12 @@ still match at each step, summed over the request's blocks. It does not grow wit
 servers that hold nothing of the prompt. The common case is cheap: many servers share a system prompt,
 then the candidate set shrinks to the one or two servers holding the conversation.
 
+Tiers (issue 19). Events carry the tier they are about: ``device`` (the default, what ``match`` answers
+for) or ``host`` (a server's host-memory tier, kept in a second, separate set of maps). ``match_tiers`` says,
+per server, how many leading blocks it holds on its device and how many more right after those on its host
+tier, which is what ``engine.router.tier_cost`` prices. A ``cleared`` without a tier (a restart, a server
+declared dead) drops both tiers.
+
 Not thread-safe. The caller (the router's event loop or the simulator) applies events and runs
 matches from one thread.
 """
@@ -22,21 +28,28 @@ from __future__ import annotations
 
 from typing import Hashable, Iterable, Sequence
 
+from engine.router.tier_cost import TierHit
+
 ServerId = Hashable
 
 
 class PrefixIndex:
     """Per-server sets of cached block hashes, plus the inverse map used for prefix matching."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, _tier: str = "device") -> None:
         self._servers_by_hash: dict[int, set[ServerId]] = {}
         self._hashes_by_server: dict[ServerId, set[int]] = {}
         self._epoch_by_server: dict[ServerId, int] = {}
+        self._host: PrefixIndex | None = PrefixIndex(_tier="host") if _tier == "device" else None
+        """The host tier's maps (None in the host index itself)."""
 
     # --- KV events -------------------------------------------------------------------------------
 
-    def stored(self, server_id: ServerId, block_hashes: Iterable[int]) -> None:
+    def stored(self, server_id: ServerId, block_hashes: Iterable[int], tier: str = "device") -> None:
         """``server_id`` now holds these blocks. Storing a block it already holds does nothing."""
+        if tier != "device":
+            self._host.stored(server_id, block_hashes)
+            return
         held = self._hashes_by_server.setdefault(server_id, set())
         for block_hash in block_hashes:
             if block_hash in held:
@@ -48,8 +61,11 @@ class PrefixIndex:
             else:
                 holders.add(server_id)
 
-    def removed(self, server_id: ServerId, block_hashes: Iterable[int]) -> None:
+    def removed(self, server_id: ServerId, block_hashes: Iterable[int], tier: str = "device") -> None:
         """``server_id`` evicted these blocks. Unknown hashes are ignored: events can race a clear."""
+        if tier != "device":
+            self._host.removed(server_id, block_hashes)
+            return
         held = self._hashes_by_server.get(server_id)
         if not held:
             return
@@ -59,8 +75,13 @@ class PrefixIndex:
             held.discard(block_hash)
             self._unlink(block_hash, server_id)
 
-    def cleared(self, server_id: ServerId) -> None:
-        """``server_id`` dropped its whole cache. The server stays known (its epoch is kept)."""
+    def cleared(self, server_id: ServerId, tier: str | None = None) -> None:
+        """``server_id`` dropped its whole cache (of ``tier``; None: every tier). The server stays known (its
+        epoch is kept)."""
+        if self._host is not None and tier != "device":
+            self._host.cleared(server_id)
+        if tier == "host":
+            return
         held = self._hashes_by_server.get(server_id)
         if not held:
             return
@@ -73,6 +94,8 @@ class PrefixIndex:
         self.cleared(server_id)
         self._hashes_by_server.pop(server_id, None)
         self._epoch_by_server.pop(server_id, None)
+        if self._host is not None:
+            self._host.drop_server(server_id)
 
     def note_epoch(self, server_id: ServerId, epoch: int) -> bool:
         """Record the server's epoch (it changes on every restart). A new epoch means the old cache is
@@ -124,8 +147,28 @@ class PrefixIndex:
             result[server_id] = num_blocks
         return result
 
-    def num_blocks(self, server_id: ServerId) -> int:
+    def match_tiers(self, block_hashes: Sequence[int],
+                    server_ids: Iterable[ServerId] | None = None) -> dict[ServerId, TierHit]:
+        """Per server: its leading blocks of ``block_hashes`` on the device (as ``match``), then how many of the
+        following blocks its host tier holds (each block on the host or the device, up to the first it lacks).
+        Servers holding nothing of the prompt are left out."""
+        device = self.match(block_hashes, server_ids)
+        host = self._host.match(block_hashes, server_ids)  # a quick candidate set: host-only prefixes
+        hits: dict[ServerId, TierHit] = {}
+        for server_id in device.keys() | host.keys():
+            on_device = self._hashes_by_server.get(server_id, ())
+            on_host = self._host._hashes_by_server.get(server_id, ())
+            n = k = device.get(server_id, 0)
+            while k < len(block_hashes) and (block_hashes[k] in on_host or block_hashes[k] in on_device):
+                k += 1
+            if k:
+                hits[server_id] = TierHit(n, k - n)
+        return hits
+
+    def num_blocks(self, server_id: ServerId, tier: str = "device") -> int:
         """How many blocks the index believes ``server_id`` holds (0 for an unknown server)."""
+        if tier != "device":
+            return self._host.num_blocks(server_id)
         return len(self._hashes_by_server.get(server_id, ()))
 
     def holds(self, server_id: ServerId, block_hash: int) -> bool:

@@ -19,6 +19,10 @@ A request's path through ``Scorer.choose``:
 5. Admission. Decode candidates whose predicted TTFT exceeds the request's budget are dropped.
    "over_ttft_budget" when none is left: the caller queues the request (bounded) or answers 429,
    using ``retry_after_s`` as a hint.
+   With KV tiers (``tier_hits`` given: ``PrefixIndex.match_tiers``), a candidate's reuse is priced by
+   ``engine.router.tier_cost.plan_tiers``: device hits free, a run on its own host tier at a load cost, a run
+   cached on another server pulled when that beats prefilling it (``TierPolicy.pulls``); the TTFT adds those
+   seconds and the prefix-aware score counts the tokens by what they save.
 6. Decode server, by policy: ``round_robin`` (cursor over ids), ``least_loaded`` (smallest share of
    KV capacity in running + queued tokens) or ``prefix_aware`` (weighted cached prefix vs load vs KV
    pressure).
@@ -35,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 from engine.block_hash import block_hashes as compute_block_hashes
+from engine.router.tier_cost import PullCostModel, TierHit, TierPlan, TierPolicy, plan_tiers, pull_sources
 
 logger = logging.getLogger(__name__)
 
@@ -268,6 +273,11 @@ class Decision:
     """Prompt tokens already cached on the decode server."""
     prefill_cached_tokens: int = 0
     """Prompt tokens already cached on the prefill server (0 when there is none)."""
+    host_hit_tokens: int = 0
+    """Prompt tokens the decode server loads from its host tier (KV tiers)."""
+    pull_from_id: str | None = None
+    """KV tiers: the server to pull ``pull_tokens`` prompt tokens (after the decode server's own) from."""
+    pull_tokens: int = 0
     retry_after_s: float | None = None
     """For retryable rejections: a hint for Retry-After (``None`` when unknown)."""
     detail: str = ""
@@ -316,6 +326,8 @@ class RouterPolicy:
     """Cost-model prior strength, in pseudo-observations."""
     cost_forgetting_factor: float = 0.995
     """Cost-model forgetting per observation (1.0 = never forget)."""
+    tiers: TierPolicy = field(default_factory=TierPolicy)
+    """How host-tier hits and pulls from other servers are priced (``engine.router.tier_cost``)."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -348,6 +360,7 @@ class _Pick:
     cached_tokens: int
     ttft_s: float
     prefill_remote: bool = False
+    tiers: TierPlan | None = None
 
 
 @dataclass
@@ -367,6 +380,12 @@ class Scorer:
 
     def __post_init__(self) -> None:
         self._fleet_model = self.policy.new_cost_model()
+        self.pull_model = PullCostModel(self.policy.tiers)
+        """Server-to-server KV bandwidth, measured by finished pulls (``observe_pull``)."""
+
+    def observe_pull(self, num_bytes: int, seconds: float) -> None:
+        """A pull of ``num_bytes`` took ``seconds`` from its owner's admission to its last WRITE."""
+        self.pull_model.observe(num_bytes, seconds)
 
     # --- cost models -----------------------------------------------------------------------------
 
@@ -395,9 +414,10 @@ class Scorer:
     # --- the decision ----------------------------------------------------------------------------
 
     def choose(self, request: RequestInfo, servers: Sequence[ServerState],
-               prefix_match: Mapping[str, int]) -> Decision:
+               prefix_match: Mapping[str, int], tier_hits: Mapping[str, TierHit] | None = None) -> Decision:
         """Pick decode (and maybe prefill) servers for ``request``; ``prefix_match`` is
-        ``PrefixIndex.match(request.block_hashes)`` (cached leading blocks per server id)."""
+        ``PrefixIndex.match(request.block_hashes)`` (cached leading blocks per server id); ``tier_hits``
+        (``PrefixIndex.match_tiers``), when given, prices host-tier hits and pulls too."""
         pol = self.policy
         budget_s = request.ttft_budget_s if request.ttft_budget_s is not None else pol.default_ttft_budget_s
         num_prompt, zone = request.num_prompt_tokens, request.zone
@@ -420,6 +440,7 @@ class Scorer:
         best_over_budget_s = math.inf
         num_fit = num_too_large = 0
         matched, block_size, max_cached = prefix_match.get, request.block_size, num_prompt - 1
+        sources = pull_sources(tier_hits, {s.server_id for s in eligible if s.healthy}) if tier_hits else []
         for s in decoders:
             # Inlined _cached_tokens: this loop runs once per server per request.
             cached = min(matched(s.server_id, 0) * block_size, max_cached) if s.block_size == block_size else 0
@@ -432,17 +453,23 @@ class Scorer:
             num_fit += 1
             # Conditional disaggregation: remote prefill only for a long uncached part and a free P.
             uncached = num_prompt - cached
-            remote = prefill is not None and uncached > pol.disagg_threshold_tokens
+            tiers = None if tier_hits is None or s.block_size != block_size else self._plan_tiers(request, s, tier_hits,
+                                                                                                  sources)
+            remote = prefill is not None and uncached - (tiers.covered_tokens - cached if tiers else 0) \
+                > pol.disagg_threshold_tokens
             if remote:
-                ttft_s = prefill.ttft_s + pol.kv_transfer_s_per_token * uncached
+                ttft_s, tiers = prefill.ttft_s + pol.kv_transfer_s_per_token * uncached, None
+            elif tiers is not None:
+                ttft_s = (self._queue_s(s) + tiers.fetch_s
+                          + self.cost_model(s.server_id).predict(num_prompt - tiers.covered_tokens))
             else:
                 ttft_s = self._queue_s(s) + self.cost_model(s.server_id).predict(uncached)
             if ttft_s > budget_s:
                 best_over_budget_s = min(best_over_budget_s, ttft_s)
                 continue
-            k = key(s, cached)
+            k = key(s, cached, tiers.effective_cached_tokens if tiers is not None else cached)
             if best_key is None or k < best_key:
-                best, best_key = _Pick(s, cached, ttft_s, remote), k
+                best, best_key = _Pick(s, cached, ttft_s, remote, tiers), k
 
         if best is None:
             if num_too_large == len(decoders):
@@ -462,10 +489,18 @@ class Scorer:
             return Decision(accepted=True, reason=DISAGGREGATED, decode_id=best.server.server_id,
                             prefill_id=prefill.server.server_id, predicted_ttft_s=best.ttft_s,
                             decode_cached_tokens=best.cached_tokens, prefill_cached_tokens=prefill.cached_tokens)
-        above = num_prompt - best.cached_tokens > pol.disagg_threshold_tokens
+        t = best.tiers or TierPlan()
+        above = num_prompt - (t.covered_tokens if best.tiers else best.cached_tokens) > pol.disagg_threshold_tokens
         return Decision(accepted=True, reason=LOCAL_NO_PREFILL_HEADROOM if above else LOCAL_BELOW_THRESHOLD,
                         decode_id=best.server.server_id, predicted_ttft_s=best.ttft_s,
-                        decode_cached_tokens=best.cached_tokens)
+                        decode_cached_tokens=best.cached_tokens, host_hit_tokens=t.host_tokens,
+                        pull_from_id=t.pull_from, pull_tokens=t.pull_tokens)
+
+    def _plan_tiers(self, request: RequestInfo, s: ServerState, tier_hits: Mapping[str, TierHit],
+                    sources: list[tuple[str, int]]) -> TierPlan:
+        model = self.cost_model(s.server_id)
+        return plan_tiers(s.server_id, request.num_prompt_tokens, request.block_size, tier_hits, sources,
+                          model.predict, self.policy.tiers, self.pull_model)
 
     @staticmethod
     def _cached_tokens(request: RequestInfo, server: ServerState, prefix_match: Mapping[str, int]) -> int:
@@ -474,26 +509,27 @@ class Scorer:
         # The last prompt token is always computed, for its logits, even when every block is cached.
         return min(prefix_match.get(server.server_id, 0) * request.block_size, request.num_prompt_tokens - 1)
 
-    def _decode_key(self, request: RequestInfo) -> Callable[[ServerState, int], tuple]:
+    def _decode_key(self, request: RequestInfo) -> Callable[[ServerState, int, float], tuple]:
         """Sort key of a decode candidate under the policy (smallest wins; the id breaks ties)."""
         pol = self.policy
         if pol.policy == "round_robin":
             last = self._last_decode_id
             # The first id after the last one used, wrapping around to the smallest.
-            return lambda s, cached: (last is not None and s.server_id <= last, s.server_id)
+            return lambda s, cached, effective: (last is not None and s.server_id <= last, s.server_id)
 
         def load_fraction(s: ServerState) -> float:
             return (s.running_tokens + s.queued_prefill_tokens) / max(s.capacity_tokens, 1)
 
         if pol.policy == "least_loaded":
-            return lambda s, cached: (load_fraction(s), s.running_requests + s.queued_requests, s.server_id)
+            return lambda s, cached, effective: (load_fraction(s), s.running_requests + s.queued_requests, s.server_id)
         num_prompt = request.num_prompt_tokens
         num_tokens = num_prompt + request.max_tokens
 
-        def prefix_aware(s: ServerState, cached: int) -> tuple:
+        def prefix_aware(s: ServerState, cached: int, effective: float) -> tuple:
+            """``cached``: device hits (they need no new block); ``effective``: all reused tokens, priced by tier."""
             blocks_after = s.free_blocks - (_cdiv(num_tokens, s.block_size) - cached // s.block_size)
             kv_used_after = 1.0 - blocks_after / max(s.total_blocks, 1)
-            score = (pol.prefix_weight * cached / num_prompt - pol.load_weight * load_fraction(s)
+            score = (pol.prefix_weight * effective / num_prompt - pol.load_weight * load_fraction(s)
                      - pol.kv_weight * kv_used_after)
             return (-score, s.server_id)
 

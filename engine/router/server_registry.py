@@ -215,11 +215,11 @@ class ServerRegistry:
         link.last_seen = time.monotonic()
         for event in msg.events:
             if event.kind == "stored":
-                self.prefix_index.stored(link.engine_id, event.block_hashes)
+                self.prefix_index.stored(link.engine_id, event.block_hashes, event.tier)
             elif event.kind == "removed":
-                self.prefix_index.removed(link.engine_id, event.block_hashes)
+                self.prefix_index.removed(link.engine_id, event.block_hashes, event.tier)
             else:
-                self.prefix_index.cleared(link.engine_id)
+                self.prefix_index.cleared(link.engine_id, event.tier)
 
     async def watch(self) -> None:
         """Mark servers that missed their heartbeats unhealthy, and greet their addresses again every

@@ -75,6 +75,10 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse KV blocks of identical prompt prefixes")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", help=argparse.SUPPRESS)
+    g.add_argument("--host-kv-gib", type=float, default=0.0,
+                   help="host memory (GiB) for a KV tier under the prefix cache: cached blocks are written through "
+                   "to it and loaded back instead of recomputed; other servers can pull from it (0 = off; native "
+                   "executor only)")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"])
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
@@ -139,6 +143,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         enable_prefix_caching=args.enable_prefix_caching, attention_backend=args.attention_backend,
+        host_kv_cache_bytes=int(args.host_kv_gib * (1 << 30)),
         seed=args.seed, show_progress=sys.stderr.isatty(), tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size, expert_parallel=args.expert_parallel,
         distributed_timeout_s=args.distributed_timeout_s, load_format=args.load_format,

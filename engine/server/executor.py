@@ -14,7 +14,8 @@ excepted). Requests are named by *engine request ids*, chosen by the server: the
 requests that generate here, ``xfer:<transfer id>`` for prompts prefilled here for another server. Bad input
 raises ``ValueError`` naming the field before anything is allocated. Outcomes come back from ``run_once`` as
 events, in order: ``Tokens`` (request id = engine request id), ``PrefillDone`` (a hand-off this server sent
-ended; request id = engine request id, the server fills in the rest) and ``KVLost``. After an ``abort`` the
+ended; request id = engine request id, the server fills in the rest), ``PullDone`` (a pull this server served
+ended; same ids) and ``KVLost``. After an ``abort`` the
 executor still reports the request's end once (a final ``Tokens`` or ``PrefillDone``).
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import zmq
 
 from engine.kv_events import KVEvent
-from engine.protocol import Load, PrefillDone, ServerStats, Tokens
+from engine.protocol import Load, PrefillDone, PullDone, ServerStats, Tokens
 from engine.sampling_params import SamplingParams
 from transfer.compat import KVLayout
 from transfer.handoff import HandoffStats
@@ -41,7 +42,7 @@ class KVLost:
     reason: str
 
 
-ExecutorEvent = Tokens | PrefillDone | KVLost
+ExecutorEvent = Tokens | PrefillDone | PullDone | KVLost
 
 
 @dataclass
@@ -119,6 +120,26 @@ class Executor(abc.ABC):
                     params: SamplingParams, timeout_s: float) -> None:
         """Prefill here and stream the KV (and the first token) to the decode server of ``transfer_id``;
         ``params`` already ask for one token. Its end is reported as ``PrefillDone``."""
+
+    def add_pulled(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, transfer_id: str,
+                   owner_transport_name: str, num_blocks: int, timeout_s: float) -> bool:
+        """Generate here, with the prompt's first ``num_blocks`` blocks pulled under ``transfer_id`` from the server
+        whose transport (connected) is ``owner_transport_name``; the rest is prefilled here, and so is whatever
+        the pull fails to bring (always: a pull only saves work). False when nothing is pulled (this server
+        caches it, has no room, or cannot pull): the owner was told to drop it, the request runs as usual.
+        Executors without pulls run it as ``add_request``."""
+        self.add_request(request_id, prompt_token_ids, params)
+        return False
+
+    def add_pull_send(self, request_id: str, transfer_id: str, router_request_id: str, prefix_token_ids: list[int],
+                      timeout_s: float) -> None:
+        """Send the KV of ``prefix_token_ids`` (whole blocks cached here, device or host tier) under
+        ``transfer_id`` to the server that asked; its end is reported as ``PullDone``. ``ValueError`` when this
+        executor serves no pulls."""
+        raise ValueError(f"a {type(self).__name__} serves no KV pulls")
+
+    def fail_pull(self, request_id: str, transfer_id: str, reason: str) -> None:
+        """The owner of the pull ``transfer_id`` is gone: stop waiting, compute those blocks here."""
 
     @abc.abstractmethod
     def abort(self, request_id: str, transfer_id: str | None) -> None:

@@ -13,6 +13,9 @@ the hand-off (``transfer.handoff.Handoff``), whose transport the same thread pol
   layers are scattered between steps; with every layer and the first token in, the request
   joins the running batch without recomputing anything.
 
+- Pulls (``engine.server.native_pulls``): prompt prefixes cached here are sent to servers that asked, and
+  requests admitted with a pull receive theirs, over the same hand-off.
+
 Under model parallelism the engine's runner is rank 0's, which merges / splits the ranks' KV shards, so the
 slabs on the wire hold the whole model's layout either way.
 """
@@ -32,6 +35,7 @@ from engine.protocol import FinishReason, PrefillDone, ServerStats, TokenDelta, 
 from engine.sampler import SampleResult
 from engine.sampling_params import SamplingParams
 from engine.server.executor import Executor, ExecutorEvent, ExecutorInfo, KVLost, Load, handoff_stats_into
+from engine.server.native_pulls import NativePulls, tier_stats_into
 from engine.server.server_config import ServerConfig
 from transfer.compat import KVLayout
 from transfer.factory import make_transport
@@ -68,6 +72,7 @@ class NativeExecutor(Executor):
                                    advertise_host=where.advertise_host, keys=server.zmq_keys)
         staging = StagingPool(server.staging_bytes, runner.device)
         self.handoff = Handoff(transport, staging, runner, timeout_s=server.kv_timeout_s, faults=server.faults)
+        self.pulls = NativePulls(self.engine, self.handoff)
         self._prefills: dict[str, str] = {}  # engine request id of a prefill for a peer -> its transfer id
         self.num_external_prompt_tokens = 0
         """Prompt tokens whose KV came from a prefill server (not computed, not a local prefix hit)."""
@@ -118,6 +123,18 @@ class NativeExecutor(Executor):
         self.handoff.expect_send(transfer_id, router_request_id, timeout_s, local_id=request_id)
         self.handoff.reserve_send(transfer_id, -(-len(prompt_token_ids) // self.engine.runner.block_size))
 
+    def add_pulled(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, transfer_id: str,
+                   owner_transport_name: str, num_blocks: int, timeout_s: float) -> bool:
+        return self.pulls.start(request_id, prompt_token_ids, params, transfer_id, owner_transport_name, num_blocks,
+                                timeout_s)
+
+    def add_pull_send(self, request_id: str, transfer_id: str, router_request_id: str, prefix_token_ids: list[int],
+                      timeout_s: float) -> None:
+        self.pulls.serve(request_id, transfer_id, router_request_id, prefix_token_ids, timeout_s)
+
+    def fail_pull(self, request_id: str, transfer_id: str, reason: str) -> None:
+        self.pulls.fail(transfer_id, reason)
+
     def abort(self, request_id: str, transfer_id: str | None) -> None:
         self.engine.abort_request(request_id)
         if transfer_id is not None:
@@ -128,10 +145,12 @@ class NativeExecutor(Executor):
     def wait_s(self) -> float:
         if self.engine.has_runnable_work():
             return 0.0
-        return TRANSFER_POLL_S if self.handoff.busy else IDLE_WAIT_S
+        return TRANSFER_POLL_S if self.handoff.busy or self.engine.tier_busy else IDLE_WAIT_S
 
     def run_once(self) -> list[ExecutorEvent]:
         events: list[ExecutorEvent] = []
+        self.engine.advance_tier()
+        self.pulls.take_packed()
         if self.engine.has_runnable_work():
             outputs = self.engine.step(on_schedule=self._on_schedule)
             self.handoff.end_packing()
@@ -144,8 +163,11 @@ class NativeExecutor(Executor):
             self._generators.clear()
             if self.debug_step_delay_s:
                 time.sleep(self.debug_step_delay_s)  # test hook: a slow model
+        self.pulls.take_packed()
         ended = self.handoff.advance()
         for r in ended.recvs:
+            if self.pulls.recv_ended(r):
+                continue
             if r.state is RecvState.COMPLETE:
                 req = self.engine.get_request(r.request_id)
                 if req is not None:
@@ -158,6 +180,10 @@ class NativeExecutor(Executor):
             elif not r.cancelled:
                 events.append(KVLost(r.request_id, r.transfer_id, r.error or "KV transfer failed"))
         for s in ended.sends:
+            pull_done = self.pulls.send_ended(s)
+            if pull_done is not None:
+                events.append(pull_done)
+                continue
             if self._prefills.pop(s.local_id, None) is not None:
                 self.engine.abort_request(s.local_id)  # a failed send's prompt may still be queued; no-op when done
             ok = s.state is SendState.DONE
@@ -219,16 +245,22 @@ class NativeExecutor(Executor):
         stats.prompt_tokens_external = self.num_external_prompt_tokens
         stats.open_transfers = len(self.handoff.sends) + len(self.handoff.recvs)
         handoff_stats_into(stats, self.handoff.stats)
+        tier_stats_into(stats, self.engine, self.pulls.stats)
 
     def kv_events(self) -> list[KVEvent]:
-        return self.engine.block_manager.drain_events()
+        events = self.engine.block_manager.drain_events()
+        if self.engine.tier is not None:
+            events += self.engine.tier.drain_events()
+        return events
 
     def idle(self) -> bool:
-        return not self.engine.has_unfinished_requests() and not self.handoff.busy
+        return not self.engine.has_unfinished_requests() and not self.handoff.busy and not self.engine.tier_busy
 
     def traces(self) -> dict[str, dict[str, float]]:
         return self.handoff.traces
 
     def close(self) -> None:
+        if self.engine.tier is not None:
+            self.engine.tier.close()  # copies in flight write into staging slabs and pools: let them end first
         self.handoff.close()
         self.engine.close()  # model-parallel worker processes exit with the server

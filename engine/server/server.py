@@ -18,6 +18,8 @@ Every request the server works on is one ``ServerRequest`` keyed by its engine r
                                     | peer unusable / KVLost / KVFailed: policy recompute -> GENERATING,
                                     |                                   policy fail      -> error Tokens, gone
     Prefill (for a peer)     -> PREFILLING -(the executor's PrefillDone, to the router)-> gone
+    Generate, pull a prefix  -> PULLING -(first Tokens)-> GENERATING     (a failed pull is recomputed here)
+    PullKV (for a peer)      -> SERVING_PULL -(the executor's PullDone, to the router)-> gone
 
 A request is registered before anything can fail it, and it leaves the table in exactly one place
 (``_forget``), so no entry outlives its request. ``Drain`` (or SIGTERM) is a state: nothing new is admitted,
@@ -39,8 +41,8 @@ import zmq
 
 from engine import envs
 from engine.protocol import (Abort, Drain, Generate, Hello, KVEvents, KVFailed, Lease, LoadReport, PeerRef, Prefill,
-                             PrefillDone, Refused, Role, ServerInfo, ServerStats, Stats, StatsRequest, TokenDelta,
-                             Tokens, Welcome)
+                             PrefillDone, PullDone, PullKV, Refused, Role, ServerInfo, ServerStats, Stats, StatsRequest,
+                             TokenDelta, Tokens, Welcome)
 from engine.server.executor import Executor, KVLost
 from engine.server.server_config import ServerConfig
 from transfer.compat import IncompatiblePeer, check_compatible
@@ -62,6 +64,10 @@ class Phase(enum.Enum):
     """Remote KV: the prefill server computes it and streams it here."""
     PREFILLING = "prefilling"
     """Prefilled here for a decode server; ends when the hand-off does."""
+    PULLING = "pulling"
+    """Generates here once a prefix pulled from another server is in (or the pull failed and it recomputes)."""
+    SERVING_PULL = "serving_pull"
+    """A prefix cached here, being sent to the server that pulls it; ends when that send does."""
 
 
 @dataclass
@@ -130,7 +136,7 @@ class Server:
         self._handlers = {
             Hello: self._on_hello, Generate: self._on_generate, Prefill: self._on_prefill, Abort: self._on_abort,
             KVFailed: self._on_kv_failed, StatsRequest: self._on_stats_request, Drain: self._on_drain,
-            Lease: self._on_lease,
+            Lease: self._on_lease, PullKV: self._on_pull_kv,
         }
         self._leases: dict[bytes, tuple[str, float, float]] = {}  # router identity -> (router id, ttl, expiry)
         self._next_lease_check = 0.0
@@ -199,6 +205,8 @@ class Server:
                 self._on_output(event)
             elif isinstance(event, PrefillDone):
                 self._on_prefill_done(event)
+            elif isinstance(event, PullDone):
+                self._on_pull_done(event)
             elif isinstance(event, KVLost):
                 req = self.requests.get(event.request_id)
                 if req is not None and req.phase is Phase.AWAITING_KV:
@@ -270,6 +278,9 @@ class Server:
             return
         for old in [r for r in self.requests.values() if r.request_id == rid and r.attempt < msg.attempt]:
             self._supersede(old)
+        if msg.pull is not None and msg.remote is None:
+            self._generate_pulling(ident, msg, erid)
+            return
         remote, x = msg.remote, self.executor
         req = ServerRequest(rid, erid, ident, Phase.GENERATING, len(msg.prompt_token_ids), attempt=msg.attempt)
         try:
@@ -353,6 +364,8 @@ class Server:
         for req in list(self.requests.values()):
             if req.transfer_id == msg.transfer_id and req.phase is Phase.AWAITING_KV:
                 self._kv_lost(req, msg.reason or "prefill server failed")
+            elif req.transfer_id == msg.transfer_id and req.phase is Phase.PULLING:
+                self.executor.fail_pull(req.engine_request_id, msg.transfer_id, msg.reason or "the owner failed")
 
     def _on_stats_request(self, ident: bytes, msg: StatsRequest) -> None:
         traces: dict[str, dict[str, float]] = {}
@@ -431,6 +444,50 @@ class Server:
                                         num_tokens=max(0, req.num_prompt_tokens - done.num_cached_tokens)))
         self._forget(req)
 
+    # ---- prefix pulls (issue 19) ---------------------------------------------------------------------------
+    def _generate_pulling(self, ident: bytes, msg: Generate, erid: str) -> None:
+        """``Generate`` with a pull: the prefix comes from its owner's tiers, the rest is prefilled here. A pull
+        never fails a request: an unusable owner, no room or a failed transfer all mean computing it here."""
+        rid, pull, x = msg.request_id, msg.pull, self.executor
+        req = ServerRequest(rid, erid, ident, Phase.GENERATING, len(msg.prompt_token_ids), attempt=msg.attempt)
+        try:
+            if self._reach(pull.owner) is not None:
+                x.add_request(erid, msg.prompt_token_ids, msg.sampling)
+            elif x.add_pulled(erid, msg.prompt_token_ids, msg.sampling, pull.transfer_id, pull.owner.transport_name,
+                              pull.num_blocks, pull.kv_timeout_s):
+                req.phase, req.transfer_id = Phase.PULLING, pull.transfer_id
+        except ValueError as e:
+            self._reply(ident, Tokens(rid, TokenDelta.failure(str(e), 400), msg.attempt))
+            return
+        self.requests[erid] = req
+        self._trace(rid, "pull_admitted" if req.phase is Phase.PULLING else "queued")
+
+    def _on_pull_kv(self, ident: bytes, msg: PullKV) -> None:
+        engine_rid = PREFILL_PREFIX + msg.transfer_id
+        unusable = "transfer id already in use" if engine_rid in self.requests else self._reach(msg.puller)
+        if unusable is None and self.draining:
+            unusable = "server is draining"
+        if unusable is not None:
+            self._reply(ident, PullDone(msg.request_id, msg.transfer_id, False, unusable, attempt=msg.attempt))
+            return
+        try:
+            self.executor.add_pull_send(engine_rid, msg.transfer_id, msg.request_id, msg.prefix_token_ids,
+                                        msg.timeout_s)
+        except ValueError as e:
+            self._reply(ident, PullDone(msg.request_id, msg.transfer_id, False, str(e), attempt=msg.attempt))
+            return
+        self.requests[engine_rid] = ServerRequest(msg.request_id, engine_rid, ident, Phase.SERVING_PULL,
+                                                  len(msg.prefix_token_ids), msg.transfer_id, msg.attempt)
+        self._trace(msg.request_id, "pull_serving")
+
+    def _on_pull_done(self, done: PullDone) -> None:
+        req = self.requests.get(done.request_id)
+        if req is None:
+            return
+        self._trace(req.request_id, "pull_served" if done.ok else "pull_failed")
+        self._reply(req.client, replace(done, request_id=req.request_id, attempt=req.attempt))
+        self._forget(req)
+
     def _forget(self, req: ServerRequest) -> None:
         self.requests.pop(req.engine_request_id, None)
 
@@ -438,6 +495,8 @@ class Server:
         if req.phase is Phase.PREFILLING:
             self._reply(req.client, PrefillDone(req.request_id, req.transfer_id or "", False, error,
                                                 attempt=req.attempt))
+        elif req.phase is Phase.SERVING_PULL:
+            self._reply(req.client, PullDone(req.request_id, req.transfer_id or "", False, error, attempt=req.attempt))
         else:
             self._reply(req.client, Tokens(req.request_id, TokenDelta.failure(error, status, retryable), req.attempt))
 

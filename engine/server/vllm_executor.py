@@ -61,6 +61,8 @@ class _PrefillJob:
 
 class VllmExecutor(Executor):
     def __init__(self, engine_config: EngineConfig, server: ServerConfig, start_timeout_s: float = 900.0):
+        if engine_config.host_kv_cache_bytes:
+            raise ValueError("--host-kv-gib: Duet's host KV tier is native only (see README, KV tiers)")
         self.ctx = zmq.Context.instance()
         keys = server.zmq_keys
         self.control = self.ctx.socket(zmq.ROUTER)  # vLLM's worker connects here

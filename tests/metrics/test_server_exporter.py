@@ -47,7 +47,8 @@ def test_exporter_serves_typed_vllm_and_duet_families():
     assert samples(text, "vllm:prompt_tokens_total") == [(labels, 146.0)]  # computed + cache hit + external
     assert samples(text, "vllm:prompt_tokens_cached_total") == [(labels, 46.0)]
     by_source = {lb["source"]: v for lb, v in samples(text, "vllm:prompt_tokens_by_source_total")}
-    assert by_source == {"local_compute": 100.0, "local_cache_hit": 16.0, "external_kv_transfer": 30.0}
+    assert by_source == {"local_compute": 100.0, "local_cache_hit": 16.0, "external_kv_transfer": 30.0,
+                         "local_host_tier": 0.0, "external_kv_pull": 0.0}
     assert fams["duet_kv_sent_bytes"] == ("counter", frozenset(duet))
     assert samples(text, "duet_kv_sent_bytes_total") == [(duet, 4096.0)]
     assert samples(text, "duet_kv_fallbacks_total") == [(duet, 1.0)]

@@ -70,29 +70,6 @@ def make_side(backend: str, name: str, seed: int, timeout_s: float = DEADLINE_S,
     return Handoff(make_transport(backend, name), staging, PoolPort(pool), timeout_s=timeout_s, faults=faults)
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request) -> str:
-    return request.param
-
-
-@pytest.fixture
-def sides(backend):
-    """(prefill side, decode side), each connected to the other; closed (and checked clean) afterwards."""
-    made: list[Handoff] = []
-
-    def make(**kwargs) -> tuple[Handoff, Handoff]:
-        p = make_side(backend, "p", 1, **kwargs.pop("p", {}))
-        d = make_side(backend, "d", 2, **kwargs.pop("d", {}))
-        p.transport.connect(d.transport.name, d.transport.metadata())
-        d.transport.connect(p.transport.name, p.transport.metadata())
-        made.extend((p, d))
-        return p, d
-
-    yield make
-    for h in made:
-        h.close()
-
-
 def drive(*sides: Handoff, until, timeout_s: float = DEADLINE_S) -> list:
     """Advance every side until ``until()``; returns the transfers that ended meanwhile."""
     ended = []
