@@ -1,9 +1,9 @@
 """Attention metadata and the backend that turns it into KV stores and paged attention calls.
 
 The runner builds one ``AttentionMetadata`` per step; every layer reuses it. Two backends share one
-contract: ``torch`` (the CPU path: the compiled ops of ``kernels.cpu_attention``, which run the references
-of ``kernels.reference`` when the extension is not built) and ``triton`` (the Triton kernels in ``kernels/``,
-the CUDA path).
+contract: ``torch`` (on CPU tensors the compiled ops of ``kernels.cpu_attention`` and ``kernels.cpu_layers``,
+which run the references of ``kernels.reference`` when the extension is not built; elsewhere the references)
+and ``triton`` (the Triton kernels in ``kernels/``, the CUDA path).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from engine import envs
-from kernels import cpu_attention, reference
+from kernels import cpu_attention, cpu_layers, reference
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +45,14 @@ class AttentionBackend:
             self._store = kv_store.store_kv
             self._decode = decode_attention.paged_decode_attention
             self._prefill = prefill_attention.paged_prefill_attention
-        elif name == "torch":
-            self._store = reference.store_kv
+        elif name == "torch" and device.type == "cpu":
+            self._store = cpu_layers.store_kv
             self._decode = cpu_attention.paged_decode_attention
             self._prefill = cpu_attention.paged_prefill_attention
+        elif name == "torch":
+            self._store = reference.store_kv
+            self._decode = reference.batched_paged_decode_attention
+            self._prefill = reference.paged_attention
         else:
             raise ValueError(f"attention backend must be auto, triton or torch, got {name!r}")
         self.name = name

@@ -21,7 +21,7 @@ from engine import envs
 
 logger = logging.getLogger(__name__)
 
-_WRAPPERS = ("kernels.kv_blocks", "kernels.cpu_attention")
+_WRAPPERS = ("kernels.kv_blocks", "kernels.cpu_attention", "kernels.cpu_layers")
 _warned: set[str] = set()
 
 

@@ -9,6 +9,52 @@ from __future__ import annotations
 import torch
 
 
+def rms_norm(
+    x: torch.Tensor,  # [..., dim]
+    weight: torch.Tensor,  # [dim]
+    eps: float,
+) -> torch.Tensor:  # [..., dim], x's dtype
+    """Normalise in float32, round to x's dtype, then multiply by the weight in that dtype (Llama's RMSNorm)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor,  # [..., dim]
+    residual: torch.Tensor,  # [..., dim]
+    weight: torch.Tensor,  # [dim]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (rms_norm(x + residual), x + residual)
+    """The pre-norm residual stream: add a sub-layer's output to the stream, normalise the sum."""
+    summed = x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
+def rotary_embedding(
+    positions: torch.Tensor,  # [num_tokens] int64
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    cos: torch.Tensor,  # [max_positions, head_dim // 2] float32
+    sin: torch.Tensor,  # [max_positions, head_dim // 2] float32
+) -> tuple[torch.Tensor, torch.Tensor]:  # rotated q, k (new tensors, input dtypes)
+    """Neox-style rotary embedding (rotate halves), computed in float32."""
+    c = cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim // 2]
+    s = sin[positions].unsqueeze(1)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [num_tokens, 2 * width] -> [num_tokens, width]
+    """SwiGLU's gate: ``silu(x[:, :width]) * x[:, width:]``."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
 def store_kv(
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
