@@ -6,12 +6,14 @@
 // Both kernels read K and V in place through the block table (no gather, no padding to the longest
 // sequence) and keep scores, softmax state and accumulators in float32 whatever the cache dtype.
 //
-// Decode (one query token per sequence). A work item is (sequence, KV head, context partition) and owns
-// the `group` query heads that share that KV head, so each K/V row is loaded once for the whole group.
-// Head_dim is the vector dimension: a score is a dot product of the query with one K row, the output an
-// accumulation of V rows. Online softmax runs per cache block (max, rescale, exp, sum). When the batch is
-// too small to keep every thread busy, long contexts are split into partitions of whole blocks; each
-// writes an un-normalised (max, sum, acc) that a second pass merges.
+// Decode (one query token per sequence). A work item is (sequence, context partition) and owns every query
+// head: a cache block's rows ([block_size, num_kv_heads, head_dim]) are then read front to back once, and
+// each K/V row once for the `group` query heads that share it; the next block (scattered: the hardware
+// prefetcher cannot guess it) is prefetched while this one is computed. Head_dim is the vector dimension: a
+// score is a dot product of the query with one K row, the output an accumulation of V rows. Online softmax
+// runs per cache block (max, rescale, exp, sum). When the batch is too small to keep every thread busy, long
+// contexts are split into partitions of whole blocks; each writes an un-normalised (max, sum, acc) that a
+// second pass merges.
 //
 // Prefill (flash attention over the paged cache). A work item is (sequence, KV head, query tile): up to
 // 4 vectors' worth of rows, a row being one (query token, query head of the group). Rows are the vector
