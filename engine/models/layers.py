@@ -29,7 +29,7 @@ def _fused_kernels(x: torch.Tensor) -> bool:
 def _cpu_ops(x: torch.Tensor) -> bool:
     """CPU tensors go through the compiled ops of ``kernels.cpu_layers`` (one call per op; they run the torch
     references themselves when the extension is not built)."""
-    return x.device.type == "cpu"
+    return x.is_cpu
 
 
 class TPGroup(Protocol):
