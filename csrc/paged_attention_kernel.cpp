@@ -54,6 +54,9 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // + 4 operands fit the 32 AVX-512 registers, 2 x 4 + 4 the 16 AVX2 ones.
 constexpr int64_t kTileVectors = 4;
 constexpr int kRowBlock = kVec >= 16 ? 4 : 2;
+// Decode asks for this many cache blocks ahead of the one it computes (blocks are scattered in memory), into
+// L2 rather than L1: a block's K and V rows are as big as L1, and would evict the rows being computed.
+constexpr int64_t kPrefetchBlocks = 1;
 // A decode partition is at least this many tokens: shorter ones cost more in the merge than they gain.
 constexpr int64_t kMinSplitTokens = 256;
 
@@ -220,7 +223,7 @@ void prefetch_rows(const T* block, int64_t t0, int64_t t1, int64_t num_kv_heads,
     for (int64_t h = 0; h < num_kv_heads; ++h) {
       const T* row = block + t * stride_token + h * stride_head;
       for (int64_t d = 0; d < head_dim; d += kLine) {
-        __builtin_prefetch(row + d, 0, 3);
+        __builtin_prefetch(row + d, 0, 2);  // prefetcht1: to L2
       }
     }
   }
@@ -260,12 +263,11 @@ class DecodeWorker {
       const int64_t n = t1 - t0;
       const T* kb = k_cache + table[b] * a.k_stride_block;
       const T* vb = v_cache + table[b] * a.v_stride_block;
-      if (b + 1 < b_end) {
-        const int64_t next_t1 = std::min<int64_t>(it.token_end - (b + 1) * bs, bs);
-        prefetch_rows(k_cache + table[b + 1] * a.k_stride_block, 0, next_t1, KVH, a.k_stride_token,
-                      a.k_stride_head, D);
-        prefetch_rows(v_cache + table[b + 1] * a.v_stride_block, 0, next_t1, KVH, a.v_stride_token,
-                      a.v_stride_head, D);
+      // Keep the next kPrefetchBlocks blocks coming (all of them at the first block, then one more per block).
+      for (int64_t p = b == b_begin ? b + 1 : b + kPrefetchBlocks; p <= b + kPrefetchBlocks && p < b_end; ++p) {
+        const int64_t p_t1 = std::min<int64_t>(it.token_end - p * bs, bs);
+        prefetch_rows(k_cache + table[p] * a.k_stride_block, 0, p_t1, KVH, a.k_stride_token, a.k_stride_head, D);
+        prefetch_rows(v_cache + table[p] * a.v_stride_block, 0, p_t1, KVH, a.v_stride_token, a.v_stride_head, D);
       }
       for (int64_t t = t0; t < t1; ++t) {
         for (int64_t kvh = 0; kvh < KVH; ++kvh) {
