@@ -23,6 +23,13 @@ The simulator runs the router's real scoring (``engine.router.scoring``) and pre
   blocks under its device pool; the router sees its events (tier ``host``) and prices host hits and, with
   ``RouterPolicy.tiers.pulls``, pulls from other servers; a request's host loads and pull delay the start of
   its prefill by their copy time, without occupying the server.
+- Closed-loop clients (``num_clients`` > 0, the shape of ``bench.serving --concurrency N``): instead of the
+  chat trace, N clients each send a request of random tokens (no shared prefix) and the next one as soon as
+  the previous finishes. With ``prefill_batch_tokens`` > 0 a prefill server computes every waiting prompt
+  that fits that token budget in one step, as an engine step does, and reports to the router each prompt's
+  time from its admission to the end of that step, as Duet's prefill servers do (``transfer.kv_sender``):
+  the cost model then sees queueing and batching as prefill time. ``--c8`` runs the measured CPU P/D
+  c8 setup under the placement rule before issue 17 (``headroom``) and after (``deadline``).
 - The router sees load and KV events instantly (no staleness) and reports every observed prefill time
   to the scorer's cost models. Retryable rejections wait in a bounded FIFO at the router, retried
   every ``retry_interval_s``. When that FIFO is full, the request gets a 429 and its conversation ends.
@@ -39,7 +46,7 @@ import math
 import random
 import statistics
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -47,7 +54,7 @@ import numpy as np
 
 from engine.block_hash import block_hashes
 from engine.router.prefix_index import PrefixIndex
-from engine.router.scoring import POLICIES, Decision, RequestInfo, RouterPolicy, Scorer, ServerState
+from engine.router.scoring import PD_PLACEMENTS, POLICIES, Decision, RequestInfo, RouterPolicy, Scorer, ServerState
 from engine.router.tier_cost import TierPolicy
 
 
@@ -90,6 +97,14 @@ class SimConfig:
     host_load_s_per_token: float = 2e-6
     pull_overhead_s: float = 0.01
     pull_s_per_token: float = 2e-6
+    num_clients: int = 0
+    """> 0: closed-loop clients with independent random prompts instead of the chat trace."""
+    requests_per_client: int = 16
+    client_prompt_len: int = 512
+    client_output_len: int = 64
+    prefill_batch_tokens: int = 0
+    """> 0: prefill servers batch waiting prompts up to this many tokens per step and report each prompt's
+    admission-to-step-end time (see the module docstring); 0: one prompt at a time, its own compute time."""
     seed: int = 0
 
 
@@ -106,13 +121,37 @@ class Conversation:
     start_s: float
     hashes: list[int]  # chained block hashes of the whole stream; a turn's are a prefix of these
     turns: list[Turn]
+    next: "Conversation | None" = None
+    """Closed-loop clients: the client's next request, sent when this one finishes."""
 
 
 OFF_FACTOR = 0.2
 
 
+def make_client_trace(cfg: SimConfig) -> list[Conversation]:
+    """Closed-loop clients: each client's first request at 0 s, each next one linked to its predecessor."""
+    token_rng = np.random.default_rng(cfg.seed)
+    firsts: list[Conversation] = []
+    conv_id = 0
+    for _ in range(cfg.num_clients):
+        prev = None
+        for _ in range(cfg.requests_per_client):
+            tokens = token_rng.integers(0, cfg.vocab_size, cfg.client_prompt_len).tolist()
+            conv = Conversation(conv_id, 0.0, block_hashes(tokens, cfg.block_size),
+                                [Turn(cfg.client_prompt_len, cfg.client_output_len, 0.0)])
+            conv_id += 1
+            if prev is None:
+                firsts.append(conv)
+            else:
+                prev.next = conv
+            prev = conv
+    return firsts
+
+
 def make_trace(cfg: SimConfig) -> list[Conversation]:
-    """The seeded multi-turn chat trace shared by every policy."""
+    """The seeded multi-turn chat trace shared by every policy (or the closed-loop clients' requests)."""
+    if cfg.num_clients:
+        return make_client_trace(cfg)
     rng = random.Random(cfg.seed)
     token_rng = np.random.default_rng(cfg.seed)
     tok = lambda n: token_rng.integers(0, cfg.vocab_size, n).tolist()  # noqa: E731
@@ -238,7 +277,7 @@ class SimServer:
     state: ServerState
     pool: BlockPool
     speed: float
-    prefill_queue: deque = field(default_factory=deque)  # (request, num_tokens, remote)
+    prefill_queue: deque = field(default_factory=deque)  # (request, num_tokens, remote, admitted_s)
     waiting: deque = field(default_factory=deque)  # admitted by the router, waiting for KV blocks
     running: list = field(default_factory=list)
     queued_tokens: int = 0  # prompt tokens in prefill_queue + waiting
@@ -380,7 +419,7 @@ class Simulation:
                 if req.decision.prefill_id is None:
                     req.computed_tokens = prompt - cached
                     server.queued_tokens -= cached
-                    self._queue_prefill(server, (req, prompt - cached, False), fetch_s)
+                    self._queue_prefill(server, (req, prompt - cached, False, self.now), fetch_s)
                 else:
                     server.queued_tokens -= prompt  # its prefill happens elsewhere
                     p = self.servers[req.decision.prefill_id]
@@ -391,7 +430,7 @@ class Simulation:
                 req.p_blocks = (m, num_blocks - m)
                 req.computed_tokens = prompt - cached
                 server.queued_tokens -= cached
-                self._queue_prefill(server, (req, prompt - cached, True), fetch_s)
+                self._queue_prefill(server, (req, prompt - cached, True, self.now), fetch_s)
             self.kick(server)
         self.sync(server)
 
@@ -412,34 +451,44 @@ class Simulation:
             return
         cfg = self.cfg
         if server.prefill_queue:
-            req, num_tokens, remote = server.prefill_queue[0]
-            true_s = (cfg.prefill_a_s + cfg.prefill_b_s_per_token * num_tokens
-                      + cfg.prefill_c_s_per_token2 * num_tokens ** 2) / server.speed
+            num = 1
+            if cfg.prefill_batch_tokens and server.state.role == "prefill":
+                total = server.prefill_queue[0][1]
+                while num < len(server.prefill_queue) and total + server.prefill_queue[num][1] <= cfg.prefill_batch_tokens:
+                    total += server.prefill_queue[num][1]
+                    num += 1
+            batch = [server.prefill_queue[i][1] for i in range(num)]
+            true_s = (cfg.prefill_a_s + cfg.prefill_b_s_per_token * sum(batch)
+                      + cfg.prefill_c_s_per_token2 * sum(t * t for t in batch)) / server.speed
             seconds = true_s * math.exp(self.rng.gauss(0, cfg.prefill_noise))
             server.busy, server.busy_s = True, server.busy_s + seconds
-            self.at(self.now + seconds, self.prefill_done, server, seconds)
+            self.at(self.now + seconds, self.prefill_done, server, seconds, num)
         elif server.running:
             seconds = (cfg.decode_step_s + cfg.decode_step_s_per_seq * len(server.running)
                        + cfg.decode_step_s_per_token * server.running_tokens)
             server.busy, server.busy_s = True, server.busy_s + seconds
             self.at(self.now + seconds, self.step_done, server)
 
-    def prefill_done(self, server: SimServer, seconds: float) -> None:
-        req, num_tokens, remote = server.prefill_queue.popleft()
-        server.queued_tokens -= num_tokens
+    def prefill_done(self, server: SimServer, seconds: float, num: int = 1) -> None:
         server.busy = False
-        self.scorer.observe_prefill(server.state.server_id, num_tokens, seconds)
-        prompt_blocks = req.info.num_prompt_tokens // self.cfg.block_size
-        hashes = req.conv.hashes
-        if remote:
-            m, _ = req.p_blocks
-            server.pool.promote(hashes[m:prompt_blocks])
-            d = self.servers[req.decision.decode_id]
-            transfer_s = self.cfg.transfer_latency_s + self.cfg.transfer_s_per_token * (
-                req.info.num_prompt_tokens - min(req.d_blocks[0] * self.cfg.block_size, req.info.num_prompt_tokens - 1))
-            self.at(self.now + transfer_s, self.kv_arrived, server, d, req)
-        else:
-            self.first_token(server, req)
+        for _ in range(num):
+            req, num_tokens, remote, admitted_s = server.prefill_queue.popleft()
+            server.queued_tokens -= num_tokens
+            # A batching server reports admission-to-step-end, like Duet's prefill servers.
+            observed_s = self.now - admitted_s if self.cfg.prefill_batch_tokens else seconds
+            self.scorer.observe_prefill(server.state.server_id, num_tokens, observed_s)
+            prompt_blocks = req.info.num_prompt_tokens // self.cfg.block_size
+            hashes = req.conv.hashes
+            if remote:
+                m, _ = req.p_blocks
+                server.pool.promote(hashes[m:prompt_blocks])
+                d = self.servers[req.decision.decode_id]
+                transfer_s = self.cfg.transfer_latency_s + self.cfg.transfer_s_per_token * (
+                    req.info.num_prompt_tokens
+                    - min(req.d_blocks[0] * self.cfg.block_size, req.info.num_prompt_tokens - 1))
+                self.at(self.now + transfer_s, self.kv_arrived, server, d, req)
+            else:
+                self.first_token(server, req)
         self.sync(server)
         self.kick(server)
 
@@ -490,6 +539,8 @@ class Simulation:
             next_s = self.now + turn.think_s
             if next_s < self.cfg.duration_s:
                 self.at(next_s, self.arrive, req.conv, req.turn_idx + 1)
+        elif req.conv.next is not None:  # closed-loop client: its next request, right away
+            self.at(self.now, self.arrive, req.conv.next, 0)
         self.drain_waiting(d)
 
     # --- results --------------------------------------------------------------------------------
@@ -524,6 +575,7 @@ class Simulation:
             "tpot_p90_ms": 1e3 * tpots[int(0.9 * len(tpots))] if tpots else math.nan,
             "disaggregated": sum(1 for r in done if r.decision.prefill_id is not None),
             "local_prefill": sum(1 for r in done if r.decision.prefill_id is None),
+            "decisions": dict(Counter(r.decision.reason for r in done)),
             "decode_busy_cv": d_cv, "decode_busy_max_mean": d_max,
             "prefill_busy_cv": p_cv, "prefill_busy_max_mean": p_max,
             "ttft_pred_rel_err_p50": rel_err[len(rel_err) // 2] if rel_err else math.nan,
@@ -551,7 +603,32 @@ def simulate(cfg: SimConfig, policies: tuple[str, ...] = POLICIES, trace: list[C
     return rows
 
 
+def simulate_placements(cfg: SimConfig, base_policy: RouterPolicy,
+                        placements: tuple[str, ...] = PD_PLACEMENTS) -> list[dict]:
+    """Run the same trace under each P/D placement rule; one row per rule."""
+    trace = make_trace(cfg)
+    rows = []
+    for placement in placements:
+        t0 = time.perf_counter()
+        row = {"pd_placement": placement, **Simulation(cfg, replace(base_policy, pd_placement=placement), trace).run()}
+        row["local_share"] = row["local_prefill"] / max(row["requests"], 1)
+        row["wall_s"] = time.perf_counter() - t0
+        rows.append(row)
+    return rows
+
+
 QUICK = SimConfig(num_prefill=8, num_decode=24, duration_s=30.0, conversations_per_s=75.0)
+# The CPU P/D c8 run of bench.vs_vllm_cpu (28M model, 2 cores): one prefill + one decode server, 8 closed-loop
+# clients, 512-token prompts, 64 output tokens, threshold 0. Costs are the engine's measured on this box
+# (bench/NOTES.md): prefill of one 512-token prompt ~0.16 s, a 2048-token step ~0.75 s; decode step at batch 8
+# ~25 ms; the prefill server batches up to the engine's 2048-token step budget.
+C8 = SimConfig(num_prefill=1, num_decode=1, slow_fraction=0.0, num_clients=8, requests_per_client=16,
+               client_prompt_len=512, client_output_len=64, prefill_batch_tokens=2048, prefill_a_s=0.02,
+               prefill_b_s_per_token=2.5e-4, prefill_c_s_per_token2=3e-8, prefill_noise=0.05,
+               decode_step_s=0.012, decode_step_s_per_seq=0.0015, decode_step_s_per_token=1e-7,
+               transfer_s_per_token=2e-6, transfer_latency_s=0.004, ttft_budget_s=30.0, max_tokens=64,
+               prefill_blocks=1024, decode_blocks=1024)
+C8_POLICY = RouterPolicy(disagg_threshold_tokens=0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -560,12 +637,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--servers", type=int, help="total servers (1/4 prefill, 3/4 decode); load scales with it")
     parser.add_argument("--duration", type=float, help="seconds of arrivals")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--c8", action="store_true",
+                        help="the CPU P/D c8 run: placement before (headroom) and after (deadline) issue 17")
     parser.add_argument("--host-blocks", type=int, default=0, help="KV tiers: host-tier blocks per server")
     parser.add_argument("--kv-pulls", action="store_true", help="KV tiers: the router may plan pulls")
     from bench.report import add_record_arg
 
     add_record_arg(parser)
     args = parser.parse_args(argv)
+    if args.c8:
+        return main_c8(replace(C8, seed=args.seed), record=args.record)
     cfg = QUICK if args.quick else SimConfig()
     if args.servers:
         if args.servers < 2:
@@ -609,6 +690,23 @@ def main(argv: list[str] | None = None) -> None:
     write_results(name, rows, columns, device="cpu", plot=plot, extra={
         "config": cfg.__dict__, "conversations": len(trace), "turns": sum(len(c.turns) for c in trace),
         "trace_s": trace_s}, record=args.record)
+
+
+def main_c8(cfg: SimConfig, record: bool = False) -> None:
+    rows = simulate_placements(cfg, C8_POLICY)
+    from bench.report import write_results  # imports torch; keep it out of the simulator proper
+
+    def plot(ax) -> None:
+        xs = range(len(rows))
+        ax.bar([x - 0.2 for x in xs], [100 * r["local_share"] for r in rows], 0.4, label="prefilled on decode (%)")
+        ax.bar([x + 0.2 for x in xs], [r["tpot_p90_ms"] for r in rows], 0.4, label="TPOT p90 (ms)")
+        ax.set_xticks(list(xs), [r["pd_placement"] for r in rows])
+        ax.legend(fontsize=8)
+
+    columns = ["pd_placement", "requests", "disaggregated", "local_prefill", "local_share", "decisions", "ttft_p50_s",
+               "ttft_p90_s", "tpot_p50_ms", "tpot_p90_ms", "prefill_util", "ttft_pred_rel_err_p50"]
+    write_results("router_sim_c8", rows, columns, device="cpu", plot=plot,
+                  extra={"config": cfg.__dict__, "policy": C8_POLICY.__dict__}, record=record)
 
 
 if __name__ == "__main__":

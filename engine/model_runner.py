@@ -28,7 +28,8 @@ from engine.sampler import PromptLogprobs, SampleResult, Sampler
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from engine.structured_output.masks import MaskFiller
 from engine import envs
-from kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks, use_extension
+from kernels.extension import use_extension
+from kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks
 from transfer.kv_port import KVPort
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,6 @@
-"""Duet kernels: Triton paged attention and KV store, plus plain torch references of every kernel.
+"""Duet kernels: Triton paged attention, KV store and layer ops (CUDA), thin wrappers over the compiled CPU ops
+of csrc/ (``cpu_attention``, ``cpu_layers``, ``kv_blocks``; loaded by ``extension``), and plain torch references
+of every kernel (``reference``), which are the test oracle and the fallback when the extension is not built.
 
 The paged KV pool of one engine is a single tensor::
 

@@ -8,8 +8,8 @@ transfer write for it; the decode server scatters the arrived slab into its own 
 layer-major, then key/value, then the blocks in ``block_ids`` order: exactly
 ``kernels.reference.gather_kv_blocks``. The compiled ops ``torch.ops.duet.gather_kv_blocks`` /
 ``scatter_kv_blocks`` (csrc/, built into ``kernels._C``) do the work; when the extension is missing or
-disabled (``use_extension(False)``; engines call it for ``DUET_DISABLE_EXTENSION=1``) these wrappers run the
-torch references instead and log one warning per process. Both paths copy bytes, so results are bitwise identical.
+disabled (``kernels.extension.use_extension(False)``, which engines call for ``DUET_DISABLE_EXTENSION=1``) these wrappers run the torch references instead and log one
+warning per process (``kernels.extension``). Both paths copy bytes, so results are bitwise identical.
 
 A pool that is a strided view rather than a contiguous tensor (vLLM's head-major CPU blocks seen through
 ``as_strided``, see ``transfer.vllm_kv_port``) takes the reference path: the compiled ops index raw memory
@@ -21,72 +21,21 @@ out-of-range id and, for scatter, on a repeated id; on CUDA an out-of-range id i
 """
 from __future__ import annotations
 
-import functools
-import importlib
-import logging
-
 import torch
 
-from kernels import reference
-
-logger = logging.getLogger(__name__)
+from kernels import extension, reference
 
 _OPS = ("gather_kv_blocks", "scatter_kv_blocks")
-_fallback_warned = False
 _fakes_registered = False
-_enabled = True
-
-
-def use_extension(enabled: bool) -> None:
-    """Allow (default) or forbid the compiled ops in this process; forbidden, the torch references run."""
-    global _enabled
-    _enabled = enabled
-    _load_error.cache_clear()
-
-
-def _ops_defined() -> bool:
-    return all(hasattr(torch.ops.duet, name) for name in _OPS)
-
-
-@functools.cache
-def _load_error() -> str | None:
-    """Import the compiled ops once; returns why they are unavailable, or None when they are loaded."""
-    if not _enabled:
-        return "disabled (DUET_DISABLE_EXTENSION=1)"
-    try:
-        importlib.import_module("kernels._C")
-    except ImportError as exc:
-        return f"kernels._C could not be imported ({exc})"
-    if not _ops_defined():
-        return "kernels._C was imported but did not register torch.ops.duet"
-    _register_fakes()
-    return None
 
 
 def extension_available() -> bool:
     """True when the compiled ``torch.ops.duet`` KV block ops are loaded (and not disabled)."""
-    return _load_error() is None
-
-
-@functools.cache
-def _has_device_kernel(device_type: str) -> bool:
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if key is None:  # meta / fake tensors while tracing: the registered fake implementation answers
-        return True
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"duet::{name}", key) for name in _OPS)
+    return extension.load_error() is None and extension.ops_defined(_OPS)
 
 
 def _use_extension(device: torch.device) -> bool:
-    global _fallback_warned
-    reason = _load_error()
-    if reason is None and not _has_device_kernel(device.type):
-        reason = f"kernels._C was built without {device.type} kernels"
-    if reason is None:
-        return True
-    if not _fallback_warned:
-        _fallback_warned = True
-        logger.warning("Duet KV block ops: using the torch reference (slower): %s", reason)
-    return False
+    return extension.use(_OPS, device, "KV block ops")
 
 
 def gather_kv_blocks(
@@ -153,7 +102,6 @@ def _register_fakes() -> None:
     torch.library.register_fake("duet::scatter_kv_blocks")(_scatter_fake)
 
 
-# torch imports this module (csrc: set_python_module) when it needs the fakes of ops loaded by a plain
-# `import kernels._C`; register them right away in that case.
-if _ops_defined():
+# Registered at import whenever the ops are (kernels.extension imports this module for torch).
+if extension.ops_defined(_OPS):
     _register_fakes()

@@ -1,12 +1,58 @@
 """Plain torch references for every Duet kernel.
 
 These are the ground truth the Triton kernels and the C++/CUDA ops are tested against, and they are also
-the CPU implementation the engine runs when no GPU is present. Clarity beats speed here, but the attention
+what the engine runs on the CPU when the compiled extension is not built. Clarity beats speed here, but the attention
 reference is vectorised per sequence so the CPU engine stays usable.
 """
 from __future__ import annotations
 
 import torch
+
+
+def rms_norm(
+    x: torch.Tensor,  # [..., dim]
+    weight: torch.Tensor,  # [dim]
+    eps: float,
+) -> torch.Tensor:  # [..., dim], x's dtype
+    """Normalise in float32, round to x's dtype, then multiply by the weight in that dtype (Llama's RMSNorm)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor,  # [..., dim]
+    residual: torch.Tensor,  # [..., dim]
+    weight: torch.Tensor,  # [dim]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (rms_norm(x + residual), x + residual)
+    """The pre-norm residual stream: add a sub-layer's output to the stream, normalise the sum."""
+    summed = x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
+def rotary_embedding(
+    positions: torch.Tensor,  # [num_tokens] int64
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    cos: torch.Tensor,  # [max_positions, head_dim // 2] float32
+    sin: torch.Tensor,  # [max_positions, head_dim // 2] float32
+) -> tuple[torch.Tensor, torch.Tensor]:  # rotated q, k (new tensors, input dtypes)
+    """Neox-style rotary embedding (rotate halves), computed in float32."""
+    c = cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim // 2]
+    s = sin[positions].unsqueeze(1)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [num_tokens, 2 * width] -> [num_tokens, width]
+    """SwiGLU's gate: ``silu(x[:, :width]) * x[:, width:]``."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
 
 
 def store_kv(
@@ -91,6 +137,39 @@ def paged_decode_attention(
     num_seqs = query.shape[0]
     cu = torch.arange(num_seqs + 1, dtype=torch.int32)
     return paged_attention(query, k_cache, v_cache, block_tables, cu, seq_lens, scale)
+
+
+def batched_paged_decode_attention(
+    query: torch.Tensor,  # [num_seqs, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    scale: float,
+) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
+    """``paged_decode_attention`` for the whole batch in a few batched ops (no per-sequence loop): the torch
+    fallback of ``kernels.cpu_attention`` when the extension is not built.
+
+    Each sequence's blocks are gathered into a padded [num_seqs, max_len] context and positions past its
+    length are masked; float32 softmax. A sequence of length 0 gets zeros, as in ``paged_decode_attention``.
+    """
+    num_seqs, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    max_blocks = -(-int(seq_lens.max()) // block_size) if num_seqs else 0
+    if max_blocks == 0:
+        return torch.zeros_like(query)
+    tables = block_tables[:, :max_blocks].long()
+    # [num_seqs, max_len, kv_heads, head_dim] -> [num_seqs, kv_heads, max_len, head_dim]
+    k = k_cache[tables].flatten(1, 2).transpose(1, 2).float()
+    v = v_cache[tables].flatten(1, 2).transpose(1, 2).float()
+    q = query.float().view(num_seqs, num_kv_heads, group, head_dim)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # [num_seqs, kv_heads, group, max_len]
+    positions = torch.arange(k.shape[2], device=query.device)
+    scores.masked_fill_((positions[None, :] >= seq_lens[:, None]).view(num_seqs, 1, 1, -1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # an all-masked (empty) row: zeros
+    out = torch.matmul(probs, v)  # [num_seqs, kv_heads, group, head_dim]
+    return out.view(num_seqs, num_heads, head_dim).to(query.dtype)
 
 
 def gather_kv_blocks(

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole,
                                                                KVConnectorTransferResults)
 
-from kernels.kv_blocks import use_extension
+from kernels.extension import use_extension
 from transfer.compat import KVLayout
 from transfer.handoff import HandoffFaults
 from transfer.vllm_kv_mover import KVMover, MoverConfig, RecvSpec, SendSpec

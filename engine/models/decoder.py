@@ -114,9 +114,10 @@ class DecoderLayer(nn.Module):
             self.mlp = moe if moe is not None else GatedMLP(cfg.hidden_size, cfg.intermediate_size, layout, tp_group)
 
     def forward(self, x, positions, kv_cache, meta, backend):
-        h = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta, backend)
+        attn = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta, backend)
+        normed, h = self.post_attention_layernorm.add_forward(x, attn)  # h = x + attn, one op on CPU
         mlp = self.mlp if self.mlp is not None else self.block_sparse_moe
-        return h + mlp(self.post_attention_layernorm(h))
+        return h + mlp(normed)
 
 
 class AbsentLayer(nn.Module):

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from engine.model_config import RopeConfig
 from engine.parallel.layout import ParallelLayout
+from kernels import cpu_layers, reference
 from kernels.activation import silu_and_mul
 from kernels.rms_norm import rms_norm
 from kernels.rotary import apply_rotary
@@ -23,6 +24,12 @@ from kernels.triton_utils import TRITON_AVAILABLE
 def _fused_kernels(x: torch.Tensor) -> bool:
     """CUDA tensors go through the Triton kernels (one launch per op); the torch code is the reference."""
     return x.is_cuda and TRITON_AVAILABLE
+
+
+def _cpu_ops(x: torch.Tensor) -> bool:
+    """CPU tensors go through the compiled ops of ``kernels.cpu_layers`` (one call per op; they run the torch
+    references themselves when the extension is not built)."""
+    return x.is_cpu
 
 
 class TPGroup(Protocol):
@@ -67,10 +74,20 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
         if _fused_kernels(x) and x.dim() in (2, 3) and x.stride(-1) == 1:
             return rms_norm(x, self.weight, self.eps)
+        if _cpu_ops(x):
+            return cpu_layers.rms_norm(x, self.weight, self.eps)
         # Normalise in float32 like the reference implementations, then cast back before the weight.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return reference.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(
+        self,
+        x: torch.Tensor,  # [num_tokens, dim]: the residual stream
+        residual: torch.Tensor,  # [num_tokens, dim]: a sub-layer's output, given up (the sum may be written into it)
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (self(x + residual), x + residual)
+        if _cpu_ops(x):
+            return cpu_layers.add_rms_norm(x, residual, self.weight, self.eps)
+        summed = x + residual
+        return self(summed), summed
 
 
 def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:  # [head_dim // 2] float32
@@ -91,7 +108,9 @@ def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:  # [head_dim
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style rotary embedding (rotate halves) with a precomputed cos/sin table."""
+    """Neox-style rotary embedding (rotate halves) with a precomputed cos/sin table.
+
+    On CPU tensors q and k are rotated in place (and returned); elsewhere new tensors are returned."""
 
     def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig):
         super().__init__()
@@ -109,14 +128,9 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if _fused_kernels(q):
             return apply_rotary(positions, q, k, self.cos, self.sin)
-        cos = self.cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim // 2]
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        if _cpu_ops(q):  # in place: q and k are slices of this layer's fresh QKV output
+            return cpu_layers.rotary_embedding(positions, q, k, self.cos, self.sin)
+        return reference.rotary_embedding(positions, q, k, self.cos, self.sin)
 
 
 class GatedMLP(nn.Module):
@@ -147,9 +161,10 @@ class GatedMLP(nn.Module):
         gate_up = F.linear(x, self.gate_up)  # [num_tokens, 2 * width]
         if _fused_kernels(x):
             out = self.down_proj(silu_and_mul(gate_up))
+        elif _cpu_ops(x):
+            out = self.down_proj(cpu_layers.silu_and_mul(gate_up))
         else:
-            gate, up = gate_up.chunk(2, dim=-1)
-            out = self.down_proj(F.silu(gate) * up)
+            out = self.down_proj(reference.silu_and_mul(gate_up))
         if self.tp_group is not None:
             self.tp_group.all_reduce(out)
         return out

@@ -9,13 +9,19 @@ A request's path through ``Scorer.choose``:
    the prefix it already caches, within its free blocks. "request_too_large" when the request exceeds
    every server's *total* blocks (retrying won't help). "no_capacity" when it only exceeds every
    server's *free* blocks.
-3. Prefill server. Among prefill servers with headroom (predicted queue under
-   ``max_prefill_queue_s`` and free blocks for the prompt), pick one by the policy. ``prefix_aware``
-   predicts time to first token = queued prefill work + this request's tokens not cached there, using
-   each server's ``PrefillCostModel``, which is fitted online from the prefill times servers report.
-4. Conditional disaggregation, per decode candidate: when more than ``disagg_threshold_tokens`` of the
-   prompt are not cached on it and some prefill server has headroom, the prefill goes remote.
-   Otherwise the decode server prefills locally. Either way we predict the TTFT.
+3. Prefill server. Among the prefill servers that can take the request (free blocks for its uncached
+   prompt, and a predicted TTFT through them within the request's budget), pick one by the policy.
+   ``prefix_aware`` predicts time to first token = queued prefill work + this request's tokens not cached
+   there + the KV transfer, using each server's ``PrefillCostModel``, fitted online from the prefill times
+   servers report. (``pd_placement="headroom"``, the rule before issue 17, instead required a predicted
+   queue under ``max_prefill_queue_s``.)
+4. P/D placement, per decode candidate. A request whose uncached part on that server is more than
+   ``disagg_threshold_tokens`` is disaggregated: it goes to the prefill server of step 3. The decode
+   server prefills it itself only by one of these rules, each its own ``Decision.reason``:
+   ``below_threshold`` (the whole prompt is at most the threshold), ``prefix_hit`` (the server's cached
+   prefix leaves at most the threshold to compute), ``prefill_saturated`` (no prefill server can take it
+   within its budget, or none has the blocks) and ``no_prefill_server`` (no healthy prefill server in
+   its zone). Either way we predict the TTFT.
 5. Admission. Decode candidates whose predicted TTFT exceeds the request's budget are dropped.
    "over_ttft_budget" when none is left: the caller queues the request (bounded) or answers 429,
    using ``retry_after_s`` as a hint.
@@ -46,10 +52,14 @@ logger = logging.getLogger(__name__)
 ROLES = ("prefill", "decode", "both")
 POLICIES = ("round_robin", "least_loaded", "prefix_aware")
 
-# Decision.reason values. Accepted decisions:
+PD_PLACEMENTS = ("deadline", "headroom")
+
+# Decision.reason values (the router counts decisions by reason). Accepted decisions:
 DISAGGREGATED = "disaggregated"
 LOCAL_BELOW_THRESHOLD = "local_prefill:below_threshold"
-LOCAL_NO_PREFILL_HEADROOM = "local_prefill:no_prefill_headroom"
+LOCAL_PREFIX_HIT = "local_prefill:prefix_hit"
+LOCAL_PREFILL_SATURATED = "local_prefill:prefill_saturated"
+LOCAL_NO_PREFILL_SERVER = "local_prefill:no_prefill_server"
 # Rejections. The retryable ones (queue or 429) are listed in RETRYABLE; the others are 400 / 503.
 NO_SERVER_IN_ZONE = "no_server_in_zone"
 NO_HEALTHY_SERVER = "no_healthy_server"
@@ -79,8 +89,6 @@ class ServerState:
     """Data zone label; ``None`` serves only requests without a zone."""
     healthy: bool = True
     """False while health checks fail; such a server gets no request."""
-    epoch: int = 0
-    """Changes on every restart; the prefix index is cleared when it changes."""
     block_size: int = 16
     """Tokens per KV block."""
     total_blocks: int = 0
@@ -304,8 +312,14 @@ class RouterPolicy:
     """``round_robin``, ``least_loaded`` or ``prefix_aware``."""
     disagg_threshold_tokens: int = 512
     """Prefill remotely only when more prompt tokens than this are uncached on the decode server."""
+    pd_placement: str = "deadline"
+    """When a prefill server can take a request that is to be disaggregated. ``deadline``: when its
+    predicted TTFT through that server is within the request's budget (a decode server prefills only by
+    an explicit rule: threshold, prefix hit, prefill pool saturated). ``headroom`` (the rule before issue
+    17, kept for comparison): when its predicted queue is under ``max_prefill_queue_s``."""
     max_prefill_queue_s: float = 2.0
-    """A prefill server whose queued work is predicted to take longer than this has no headroom."""
+    """``headroom`` placement only: a prefill server whose queued work is predicted to take longer than this
+    takes no request."""
     default_ttft_budget_s: float = 30.0
     """TTFT budget for requests that bring none (``math.inf`` disables TTFT admission control)."""
     prefix_weight: float = 1.0
@@ -332,6 +346,8 @@ class RouterPolicy:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"RouterPolicy.policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.pd_placement not in PD_PLACEMENTS:
+            raise ValueError(f"RouterPolicy.pd_placement must be one of {PD_PLACEMENTS}, got {self.pd_placement!r}")
         if self.disagg_threshold_tokens < 0:
             raise ValueError(f"RouterPolicy.disagg_threshold_tokens must be >= 0, got {self.disagg_threshold_tokens}")
         for name in ("max_prefill_queue_s", "default_ttft_budget_s", "prior_tokens_per_s", "prior_weight"):
@@ -432,8 +448,8 @@ class Scorer:
             where = f" in zone {zone!r}" if zone is not None else ""
             return Decision.reject(NO_HEALTHY_SERVER, f"no healthy decode server{where}")
 
-        prefill = self._pick_prefill(request, [s for s in eligible if s.healthy and s.role == "prefill"],
-                                     prefix_match)
+        prefillers = [s for s in eligible if s.healthy and s.role == "prefill"]
+        prefill = self._pick_prefill(request, prefillers, prefix_match, budget_s)
         key = self._decode_key(request)
         best: _Pick | None = None
         best_key: tuple | None = None
@@ -451,7 +467,7 @@ class Scorer:
             if total_needed - cached // s.block_size > s.free_blocks:
                 continue
             num_fit += 1
-            # Conditional disaggregation: remote prefill only for a long uncached part and a free P.
+            # P/D placement: remote prefill for an uncached part over the threshold, when a P can take it.
             uncached = num_prompt - cached
             tiers = None if tier_hits is None or s.block_size != block_size else self._plan_tiers(request, s, tier_hits,
                                                                                                   sources)
@@ -490,9 +506,12 @@ class Scorer:
                             prefill_id=prefill.server.server_id, predicted_ttft_s=best.ttft_s,
                             decode_cached_tokens=best.cached_tokens, prefill_cached_tokens=prefill.cached_tokens)
         t = best.tiers or TierPlan()
-        above = num_prompt - (t.covered_tokens if best.tiers else best.cached_tokens) > pol.disagg_threshold_tokens
-        return Decision(accepted=True, reason=LOCAL_NO_PREFILL_HEADROOM if above else LOCAL_BELOW_THRESHOLD,
-                        decode_id=best.server.server_id, predicted_ttft_s=best.ttft_s,
+        covered = t.covered_tokens if best.tiers else best.cached_tokens
+        if num_prompt - covered > pol.disagg_threshold_tokens:
+            reason = LOCAL_PREFILL_SATURATED if prefillers else LOCAL_NO_PREFILL_SERVER
+        else:
+            reason = LOCAL_PREFIX_HIT if num_prompt > pol.disagg_threshold_tokens else LOCAL_BELOW_THRESHOLD
+        return Decision(accepted=True, reason=reason, decode_id=best.server.server_id, predicted_ttft_s=best.ttft_s,
                         decode_cached_tokens=best.cached_tokens, host_hit_tokens=t.host_tokens,
                         pull_from_id=t.pull_from, pull_tokens=t.pull_tokens)
 
@@ -536,20 +555,28 @@ class Scorer:
         return prefix_aware
 
     def _pick_prefill(self, request: RequestInfo, prefillers: list[ServerState],
-                      prefix_match: Mapping[str, int]) -> _Pick | None:
-        """The prefill server this request would use if it disaggregates, or None if none has headroom
-        (predicted queue within ``max_prefill_queue_s`` and free blocks for the uncached prompt)."""
+                      prefix_match: Mapping[str, int], budget_s: float) -> _Pick | None:
+        """The prefill server this request would use if it disaggregates, or None if none can take it: it
+        needs free blocks for the uncached prompt, and a predicted TTFT (queue + prefill + the transfer of
+        the whole prompt, the most any decode server needs) within ``budget_s``; under ``headroom``
+        placement, a predicted queue within ``max_prefill_queue_s`` instead."""
         pol = self.policy
         last = self._last_prefill_id
         best: _Pick | None = None
         best_key: tuple | None = None
+        transfer_s = pol.kv_transfer_s_per_token * request.num_prompt_tokens
         for s in prefillers:
             queue_s = self._queue_s(s)
             cached = self._cached_tokens(request, s, prefix_match)
             blocks_needed = _cdiv(request.num_prompt_tokens, s.block_size) - cached // s.block_size
-            if queue_s > pol.max_prefill_queue_s or blocks_needed > s.free_blocks:
+            if blocks_needed > s.free_blocks:
                 continue
             ttft_s = queue_s + self.cost_model(s.server_id).predict(request.num_prompt_tokens - cached)
+            if pol.pd_placement == "headroom":
+                if queue_s > pol.max_prefill_queue_s:
+                    continue
+            elif ttft_s + transfer_s > budget_s:
+                continue
             if pol.policy == "round_robin":
                 k: tuple = (last is not None and s.server_id <= last, s.server_id)
             elif pol.policy == "least_loaded":

@@ -241,9 +241,9 @@ FALLBACK_SCRIPT = textwrap.dedent(
     import torch
     import kernels  # must import without the extension
     from engine import envs
-    from kernels import kv_blocks, reference
+    from kernels import extension, kv_blocks, reference
 
-    kv_blocks.use_extension(not envs.disable_extension())  # what every engine's model runner does
+    extension.use_extension(not envs.disable_extension())  # what every engine's model runner does
     assert not kv_blocks.extension_available()
     kv_cache = torch.randn(3, 2, 8, 4, 2, 8)
     ids = torch.tensor([5, 1, 6])

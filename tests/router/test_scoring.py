@@ -52,7 +52,7 @@ def test_prefix_aware_prefers_the_server_holding_the_prefix():
     servers = [decode("d0"), decode("d1"), decode("d2")]
     d = scorer().choose(req, servers, index.match(req.block_hashes))
     assert d.accepted and d.decode_id == "d1" and d.decode_cached_tokens == 1600
-    assert d.prefill_id is None and d.reason == scoring.LOCAL_BELOW_THRESHOLD  # only 400 tokens to prefill
+    assert d.prefill_id is None and d.reason == scoring.LOCAL_PREFIX_HIT  # only 400 tokens to prefill
 
 
 def test_prefix_aware_skips_the_prefix_holder_without_room():
@@ -129,8 +129,40 @@ def test_conditional_disaggregation_threshold():
 def test_saturated_prefill_servers_mean_local_prefill():
     servers = [decode("d0"), prefill("p0", queued_requests=10, queued_prefill_tokens=100_000),
                prefill("p1", free=10)]  # p0: ~10 s of queue; p1: no blocks for the prompt
-    d = scorer(max_prefill_queue_s=2.0).choose(request(2000), servers, {})
-    assert d.accepted and d.prefill_id is None and d.reason == scoring.LOCAL_NO_PREFILL_HEADROOM
+    d = scorer().choose(request(2000, ttft_budget_s=5.0), servers, {})
+    assert d.accepted and d.prefill_id is None and d.reason == scoring.LOCAL_PREFILL_SATURATED
+    assert d.predicted_ttft_s < 5.0
+
+
+def test_pd_placement_sends_every_disaggregated_request_to_a_prefill_server_within_its_deadline():
+    """Threshold 0 (always disaggregate), one busy prefill server: the request still goes to it while its
+    predicted TTFT fits the budget. The old rule (``headroom``) kept it on the decode server as soon as the
+    prefill queue was predicted over ``max_prefill_queue_s``, which is what the c8 P/D run measured."""
+    busy = [decode("d0"), prefill("p0", queued_requests=4, queued_prefill_tokens=20_000)]  # ~2.1 s queued
+    d = scorer(disagg_threshold_tokens=0).choose(request(512), busy, {})
+    assert (d.reason, d.decode_id, d.prefill_id) == (scoring.DISAGGREGATED, "d0", "p0")
+    old = scorer(disagg_threshold_tokens=0, pd_placement="headroom").choose(request(512), busy, {})
+    assert old.prefill_id is None and old.reason == scoring.LOCAL_PREFILL_SATURATED
+    # Over the request's budget through p0, and no other prefill server: the decode server prefills it.
+    d = scorer(disagg_threshold_tokens=0).choose(request(512, ttft_budget_s=1.0), busy, {})
+    assert d.prefill_id is None and d.reason == scoring.LOCAL_PREFILL_SATURATED
+    # A second, idle prefill server takes it instead.
+    d = scorer(disagg_threshold_tokens=0).choose(request(512, ttft_budget_s=1.0), busy + [prefill("p1")], {})
+    assert d.prefill_id == "p1" and d.reason == scoring.DISAGGREGATED
+
+
+def test_local_prefill_reasons():
+    s = scorer(disagg_threshold_tokens=512)
+    fleet = [decode("d0"), prefill("p0")]
+    assert s.choose(request(500), fleet, {}).reason == scoring.LOCAL_BELOW_THRESHOLD
+    hit = s.choose(request(2000), fleet, {"d0": 100})  # 1600 cached on d0: 400 left to compute
+    assert hit.prefill_id is None and hit.reason == scoring.LOCAL_PREFIX_HIT and hit.decode_cached_tokens == 1600
+    assert s.choose(request(2000), fleet, {"d0": 50}).reason == scoring.DISAGGREGATED  # 1200 left
+    assert s.choose(request(2000), [decode("d0")], {}).reason == scoring.LOCAL_NO_PREFILL_SERVER
+    fleet[1].healthy = False
+    assert s.choose(request(2000), fleet, {}).reason == scoring.LOCAL_NO_PREFILL_SERVER
+    fleet[1].healthy, fleet[1].free_blocks = True, 0
+    assert s.choose(request(2000), fleet, {}).reason == scoring.LOCAL_PREFILL_SATURATED
 
 
 def test_prefill_choice_by_predicted_ttft():
@@ -251,7 +283,7 @@ def test_ttft_budget_admission():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("policy", "fastest"), ("disagg_threshold_tokens", -1), ("max_prefill_queue_s", 0.0),
+    ("policy", "fastest"), ("disagg_threshold_tokens", -1), ("max_prefill_queue_s", 0.0), ("pd_placement", "never"),
     ("default_ttft_budget_s", -1.0), ("prefix_weight", -0.5), ("load_weight", float("inf")),
     ("kv_weight", float("nan")), ("kv_transfer_s_per_token", -1e-6), ("prior_tokens_per_s", 0.0),
     ("prior_weight", 0.0), ("cost_forgetting_factor", 1.5),
