@@ -7,6 +7,7 @@ block read or being written, no copy in flight, no request fetching.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -23,6 +24,8 @@ from engine.request import Request
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=6, temperature=1.5, seed=4321, ignore_eos=True)
 DEVICE_BLOCKS = 12
+DEADLINE_S = 60.0  # how long a test waits for the copier thread's loads (a loaded CI host starves it)
+STEP_LIMIT = 2000  # engine steps a test waits for an outcome (a deadline for loops that could hang)
 PROMPT = [5 + (i * 7) % 400 for i in range(70)]  # 4 full blocks + 6 tokens
 OTHERS = [[9 + (i * 13 + k * 31) % 500 for i in range(60)] for k in range(4)]  # evict PROMPT from 12 device blocks
 
@@ -132,8 +135,9 @@ def cold(llama_dir):
     return out
 
 
-def tiered(llama_dir, host_bytes: int = 1 << 22, gate: threading.Event | None = None) -> LLM:
-    llm = LLM(llama_dir, show_progress=False, num_kv_blocks=DEVICE_BLOCKS, host_kv_cache_bytes=host_bytes)
+def tiered(llama_dir, host_bytes: int = 1 << 22, gate: threading.Event | None = None,
+           device_blocks: int = DEVICE_BLOCKS) -> LLM:
+    llm = LLM(llama_dir, show_progress=False, num_kv_blocks=device_blocks, host_kv_cache_bytes=host_bytes)
     if gate is not None:
         tier = llm.engine.tier
         tier.copier.close()
@@ -213,7 +217,9 @@ def test_abort_while_loading_frees_blocks_only_after_the_copy_ends(llama_dir):
 def test_a_full_host_tier_evicts_by_lru_but_never_a_block_being_read(llama_dir, cold):
     gate = threading.Event()
     gate.set()
-    llm = tiered(llama_dir, gate=gate, host_bytes=8 * 8192)  # 8 host blocks of 8 KiB (tiny llama)
+    # 8 host blocks of 8 KiB (tiny llama). 16 device blocks: the fetching request holds its whole prompt's 5, and
+    # the finished requests' write-through copies, queued behind the gated load, hold theirs until it opens.
+    llm = tiered(llama_dir, gate=gate, host_bytes=8 * 8192, device_blocks=16)
     e = llm.engine
     pool = e.tier.pool
     assert pool.num_blocks == 8
@@ -228,8 +234,11 @@ def test_a_full_host_tier_evicts_by_lru_but_never_a_block_being_read(llama_dir, 
     for k, other in enumerate(OTHERS[1:3]):  # new traffic: 8 more blocks to write through, while the load waits
         e.add_request(f"n{k}", other, GREEDY)
     outs = {}
-    while "n0" not in outs or "n1" not in outs:
+    for _ in range(STEP_LIMIT):
         outs.update((o.request_id, o) for o in e.step() if o.finished)
+        if "n0" in outs and "n1" in outs:
+            break
+    assert "n0" in outs and "n1" in outs, f"new traffic did not finish while the load waited: {sorted(outs)}"
     # The unread blocks went, least recently used first; the read ones stayed; the rest of the writes were refused.
     assert pool.stats.evictions == 4 and not any(pool.holds(h) for h in other_hashes)  # OTHERS[0]'s 4
     assert pool.num_read_blocks == 4 and pool.stats.writes_refused >= 4  # (a preempted request re-caches)
@@ -278,10 +287,9 @@ def test_fetching_requests_never_deadlock_the_pool(llama_dir, cold):
     for k, p in enumerate(longer):
         e.add_request(f"f{k}", p, GREEDY)
     outs = {}
-    for _ in range(300):
+    deadline = time.monotonic() + DEADLINE_S  # wall time: the host loads run on the copier thread
+    while len(outs) < 4 and time.monotonic() < deadline:
         outs.update((o.request_id, o) for o in e.step() if o.finished)
-        if len(outs) == 4:
-            break
     assert sorted(outs) == ["f0", "f1", "f2", "f3"], (outs.keys(), e.scheduler.waiting, e.scheduler.fetching)
     assert [outs[f"f{k}"].token_ids for k in range(4)] == [r.token_ids for r in ref]
     assert e.scheduler.fetched_tokens["host"] == 4 * 48
