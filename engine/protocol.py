@@ -59,6 +59,18 @@ def check_attempt(value: int) -> None:
         raise ValueError(f"attempt must be in [0, {MAX_ATTEMPTS}), got {value}")
 
 
+def check_transfer_order(msg: Prefill | PullKV, tokens_field: str) -> None:
+    """What a router's order to send KV (``Prefill``, ``PullKV``) must hold: ids, an attempt, 1 to
+    ``MAX_PROMPT_TOKENS`` tokens in ``tokens_field`` and a deadline of at most an hour."""
+    check_id("request_id", msg.request_id)
+    check_id("transfer_id", msg.transfer_id)
+    check_attempt(msg.attempt)
+    if not 0 < len(getattr(msg, tokens_field)) <= MAX_PROMPT_TOKENS:
+        raise ValueError(f"{tokens_field} must hold 1-{MAX_PROMPT_TOKENS} tokens")
+    if not 0 < msg.timeout_s <= 3600:
+        raise ValueError(f"timeout_s must be in (0, 3600], got {msg.timeout_s}")
+
+
 class WireEnum(str, enum.Enum):
     """A string enum whose ``str()`` and ``format()`` are its value (``f"{Role.DECODE}"`` is ``decode``)."""
 
@@ -239,13 +251,7 @@ class Prefill(Message):
     attempt: int = 0
 
     def __post_init__(self) -> None:
-        check_id("request_id", self.request_id)
-        check_id("transfer_id", self.transfer_id)
-        check_attempt(self.attempt)
-        if not 0 < len(self.prompt_token_ids) <= MAX_PROMPT_TOKENS:
-            raise ValueError(f"prompt_token_ids must hold 1-{MAX_PROMPT_TOKENS} tokens")
-        if not 0 < self.timeout_s <= 3600:
-            raise ValueError(f"timeout_s must be in (0, 3600], got {self.timeout_s}")
+        check_transfer_order(self, "prompt_token_ids")
 
 
 @dataclass
@@ -281,13 +287,7 @@ class PullKV(Message):
     attempt: int = 0
 
     def __post_init__(self) -> None:
-        check_id("request_id", self.request_id)
-        check_id("transfer_id", self.transfer_id)
-        check_attempt(self.attempt)
-        if not 0 < len(self.prefix_token_ids) <= MAX_PROMPT_TOKENS:
-            raise ValueError(f"prefix_token_ids must hold 1-{MAX_PROMPT_TOKENS} tokens")
-        if not 0 < self.timeout_s <= 3600:
-            raise ValueError(f"timeout_s must be in (0, 3600], got {self.timeout_s}")
+        check_transfer_order(self, "prefix_token_ids")
 
 
 @dataclass

@@ -18,7 +18,6 @@ import torch
 from kernels import extension, reference
 
 _OPS = ("paged_decode_attention", "paged_prefill_attention")
-_fakes_registered = False
 
 
 def extension_available() -> bool:
@@ -97,15 +96,6 @@ def _prefill_fake(query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
     _check_fake_args(query, k_cache, v_cache, block_tables, seq_lens, out)
 
 
-def _register_fakes() -> None:
-    global _fakes_registered
-    if _fakes_registered:
-        return
-    _fakes_registered = True
-    torch.library.register_fake("duet::paged_decode_attention")(_decode_fake)
-    torch.library.register_fake("duet::paged_prefill_attention")(_prefill_fake)
-
-
 # Registered at import whenever the ops are (kernels.extension imports this module for torch).
 if extension.ops_defined(_OPS):
-    _register_fakes()
+    extension.register_fakes({"paged_decode_attention": _decode_fake, "paged_prefill_attention": _prefill_fake})

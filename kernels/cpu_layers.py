@@ -13,7 +13,6 @@ import torch
 from kernels import extension, reference
 
 _OPS = ("rms_norm", "add_rms_norm", "rotary_embedding", "silu_and_mul", "store_kv")
-_fakes_registered = False
 
 
 def extension_available() -> bool:
@@ -88,16 +87,7 @@ def store_kv(
         reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
 
 
-def _register_fakes() -> None:
-    """Shape-only implementations for tracing (the ops write into their arguments and return nothing)."""
-    global _fakes_registered
-    if _fakes_registered:
-        return
-    _fakes_registered = True
-    for name in _OPS:
-        torch.library.register_fake(f"duet::{name}")(lambda *args, **kwargs: None)
-
-
-# Registered at import whenever the ops are (kernels.extension imports this module for torch).
+# Shape-only implementations for tracing (the ops write into their arguments and return nothing), registered at
+# import whenever the ops are (kernels.extension imports this module for torch).
 if extension.ops_defined(_OPS):
-    _register_fakes()
+    extension.register_fakes({name: lambda *args, **kwargs: None for name in _OPS})

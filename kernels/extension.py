@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+from typing import Callable
 
 import torch
 
@@ -21,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 _WRAPPERS = ("kernels.kv_blocks", "kernels.cpu_attention", "kernels.cpu_layers")
 _warned: set[str] = set()
+_faked: set[str] = set()
 _enabled = True
 
 
@@ -30,6 +32,15 @@ def use_extension(enabled: bool) -> None:
     global _enabled
     _enabled = enabled
     load_error.cache_clear()
+
+
+def register_fakes(fakes: dict[str, Callable[..., None]]) -> None:
+    """Register fake (meta) implementations of ``duet::<name>``, once per op per process (a wrapper module
+    imported under a second name must not register again), so torch.compile and FakeTensor trace the ops."""
+    for name, fake in fakes.items():
+        if name not in _faked:
+            _faked.add(name)
+            torch.library.register_fake(f"duet::{name}")(fake)
 
 
 def ops_defined(ops: tuple[str, ...]) -> bool:

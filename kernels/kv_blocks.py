@@ -26,7 +26,6 @@ import torch
 from kernels import extension, reference
 
 _OPS = ("gather_kv_blocks", "scatter_kv_blocks")
-_fakes_registered = False
 
 
 def extension_available() -> bool:
@@ -92,16 +91,7 @@ def _scatter_fake(staging, block_ids, layer_start, layer_end, kv_cache) -> None:
     _check_fake_args(kv_cache, block_ids, layer_start, layer_end, staging)
 
 
-def _register_fakes() -> None:
-    """Fake (meta) implementations, so torch.compile and FakeTensor can trace through the ops."""
-    global _fakes_registered
-    if _fakes_registered:
-        return
-    _fakes_registered = True
-    torch.library.register_fake("duet::gather_kv_blocks")(_gather_fake)
-    torch.library.register_fake("duet::scatter_kv_blocks")(_scatter_fake)
-
-
-# Registered at import whenever the ops are (kernels.extension imports this module for torch).
+# Fake (meta) implementations, so torch.compile and FakeTensor can trace through the ops; registered at import
+# whenever the ops are (kernels.extension imports this module for torch).
 if extension.ops_defined(_OPS):
-    _register_fakes()
+    extension.register_fakes({"gather_kv_blocks": _gather_fake, "scatter_kv_blocks": _scatter_fake})
