@@ -144,11 +144,13 @@ def test_owner_killed_mid_pull_the_request_recomputes_and_completes(model, cold)
         send(b.address, KVFailed("b1", "x-b1", "owner died"))  # what the router sends on A's death
         puller.join(60)
         assert results["tokens"] == cold[(tuple(P1), "greedy")]
-        # With A already dead (no KVFailed this time), the pull fails at its deadline; the request still completes.
+        # With A already dead (no KVFailed this time) the request still completes: its pull is refused at admission
+        # once B's transport has seen A's connection drop (KVTransport.connected: B tries to reconnect and
+        # cannot), or else it starts and fails at its deadline.
         tokens = generate(b, "b2", P3, SEEDED, RemotePull(PeerRef.of(a_info), "x-b2", 4, 1.0))
         assert tokens == cold[(tuple(P3), "seeded")]
         s = stats(b)
-        assert s["pulls_started"] == 3 and s["pull_hits"] == 1  # b0
+        assert s["pulls_started"] in (2, 3) and s["pull_hits"] == 1  # b0
         assert s["prompt_tokens_computed"] == len(P2) - 4 * BS + len(P1) + len(P3)  # b1, b2: every token computed
         assert_clean(b)
     finally:
