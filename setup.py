@@ -1,10 +1,15 @@
-"""Duet's packages; the C++/CUDA extension (csrc/) is built when a compiler and torch are available.
+"""Duet's distribution: one top-level package, ``duet``, and the C++/CUDA extension ``duet.kernels._C``.
 
-The extension ``kernels._C`` is built by CMakeLists.txt (torch's CMake config) through ``CMakeBuild``.
-Its build is best effort: without cmake, a C++ compiler or torch, or when the build fails, setup still
-succeeds with a warning and ``kernels.kv_blocks`` runs the torch references instead.
+The repository keeps its top-level folders (``engine/``, ``kernels/``, ``transfer/``, ``bench/``); they are
+installed as ``duet.engine``, ``duet.kernels``, ... (``package_dir`` below), so nothing generic such as
+``kernels`` (also Hugging Face's kernel-hub package) lands in site-packages.
+
+The extension is built by CMakeLists.txt (torch's CMake config) through ``CMakeBuild``, and a build that
+cannot produce it fails: ``pip install .`` either installs the compiled ops or stops with the reason
+(pyproject.toml declares what the build needs: setuptools, cmake, ninja and torch). The installed
+distribution pins the torch it was built against, whose C++ ABI the library needs.
 With ``pip install --no-build-isolation -e .`` setuptools copies the library next to the sources
-(``kernels/_C.<abi>.so``), where ``import kernels._C`` finds it.
+(``kernels/_C.<abi>.so``), where ``import duet.kernels._C`` finds it.
 """
 from __future__ import annotations
 
@@ -15,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import warnings
 from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
@@ -23,7 +27,9 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 # Console scripts: one `duet` command; its subcommands (serve, prefill, decode, router, bench) are in engine/cli.py.
-CONSOLE_SCRIPTS = ["duet = engine.cli:main"]
+CONSOLE_SCRIPTS = ["duet = duet.engine.cli:main"]
+# The repository's top-level folders, installed under ``duet``.
+SUBPACKAGES = ("engine", "kernels", "transfer", "bench")
 # Two translation units at most: more parallel jobs would only cost memory.
 BUILD_JOBS = 2
 
@@ -49,23 +55,18 @@ def _local_cuda_archs() -> str:
 
 
 class CMakeBuild(build_ext):
-    """Builds CMake extensions; a failed build is reported and skipped instead of failing setup."""
+    """Builds CMake extensions; a failed build stops the install with the reason."""
 
     def build_extensions(self) -> None:
-        built = []
         for ext in self.extensions:
             try:
                 self._build_cmake(ext)
-                built.append(ext)
             except (OSError, subprocess.CalledProcessError, RuntimeError) as exc:
-                message = (
-                    f"Duet: building the C++/CUDA extension {ext.name} failed ({exc}); "
-                    "the pure-Python fallback (kernels.reference) will be used"
-                )
-                warnings.warn(message)
-                print(f"WARNING: {message}", file=sys.stderr)
-        # setuptools later copies (editable / --inplace) and packages every listed extension.
-        self.extensions[:] = built
+                raise SystemExit(
+                    f"Duet: building the C++ extension {ext.name} failed: {exc}\n"
+                    "It needs cmake, a C++17 compiler and torch (pyproject.toml's build requirements; with "
+                    "--no-build-isolation, the environment's own). The log above says what failed."
+                ) from exc
 
     def _build_cmake(self, ext: Extension) -> None:
         cmake = shutil.which("cmake")
@@ -107,18 +108,36 @@ class CMakeBuild(build_ext):
         os.chmod(target, 0o755)
 
 
+def _packages() -> list[str]:
+    """``duet`` and every package under the repository's top-level folders, named under ``duet``."""
+    found = ["duet"]
+    for name in SUBPACKAGES:
+        found += [f"duet.{name}"] + [f"duet.{name}.{sub}" for sub in find_packages(str(ROOT / name))]
+    return found
+
+
+def _torch_requirement() -> str:
+    """The torch this build compiles against, pinned (the extension's C++ ABI is that release's)."""
+    try:
+        import torch
+    except ImportError:
+        return "torch>=2.4"
+    return f"torch=={torch.__version__.split('+')[0]}"
+
+
 setup(
     name="duet",
     version="0.1.0",
     description="Disaggregated prefill/decode LLM inference engine",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine*", "kernels*", "transfer*", "bench*"]),
-    package_data={"engine.tools": ["data/*.txt"]},
-    ext_modules=[CMakeExtension("kernels._C")],
+    packages=_packages(),
+    package_dir={"duet": "duet", **{f"duet.{name}": name for name in SUBPACKAGES}},
+    package_data={"duet.engine.tools": ["data/*.txt"]},
+    ext_modules=[CMakeExtension("duet.kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
     install_requires=[
-        "torch>=2.4",
+        _torch_requirement(),
         "numpy",
         "transformers>=5.0",
         "tokenizers",

@@ -31,8 +31,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bench.report import add_record_arg, copy_bandwidth_bytes_per_s, time_fn, time_fn_graph, write_results
-from engine import envs
+from duet.bench.report import add_record_arg, copy_bandwidth_bytes_per_s, time_fn, time_fn_graph, write_results
+from duet.engine import envs
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +135,8 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def bench_decode(shape: Shape, device: torch.device, timer: Callable, vllm_fn: Callable | None) -> dict:
-    from kernels.decode_attention import choose_num_splits, paged_decode_attention
-    from kernels.triton_utils import num_parallel_units
+    from duet.kernels.decode_attention import choose_num_splits, paged_decode_attention
+    from duet.kernels.triton_utils import num_parallel_units
 
     x = make_inputs(shape, device)
     out = torch.empty_like(x["query"])
@@ -164,7 +164,7 @@ def bench_decode(shape: Shape, device: torch.device, timer: Callable, vllm_fn: C
 
 
 def bench_prefill(shape: Shape, device: torch.device, timer: Callable, vllm_fn: Callable | None) -> dict:
-    from kernels.prefill_attention import paged_prefill_attention
+    from duet.kernels.prefill_attention import paged_prefill_attention
 
     x = make_inputs(shape, device)
     out = torch.empty_like(x["query"])

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.report import time_fn, write_results
-from kernels import cpu_attention, reference
+from duet.bench.report import time_fn, write_results
+from duet.kernels import cpu_attention, reference
 
 COLUMNS = ["kernel", "batch", "context", "q_len", "heads", "kv_heads", "head_dim", "block_size", "dtype", "ours_ms",
            "GB/s", "GFLOP/s", "torch_ms", "torch_baseline", "speedup", "sdpa_ms", "rel_err"]
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         ax.set_ylabel("speed-up over the torch baseline (log)")
 
     if args.results_dir:
-        from bench import report
+        from duet.bench import report
 
         report.RESULTS_ROOT = Path(args.results_dir)
     write_results(args.out_name, rows, COLUMNS, device="cpu", plot=plot,

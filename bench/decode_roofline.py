@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from bench.report import add_record_arg, copy_bandwidth_bytes_per_s, write_results
-from engine import LLM, SamplingParams
-from engine.tools.make_tiny_model import make_tiny_model
+from duet.bench.report import add_record_arg, copy_bandwidth_bytes_per_s, write_results
+from duet.engine import LLM, SamplingParams
+from duet.engine.tools.make_tiny_model import make_tiny_model
 
 logger = logging.getLogger(__name__)
 

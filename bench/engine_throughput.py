@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from bench.report import add_record_arg, write_results
-from engine import LLM, SamplingParams
+from duet.bench.report import add_record_arg, write_results
+from duet.engine import LLM, SamplingParams
 
 
 def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         args.batch, args.prompt_len, args.output_len = "1,4", 32, 8
     model = args.model
     if model is None:
-        from engine.tools.make_tiny_model import make_tiny_model
+        from duet.engine.tools.make_tiny_model import make_tiny_model
 
         model = str(make_tiny_model("llama", Path(tempfile.mkdtemp()) / "llama", hidden_size=256,
                                     num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=512))

@@ -33,11 +33,11 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from bench.report import add_record_arg, write_results
-from engine.launcher import ServerProcess
-from engine.tools.make_tiny_model import make_tiny_model
-from engine.tools.virtual_hosts import VirtualNetwork, unavailable
-from transfer.factory import nixl_importable
+from duet.bench.report import add_record_arg, write_results
+from duet.engine.launcher import ServerProcess
+from duet.engine.tools.make_tiny_model import make_tiny_model
+from duet.engine.tools.virtual_hosts import VirtualNetwork, unavailable
+from duet.transfer.factory import nixl_importable
 
 MODEL = dict(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=512,
              max_position_embeddings=8192)  # fp32 KV: 4 KiB per token

@@ -29,8 +29,8 @@ from typing import Callable
 
 import torch
 
-from bench.report import add_record_arg, copy_bandwidth_bytes_per_s, time_fn, write_results
-from kernels import kv_blocks, reference
+from duet.bench.report import add_record_arg, copy_bandwidth_bytes_per_s, time_fn, write_results
+from duet.kernels import kv_blocks, reference
 
 COLUMNS = [
     "model", "layers", "blocks", "block_size", "kv_heads", "head_dim", "dtype", "op", "impl", "time_us",

@@ -44,16 +44,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.router_sim import Conversation, SimConfig, Simulation, Turn
-from engine.block_hash import block_hashes
-from engine.launcher import ServerProcess, query_server
-from engine.protocol import Generate, Hello, PeerRef, PullKV, RemotePull, ServerInfo
-from engine.router.cluster import ClusterDispatcher
-from engine.router.dispatcher import DispatchError, GenerateRequest
-from engine.router.scoring import RouterPolicy
-from engine.router.tier_cost import TierPolicy
-from engine.sampling_params import SamplingParams
-from engine.tools.make_tiny_model import make_tiny_model
+from duet.bench.router_sim import Conversation, SimConfig, Simulation, Turn
+from duet.engine.block_hash import block_hashes
+from duet.engine.launcher import ServerProcess, query_server
+from duet.engine.protocol import Generate, Hello, PeerRef, PullKV, RemotePull, ServerInfo
+from duet.engine.router.cluster import ClusterDispatcher
+from duet.engine.router.dispatcher import DispatchError, GenerateRequest
+from duet.engine.router.scoring import RouterPolicy
+from duet.engine.router.tier_cost import TierPolicy
+from duet.engine.sampling_params import SamplingParams
+from duet.engine.tools.make_tiny_model import make_tiny_model
 
 logger = logging.getLogger(__name__)
 
@@ -213,10 +213,10 @@ def fit_quadratic(lengths: list[int], seconds: list[float]) -> tuple[float, floa
 def host_load_s_per_token(model: str, w: Workload) -> float:
     """The host tier's load path (copier thread, gather from host, scatter into the pool) on a pool of the
     servers' shape: seconds per token, median of a few 32-block loads."""
-    from engine.block_manager import BlockManager
-    from engine.kv_tier.host_tier import HostKVTier
-    from engine.kv_tier.kv_fetch import FetchPart, KVFetch
-    from engine.request import Request
+    from duet.engine.block_manager import BlockManager
+    from duet.engine.kv_tier.host_tier import HostKVTier
+    from duet.engine.kv_tier.kv_fetch import FetchPart, KVFetch
+    from duet.engine.request import Request
 
     head_dim = MODEL["hidden_size"] // MODEL["num_heads"]
     kv = torch.zeros(MODEL["num_layers"], 2, w.device_blocks, BLOCK, MODEL["num_kv_heads"], head_dim)
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--quick", action="store_true", help="a small workload (tests, smoke runs)")
     ap.add_argument("--conversations", type=int)
     ap.add_argument("--repeats", type=int, default=2, help="rounds over the configurations, in alternating order")
-    from bench.report import add_record_arg, write_results
+    from duet.bench.report import add_record_arg, write_results
 
     add_record_arg(ap)
     args = ap.parse_args(argv)

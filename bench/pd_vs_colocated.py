@@ -23,11 +23,11 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from bench.report import add_record_arg, write_results
-from bench.serving import Histogram, build_trace, parse_prometheus, run_benchmark
-from engine.launcher import ServerProcess
-from engine.tools.make_tiny_model import make_tiny_model
-from transfer.factory import nixl_importable
+from duet.bench.report import add_record_arg, write_results
+from duet.bench.serving import Histogram, build_trace, parse_prometheus, run_benchmark
+from duet.engine.launcher import ServerProcess
+from duet.engine.tools.make_tiny_model import make_tiny_model
+from duet.transfer.factory import nixl_importable
 
 GPU_CONFIG = dict(hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128, intermediate_size=3072,
                   vocab_size=151936, tie_word_embeddings=True)  # Qwen3-0.6B

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from engine import envs
+from duet.engine import envs
 
 logger = logging.getLogger(__name__)
 

@@ -52,10 +52,10 @@ from typing import Callable
 
 import numpy as np
 
-from engine.block_hash import block_hashes
-from engine.router.prefix_index import PrefixIndex
-from engine.router.scoring import PD_PLACEMENTS, POLICIES, Decision, RequestInfo, RouterPolicy, Scorer, ServerState
-from engine.router.tier_cost import TierPolicy
+from duet.engine.block_hash import block_hashes
+from duet.engine.router.prefix_index import PrefixIndex
+from duet.engine.router.scoring import PD_PLACEMENTS, POLICIES, Decision, RequestInfo, RouterPolicy, Scorer, ServerState
+from duet.engine.router.tier_cost import TierPolicy
 
 
 @dataclass(frozen=True)
@@ -315,7 +315,7 @@ class Simulation:
         cfg = self.cfg
         if not cfg.host_blocks:
             return BlockPool(server_id, blocks, self.index)
-        from bench.sim_tiers import TieredBlockPool
+        from duet.bench.sim_tiers import TieredBlockPool
 
         return TieredBlockPool(server_id, blocks, self.index, cfg.host_blocks, cfg.block_size,
                                cfg.host_load_s_per_token, cfg.pull_overhead_s, cfg.pull_s_per_token)
@@ -641,7 +641,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="the CPU P/D c8 run: placement before (headroom) and after (deadline) issue 17")
     parser.add_argument("--host-blocks", type=int, default=0, help="KV tiers: host-tier blocks per server")
     parser.add_argument("--kv-pulls", action="store_true", help="KV tiers: the router may plan pulls")
-    from bench.report import add_record_arg
+    from duet.bench.report import add_record_arg
 
     add_record_arg(parser)
     args = parser.parse_args(argv)
@@ -663,7 +663,7 @@ def main(argv: list[str] | None = None) -> None:
     trace_s = time.perf_counter() - t0
     rows = simulate(cfg, trace=trace, base_policy=RouterPolicy(tiers=TierPolicy(pulls=args.kv_pulls)))
 
-    from bench.report import write_results  # imports torch; keep it out of the simulator proper
+    from duet.bench.report import write_results  # imports torch; keep it out of the simulator proper
 
     def plot(ax) -> None:
         names = [r["policy"] for r in rows]
@@ -694,7 +694,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def main_c8(cfg: SimConfig, record: bool = False) -> None:
     rows = simulate_placements(cfg, C8_POLICY)
-    from bench.report import write_results  # imports torch; keep it out of the simulator proper
+    from duet.bench.report import write_results  # imports torch; keep it out of the simulator proper
 
     def plot(ax) -> None:
         xs = range(len(rows))

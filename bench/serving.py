@@ -62,7 +62,7 @@ from typing import Iterator, Sequence
 import aiohttp
 import numpy as np
 
-from bench.prefill_metrics import (  # noqa: F401 - re-exported for scripts that import them from here
+from duet.bench.prefill_metrics import (  # noqa: F401 - re-exported for scripts that import them from here
     PREFILL_GAUGE, PREFILL_HISTOGRAM, Histogram, _handoff, _ms, _read_prefill, handoff_overhead, parse_prometheus)
 
 logger = logging.getLogger(__name__)
@@ -463,7 +463,7 @@ def _write(name: str, rows: list[dict], columns: list[str], slug: str, extra: di
     report.py derives the folder from a torch device of this machine; the client rarely runs where the
     server's GPU is, so a slug like ``h100`` is substituted for the duration of the call.
     """
-    from bench import report
+    from duet.bench import report
 
     if slug == report.device_slug("cpu"):
         return report.write_results(name, rows, columns, device="cpu", extra=extra, plot=plot, record=record)
@@ -511,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                    help="prefill compute time for the --url run: auto (<url>/metrics), a URL, or a file")
     p.add_argument("--out-name", default="serving", help="result file name under bench/runs/<device>/")
     p.add_argument("--device-slug", default="cpu", help="results folder: the server's device, e.g. h100")
-    from bench import report  # torch, for the result files
+    from duet.bench import report  # torch, for the result files
 
     report.add_record_arg(p)
     args = p.parse_args(argv)

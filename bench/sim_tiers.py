@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from bench.router_sim import BlockPool
-from engine.router.prefix_index import PrefixIndex
+from duet.bench.router_sim import BlockPool
+from duet.engine.router.prefix_index import PrefixIndex
 
 
 class TieredBlockPool(BlockPool):

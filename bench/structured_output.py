@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from bench.report import write_results
-from engine import EngineConfig, SamplingParams
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import StructuredOutputsParams
+from duet.bench.report import write_results
+from duet.engine import EngineConfig, SamplingParams
+from duet.engine.llm_engine import LLMEngine
+from duet.engine.sampling_params import StructuredOutputsParams
 
 SCHEMA = {
     "type": "array", "minItems": 400,
@@ -50,7 +50,7 @@ TEKKEN = "mistral_common/data/tekken_240911.json"
 
 
 def make_model(vocab: str, root: Path) -> str:
-    from engine.tools.make_tiny_model import make_tiny_model
+    from duet.engine.tools.make_tiny_model import make_tiny_model
 
     shape = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=256)
     if vocab == "tiny":

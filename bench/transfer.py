@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bench.report import add_record_arg, time_fn, write_results
-from kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks
-from transfer import RemoteRegion, make_transport
-from transfer.factory import nixl_importable
-from transfer.wire import Message, decode, encode
+from duet.bench.report import add_record_arg, time_fn, write_results
+from duet.kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks
+from duet.transfer import RemoteRegion, make_transport
+from duet.transfer.factory import nixl_importable
+from duet.transfer.wire import Message, decode, encode
 
 NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16

@@ -36,12 +36,12 @@ import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.prefill_metrics import parse_prometheus
-from bench.report import add_record_arg, write_results
-from bench.serving import build_trace, run_benchmark
-from engine.launcher import ROOT, ServerProcess, free_port, query_server, wait_for_line
-from engine.protocol import StatsRequest
-from engine.tools.make_tiny_model import make_tiny_model
+from duet.bench.prefill_metrics import parse_prometheus
+from duet.bench.report import add_record_arg, write_results
+from duet.bench.serving import build_trace, run_benchmark
+from duet.engine.launcher import ROOT, ServerProcess, free_port, query_server, wait_for_line
+from duet.engine.protocol import StatsRequest
+from duet.engine.tools.make_tiny_model import make_tiny_model
 
 MODEL = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=256)
 FLAGS = ("--dtype", "float32", "--block-size", "32", "--num-kv-blocks", "256", "--max-model-len", "1024")
@@ -191,7 +191,7 @@ def run_vllm_nixl(model: str, label: str, trace) -> dict:
         p, d = procs
         p.wait_health(600)
         d.wait_health(600)
-        proxy = _Process("nixl-proxy", ["bench.vllm_nixl_proxy", "--prefill", p.url, "--decode", d.url])
+        proxy = _Process("nixl-proxy", ["duet.bench.vllm_nixl_proxy", "--prefill", p.url, "--decode", d.url])
         procs.append(proxy)
         wait_for_line(proxy.proc, proxy.log_path, "PROXY_READY", 60)
         d0 = _metrics(d.url)

@@ -42,7 +42,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.cpu_load import ForeignLoad
+from duet.bench.cpu_load import ForeignLoad
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def worker(engine: str, model: str, setup: Setup) -> dict:
     if engine == "duet":
         import torch
 
-        from engine import LLM, SamplingParams
+        from duet.engine import LLM, SamplingParams
 
         torch.set_num_threads(THREADS)
         llm = LLM(model, dtype="float32", show_progress=False, kv_cache_memory_bytes=KV_BYTES,
@@ -138,7 +138,7 @@ def run_worker(engine: str, model: str, setup: Setup) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), PYTHONUNBUFFERED="1", DUET_LOG_LEVEL="WARNING")
     if engine == "vllm":
         env.update(VLLM_ENV)
-    argv = [sys.executable, "-m", "bench.vs_vllm_cpu", "--worker", engine, "--model", model,
+    argv = [sys.executable, "-m", "duet.bench.vs_vllm_cpu", "--worker", engine, "--model", model,
             "--duet-block-size", str(setup.duet_block_size)] + (["--quick"] * setup.quick)
     with ForeignLoad() as probe:
         proc = subprocess.run(argv, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
@@ -155,7 +155,7 @@ class VllmServer:
     """``vllm.entrypoints.openai.api_server`` (what ``vllm serve`` runs) in its own process group."""
 
     def __init__(self, model: str, threads: int, name: str, kv_config: dict | None = None):
-        from engine.launcher import free_port
+        from duet.engine.launcher import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -195,7 +195,7 @@ class VllmServer:
 
 def _decisions(router_url: str) -> dict[str, float]:
     """The router's ``duet_router_decisions_total`` by reason."""
-    from bench.prefill_metrics import parse_prometheus
+    from duet.bench.prefill_metrics import parse_prometheus
 
     with urllib.request.urlopen(router_url + "/metrics", timeout=30) as resp:
         samples = parse_prometheus(resp.read().decode())
@@ -204,7 +204,7 @@ def _decisions(router_url: str) -> dict[str, float]:
 
 def _serve_levels(url: str, levels: tuple[int, ...], setup: Setup, router_url: str | None = None) -> dict:
     """``bench.serving`` at each concurrency level, then TTFT by prompt length (colocated only)."""
-    from bench.serving import build_trace, run_benchmark
+    from duet.bench.serving import build_trace, run_benchmark
 
     out: dict = {}
     for i, c in enumerate(levels):
@@ -224,7 +224,7 @@ def _serve_levels(url: str, levels: tuple[int, ...], setup: Setup, router_url: s
 
 
 def _ttft_by_length(url: str, setup: Setup) -> dict:
-    from bench.serving import build_trace, run_benchmark
+    from duet.bench.serving import build_trace, run_benchmark
 
     out = {}
     for length in TTFT_LENGTHS[::2] if setup.quick else TTFT_LENGTHS:
@@ -237,7 +237,7 @@ def _ttft_by_length(url: str, setup: Setup) -> dict:
 
 def colocated(engine: str, model: str, setup: Setup) -> dict:
     """One colocated server of ``engine``: the concurrency levels, then TTFT by prompt length."""
-    from engine.launcher import ServerProcess
+    from duet.engine.launcher import ServerProcess
 
     server = (ServerProcess("serve", model, *setup.duet_flags(), threads=THREADS) if engine == "duet"
               else VllmServer(model, THREADS, "colocated"))
@@ -251,7 +251,7 @@ def colocated(engine: str, model: str, setup: Setup) -> dict:
 
 def disaggregated(engine: str, model: str, setup: Setup) -> dict:
     """One prefill and one decode server (one thread each) behind Duet's router or vLLM's NIXL proxy."""
-    from engine.launcher import ServerProcess, wait_for_line
+    from duet.engine.launcher import ServerProcess, wait_for_line
 
     procs: list = []
     try:
@@ -266,7 +266,7 @@ def disaggregated(engine: str, model: str, setup: Setup) -> dict:
             procs.append(router)
             router.wait_ready(120)
             return _serve_levels(router.url, LEVELS[:3:2] if setup.quick else LEVELS, setup, router_url=router.url)
-        from bench.vllm_peer import NIXL_KV_CONFIG
+        from duet.bench.vllm_peer import NIXL_KV_CONFIG
 
         p, d = VllmServer(model, 1, "prefill", NIXL_KV_CONFIG), VllmServer(model, 1, "decode", NIXL_KV_CONFIG)
         procs += [p, d]
@@ -283,13 +283,13 @@ def disaggregated(engine: str, model: str, setup: Setup) -> dict:
 
 class _Proxy:
     def __init__(self, prefill_url: str, decode_url: str):
-        from engine.launcher import free_port
+        from duet.engine.launcher import free_port
 
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log_path = Path(tempfile.gettempdir()) / f"duet-bench-vs-vllm-proxy-{self.url.rsplit(':', 1)[1]}.log"
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bench.vllm_nixl_proxy", "--prefill", prefill_url, "--decode", decode_url,
+                [sys.executable, "-m", "duet.bench.vllm_nixl_proxy", "--prefill", prefill_url, "--decode", decode_url,
                  "--port", self.url.rsplit(":", 1)[1]], cwd=Path(__file__).resolve().parents[1], stdout=log,
                 stderr=subprocess.STDOUT)
 
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         print("vLLM is not installed (pip install -e .[vllm]): nothing to compare against", file=sys.stderr)
         return
-    from engine.tools.make_tiny_model import make_tiny_model
+    from duet.engine.tools.make_tiny_model import make_tiny_model
 
     waited_s = wait_for_quiet(args.wait_quiet_s)
     load_at_start = os.getloadavg()[0]
@@ -407,14 +407,14 @@ def main(argv: list[str] | None = None) -> None:
             logger.info("%s / %s: %.0f s", section, engine, time.monotonic() - t0)
     rows = build_rows(results, args.quick)
 
-    from bench.report import write_results
-    from kernels import cpu_attention
+    from duet.bench.report import write_results
+    from duet.kernels import cpu_attention
 
     columns = ["row", "duet", "vllm", "duet/vllm", "target", "met", "duet_foreign_cpu", "vllm_foreign_cpu"]
     import vllm
 
     if args.results_dir:
-        from bench import report
+        from duet.bench import report
 
         report.RESULTS_ROOT = Path(args.results_dir)
     write_results(args.out_name, rows, columns, device="cpu", plot=plot_rows(rows), extra={

@@ -170,7 +170,7 @@ void scatter_kv_blocks_cpu(
 
 TORCH_LIBRARY(duet, m) {
   // The fake (meta) implementations live in Python; torch imports this module when tracing needs them.
-  m.set_python_module("kernels.extension");
+  m.set_python_module("duet.kernels.extension");
   m.def(
       "gather_kv_blocks(Tensor kv_cache, Tensor block_ids, int layer_start, int layer_end, Tensor(a!) out) "
       "-> ()");

@@ -8,12 +8,12 @@ from __future__ import annotations
 __all__ = ["LLM", "AsyncEngine", "SamplingParams", "EngineConfig", "LLMEngine", "RequestOutput"]
 
 _LOCATIONS = {
-    "LLM": "engine.llm",
-    "AsyncEngine": "engine.async_engine",
-    "SamplingParams": "engine.sampling_params",
-    "EngineConfig": "engine.config",
-    "LLMEngine": "engine.llm_engine",
-    "RequestOutput": "engine.outputs",
+    "LLM": "duet.engine.llm",
+    "AsyncEngine": "duet.engine.async_engine",
+    "SamplingParams": "duet.engine.sampling_params",
+    "EngineConfig": "duet.engine.config",
+    "LLMEngine": "duet.engine.llm_engine",
+    "RequestOutput": "duet.engine.outputs",
 }
 
 

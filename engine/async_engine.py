@@ -22,10 +22,10 @@ import threading
 from dataclasses import dataclass
 from typing import AsyncIterator, Sequence
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from duet.engine.config import EngineConfig
+from duet.engine.llm_engine import LLMEngine
+from duet.engine.outputs import RequestOutput
+from duet.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

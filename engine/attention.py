@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import envs
-from kernels import cpu_attention, cpu_layers, reference
+from duet.engine import envs
+from duet.kernels import cpu_attention, cpu_layers, reference
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class AttentionBackend:
         if name == "auto":
             name = "triton" if device.type == "cuda" else "torch"
         if name == "triton":
-            from kernels import decode_attention, kv_store, prefill_attention
+            from duet.kernels import decode_attention, kv_store, prefill_attention
 
             self._store = kv_store.store_kv
             self._decode = decode_attention.paged_decode_attention

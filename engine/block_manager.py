@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from engine.block_hash import ROOT_HASH
-from engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
-from engine.request import Request
+from duet.engine.block_hash import ROOT_HASH
+from duet.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from duet.engine.request import Request
 
 
 @dataclass

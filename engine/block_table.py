@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engine.request import Request
+from duet.engine.request import Request
 
 _MIN_ROWS = 16
 _MIN_BLOCKS = 64

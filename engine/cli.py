@@ -12,11 +12,11 @@ import importlib
 import sys
 
 BENCHMARKS = {
-    "attention": "bench.attention", "kv_pack": "bench.kv_pack", "transfer": "bench.transfer",
-    "engine_throughput": "bench.engine_throughput", "pd_vs_colocated": "bench.pd_vs_colocated",
-    "serving": "bench.serving", "router_sim": "bench.router_sim", "vllm_peer": "bench.vllm_peer",
-    "decode_roofline": "bench.decode_roofline", "handoff_hosts": "bench.handoff_hosts",
-    "kv_tier": "bench.kv_tier",
+    "attention": "duet.bench.attention", "kv_pack": "duet.bench.kv_pack", "transfer": "duet.bench.transfer",
+    "engine_throughput": "duet.bench.engine_throughput", "pd_vs_colocated": "duet.bench.pd_vs_colocated",
+    "serving": "duet.bench.serving", "router_sim": "duet.bench.router_sim", "vllm_peer": "duet.bench.vllm_peer",
+    "decode_roofline": "duet.bench.decode_roofline", "handoff_hosts": "duet.bench.handoff_hosts",
+    "kv_tier": "duet.bench.kv_tier",
 }
 
 USAGE = """usage: duet <command> [arguments]
@@ -48,10 +48,10 @@ def parse_command(argv: list[str]) -> tuple[str, argparse.Namespace]:
         raise ValueError(f"not a server command: {argv[:1]} (prefill, decode or router)")
     command, rest = argv[0], argv[1:]
     if command == "router":
-        from engine.router.__main__ import parse_args
+        from duet.engine.router.__main__ import parse_args
 
         return command, parse_args(rest, prog=f"duet {command}")
-    from engine.server.cli import parse_server_args
+    from duet.engine.server.cli import parse_server_args
 
     return command, parse_server_args(command, rest, prog=f"duet {command}")
 
@@ -68,15 +68,15 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     prog = f"duet {command}"
     if command == "serve":
-        from engine.serve import main as serve_main
+        from duet.engine.serve import main as serve_main
 
         serve_main(rest, prog=prog)
     elif command in ("prefill", "decode"):
-        from engine.server.cli import server_main
+        from duet.engine.server.cli import server_main
 
         server_main(command, rest, prog=prog)
     elif command == "router":
-        from engine.router.__main__ import main as router_main
+        from duet.engine.router.__main__ import main as router_main
 
         router_main(rest, prog=prog)
     elif command == "bench":

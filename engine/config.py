@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.model_config import parse_dtype
+from duet.engine.model_config import parse_dtype
 
 
 @dataclass

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from engine.attention import AttentionBackend, AttentionMetadata
+from duet.engine.attention import AttentionBackend, AttentionMetadata
 
 logger = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import openai
 
-from engine.launcher import ServerProcess, query_server
-from engine.tools.make_tiny_model import make_tiny_model
-from transfer.factory import nixl_importable
-from engine.protocol import StatsRequest
+from duet.engine.launcher import ServerProcess, query_server
+from duet.engine.tools.make_tiny_model import make_tiny_model
+from duet.transfer.factory import nixl_importable
+from duet.engine.protocol import StatsRequest
 
 
 def stream_timings(client: openai.OpenAI, prompt: str, max_tokens: int) -> tuple[float, list[float], str]:

@@ -44,7 +44,7 @@ class ServerProcess:
         self.log = open(self.log_path, "w")
         threads_args = [] if module == "router" else ["--torch-threads", str(threads)]
         self.proc = subprocess.Popen(
-            [*wrap, sys.executable, "-m", f"engine.{module}", "--model", model, "--port", str(self.port),
+            [*wrap, sys.executable, "-m", f"duet.engine.{module}", "--model", model, "--port", str(self.port),
              *threads_args, *args],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -96,8 +96,8 @@ def query_server(address: str, messages: list, want: int, timeout_s: float = 30.
     network namespace."""
     import zmq
 
-    from transfer.curve import secure_client
-    from transfer.wire import decode, encode
+    from duet.transfer.curve import secure_client
+    from duet.transfer.wire import decode, encode
 
     ctx = ctx or zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)

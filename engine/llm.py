@@ -1,6 +1,6 @@
 """``LLM``: offline batched generation for embedding Duet in other programs.
 
-    from engine import LLM, SamplingParams
+    from duet.engine import LLM, SamplingParams
     llm = LLM(model="/path/to/hf-dir")
     outs = llm.generate(["Hello", [1, 2, 3]], SamplingParams(max_tokens=32, temperature=0))
 
@@ -12,10 +12,10 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from duet.engine.config import EngineConfig
+from duet.engine.llm_engine import LLMEngine
+from duet.engine.outputs import RequestOutput
+from duet.engine.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
 

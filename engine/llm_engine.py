@@ -22,24 +22,24 @@ from typing import Callable, Sequence
 
 import torch
 
-from engine.block_manager import BlockManager
-from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer
-from engine.kv_tier.block_copier import CopyJob
-from engine.kv_tier.host_tier import HostKVTier
-from engine.kv_tier.kv_fetch import KVFetch
-from engine.model_config import ModelConfig
-from engine.model_runner import ModelRunner
-from engine.models.decoder import LayerHook
-from engine.outputs import RequestOutput
-from engine.parallel.layout import validate_parallel
-from engine.request import Request
-from engine.model_runner import RunnerOutput
-from engine.sampler import PromptLogprobs, SampleResult
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerOutput
-from engine.structured_output import GrammarCompiler, GrammarState, validate as validate_grammar
-from engine.tokenizer import (bad_words_token_ids, generation_config_dir, generation_defaults, generation_eos_ids,
+from duet.engine.block_manager import BlockManager
+from duet.engine.config import EngineConfig
+from duet.engine.detokenizer import IncrementalDetokenizer
+from duet.engine.kv_tier.block_copier import CopyJob
+from duet.engine.kv_tier.host_tier import HostKVTier
+from duet.engine.kv_tier.kv_fetch import KVFetch
+from duet.engine.model_config import ModelConfig
+from duet.engine.model_runner import ModelRunner
+from duet.engine.models.decoder import LayerHook
+from duet.engine.outputs import RequestOutput
+from duet.engine.parallel.layout import validate_parallel
+from duet.engine.request import Request
+from duet.engine.model_runner import RunnerOutput
+from duet.engine.sampler import PromptLogprobs, SampleResult
+from duet.engine.sampling_params import SamplingParams
+from duet.engine.scheduler import Scheduler, SchedulerOutput
+from duet.engine.structured_output import GrammarCompiler, GrammarState, validate as validate_grammar
+from duet.engine.tokenizer import (bad_words_token_ids, generation_config_dir, generation_defaults, generation_eos_ids,
                               load_tokenizer)
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class LLMEngine:
         self.eos_token_ids = tuple(dict.fromkeys(mc.eos_token_ids + generation_eos_ids(generation_dir)))
         self.default_sampling = generation_defaults(generation_dir)
         if config.world_size > 1:
-            from engine.parallel.workers import start_parallel_runner  # starts worker processes
+            from duet.engine.parallel.workers import start_parallel_runner  # starts worker processes
 
             self.runner = start_parallel_runner(config, mc, self.max_model_len)
         else:

@@ -20,10 +20,10 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from engine.model_config import ModelConfig
-from engine.models.decoder import DecoderForCausalLM
-from engine.models.layers import TPGroup
-from engine.parallel.layout import ParallelLayout
+from duet.engine.model_config import ModelConfig
+from duet.engine.models.decoder import DecoderForCausalLM
+from duet.engine.models.layers import TPGroup
+from duet.engine.parallel.layout import ParallelLayout
 
 logger = logging.getLogger(__name__)
 

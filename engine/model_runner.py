@@ -14,23 +14,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.attention import AttentionBackend, AttentionMetadata
-from engine.block_table import BlockTables
-from engine.config import EngineConfig
-from engine.cuda_graphs import DecodeGraphs
-from engine.loader import build_model
-from engine.model_config import ModelConfig
-from engine.models.decoder import LayerHook
-from engine.models.layers import TPGroup
-from engine.parallel.layout import ParallelLayout
-from engine.request import Request
-from engine.sampler import PromptLogprobs, SampleResult, Sampler
-from engine.scheduler import ScheduledChunk, SchedulerOutput
-from engine.structured_output.masks import MaskFiller
-from engine import envs
-from kernels.extension import use_extension
-from kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks
-from transfer.kv_port import KVPort
+from duet.engine.attention import AttentionBackend, AttentionMetadata
+from duet.engine.block_table import BlockTables
+from duet.engine.config import EngineConfig
+from duet.engine.cuda_graphs import DecodeGraphs
+from duet.engine.loader import build_model
+from duet.engine.model_config import ModelConfig
+from duet.engine.models.decoder import LayerHook
+from duet.engine.models.layers import TPGroup
+from duet.engine.parallel.layout import ParallelLayout
+from duet.engine.request import Request
+from duet.engine.sampler import PromptLogprobs, SampleResult, Sampler
+from duet.engine.scheduler import ScheduledChunk, SchedulerOutput
+from duet.engine.structured_output.masks import MaskFiller
+from duet.engine import envs
+from duet.kernels.extension import use_extension
+from duet.kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks
+from duet.transfer.kv_port import KVPort
 
 logger = logging.getLogger(__name__)
 

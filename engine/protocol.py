@@ -35,11 +35,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from engine.kv_events import KVEvent
-from engine.sampling_params import SamplingParams
-from transfer.compat import KVLayout
-from transfer.transport import RemoteRegion
-from transfer.wire import Message
+from duet.engine.kv_events import KVEvent
+from duet.engine.sampling_params import SamplingParams
+from duet.transfer.compat import KVLayout
+from duet.transfer.transport import RemoteRegion
+from duet.transfer.wire import Message
 
 
 MAX_ID_CHARS = 256

@@ -7,8 +7,8 @@ from typing import Optional
 
 import torch
 
-from engine.block_hash import ROOT_HASH, hash_block
-from engine.sampling_params import SamplingParams
+from duet.engine.block_hash import ROOT_HASH, hash_block
+from duet.engine.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):

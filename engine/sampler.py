@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.request import Request
-from engine.structured_output.masks import TokenMask
+from duet.engine.request import Request
+from duet.engine.structured_output.masks import TokenMask
 
 PROMPT_LOGPROB_ROWS_PER_PASS = 256
 """Prompt positions scored per log-softmax: bounds the fp32 temporaries to this many vocab-wide rows."""

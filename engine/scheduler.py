@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 
 from typing import TYPE_CHECKING
 
-from engine.block_manager import BlockManager
-from engine.kv_tier.kv_fetch import FetchPart, KVFetch
-from engine.request import Request, RequestStatus
+from duet.engine.block_manager import BlockManager
+from duet.engine.kv_tier.kv_fetch import FetchPart, KVFetch
+from duet.engine.request import Request, RequestStatus
 
 if TYPE_CHECKING:
-    from engine.kv_tier.host_tier import HostKVTier
+    from duet.engine.kv_tier.host_tier import HostKVTier
 
 logger = logging.getLogger(__name__)
 

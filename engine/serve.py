@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine import envs
-from engine.server.advertised_address import AdvertisedAddress
-from engine.server.cli import (
+from duet.engine import envs
+from duet.engine.server.advertised_address import AdvertisedAddress
+from duet.engine.server.cli import (
     add_address_args,
     add_engine_args,
     add_frontend_args,
@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     ap.add_argument("--api-key", default=envs.api_key(),
                     help="require 'Authorization: Bearer KEY' (not on /health); default: $DUET_API_KEY (from a "
                     "Secret, say: a flag shows in the process list)")
-    from engine.router.app import create_app
-    from engine.router.http_server import add_http_args, http_options, run_app
+    from duet.engine.router.app import create_app
+    from duet.engine.router.http_server import add_http_args, http_options, run_app
 
     add_http_args(ap)
     args = ap.parse_args(argv)
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
     setup_logging(args)
     with startup_errors(prog, args):
         where = AdvertisedAddress.resolve(args.host, args.advertise_host, allow_loopback=args.allow_loopback_advertise)
-        from engine.tokenizer import generation_config_dir, generation_defaults, load_chat_template, load_tokenizer
+        from duet.engine.tokenizer import generation_config_dir, generation_defaults, load_chat_template, load_tokenizer
 
         config = engine_config(args)
         check_model_files(config, executor=args.executor)
@@ -62,15 +62,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.serve") ->
         apply_threads(args)
         name = args.served_model_names
         if args.executor == "vllm":
-            from engine.router.vllm_dispatcher import VllmDispatcher
+            from duet.engine.router.vllm_dispatcher import VllmDispatcher
 
             dispatcher = VllmDispatcher(config, name[0])
             tokenizer = load_tokenizer(config.tokenizer or config.model, chat_template)
             max_model_len = dispatcher.max_model_len
             default_sampling = generation_defaults(generation_config_dir(config.model, config.generation_config))
         else:
-            from engine.async_engine import AsyncEngine
-            from engine.router.local_dispatcher import LocalDispatcher
+            from duet.engine.async_engine import AsyncEngine
+            from duet.engine.router.local_dispatcher import LocalDispatcher
 
             engine = AsyncEngine(config)
             dispatcher, tokenizer = LocalDispatcher(engine, name[0]), engine.tokenizer

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.triton_utils import check_device, require_triton, tl, triton
+from duet.kernels.triton_utils import check_device, require_triton, tl, triton
 
 _NAME = "silu_and_mul"
 BLOCK = 1024

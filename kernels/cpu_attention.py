@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import extension, reference
+from duet.kernels import extension, reference
 
 _OPS = ("paged_decode_attention", "paged_prefill_attention")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import extension, reference
+from duet.kernels import extension, reference
 
 _OPS = ("rms_norm", "add_rms_norm", "rotary_embedding", "silu_and_mul", "store_kv")
 

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from kernels.triton_utils import (
+from duet.kernels.triton_utils import (
     check_device,
     check_last_dim_contiguous,
     check_power_of_two,

@@ -20,7 +20,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_WRAPPERS = ("kernels.kv_blocks", "kernels.cpu_attention", "kernels.cpu_layers")
+_WRAPPERS = ("duet.kernels.kv_blocks", "duet.kernels.cpu_attention", "duet.kernels.cpu_layers")
 _warned: set[str] = set()
 _faked: set[str] = set()
 _enabled = True
@@ -54,7 +54,7 @@ def load_error() -> str | None:
     if not _enabled:
         return "disabled (DUET_DISABLE_EXTENSION=1)"
     try:
-        importlib.import_module("kernels._C")
+        importlib.import_module("duet.kernels._C")
     except ImportError as exc:
         return f"kernels._C could not be imported ({exc})"
     for module in _WRAPPERS:  # their fakes

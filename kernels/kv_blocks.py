@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import extension, reference
+from duet.kernels import extension, reference
 
 _OPS = ("gather_kv_blocks", "scatter_kv_blocks")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.triton_utils import (
+from duet.kernels.triton_utils import (
     check_device,
     check_last_dim_contiguous,
     next_power_of_2,

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.triton_utils import check_device, check_last_dim_contiguous, next_power_of_2, require_triton, tl, triton
+from duet.kernels.triton_utils import (check_device, check_last_dim_contiguous, next_power_of_2, require_triton, tl,
+                                       triton)
 
 _NAME = "rms_norm"
 MAX_DIM = 16384

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.triton_utils import check_device, check_last_dim_contiguous, next_power_of_2, require_triton, tl, triton
+from duet.kernels.triton_utils import (check_device, check_last_dim_contiguous, next_power_of_2, require_triton, tl,
+                                       triton)
 
 _NAME = "apply_rotary"
 

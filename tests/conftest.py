@@ -15,7 +15,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """Factory: ``tiny_model(arch, **kwargs) -> path`` of a random HF checkpoint, cached per arguments."""
-    from engine.tools.make_tiny_model import make_tiny_model
+    from duet.engine.tools.make_tiny_model import make_tiny_model
 
     cache: dict = {}
 
@@ -36,7 +36,7 @@ def llama_dir(tiny_model) -> str:
 
 def pytest_report_header(config):
     """Say up front whether the multi-host tests run here, and if not, why (they skip themselves)."""
-    from engine.tools.virtual_hosts import unavailable
+    from duet.engine.tools.virtual_hosts import unavailable
 
     why = unavailable()
     return "multi-host tests (tests/multihost): " + ("network namespaces available" if why is None

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from engine.tools.make_tiny_model import main, make_tiny_model
+from duet.engine.tools.make_tiny_model import main, make_tiny_model
 
 ARCH_CLASSES = {
     "llama": "LlamaForCausalLM",

@@ -18,10 +18,10 @@ import torch
 import zmq
 import zmq.asyncio
 
-from transfer.curve import (ZmqKeys, load_keys, make_keys, secure_client, secure_server, start_async_authenticator,
+from duet.transfer.curve import (ZmqKeys, load_keys, make_keys, secure_client, secure_server, start_async_authenticator,
                             start_authenticator)
-from engine.tools.keys import main as keys_main
-from transfer import PENDING, TransferError, make_transport
+from duet.engine.tools.keys import main as keys_main
+from duet.transfer import PENDING, TransferError, make_transport
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -98,7 +98,7 @@ def test_keys_cli_writes_private_secrets_and_refuses_to_overwrite(tmp_path, caps
     assert ZmqKeys.load(root) == first
 
     # The real command line, with --force: new keys.
-    done = subprocess.run([sys.executable, "-m", "engine.tools.keys", str(root), "--force"],
+    done = subprocess.run([sys.executable, "-m", "duet.engine.tools.keys", str(root), "--force"],
                           capture_output=True, text=True, timeout=60, cwd=os.getcwd())
     assert done.returncode == 0, done.stderr
     assert "wrote" in done.stdout

@@ -18,9 +18,9 @@ Typical use (decode side D receives, prefill side P writes)::
     p.wait(h, deadline_s=5.0); p.release(h)                                  # P
     d.notifications()  # -> [(p.name, b"xfer-7:L0")] once the bytes are in kv_slab   # D
 """
-from transfer.compat import IncompatiblePeer, KVLayout, check_compatible
-from transfer.factory import make_transport
-from transfer.transport import (
+from duet.transfer.compat import IncompatiblePeer, KVLayout, check_compatible
+from duet.transfer.factory import make_transport
+from duet.transfer.transport import (
     DONE,
     ERROR,
     PENDING,
@@ -32,7 +32,7 @@ from transfer.transport import (
     TransferHandle,
     TransferState,
 )
-from transfer.wire import PROTOCOL_VERSION, Message, ProtocolError, decode, encode
+from duet.transfer.wire import PROTOCOL_VERSION, Message, ProtocolError, decode, encode
 
 __all__ = [
     "DONE",

@@ -4,10 +4,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Literal
 
-from transfer.transport import KVTransport
+from duet.transfer.transport import KVTransport
 
 if TYPE_CHECKING:
-    from transfer.curve import ZmqKeys
+    from duet.transfer.curve import ZmqKeys
 
 logger = logging.getLogger(__name__)
 
@@ -16,7 +16,7 @@ TransportKind = Literal["nixl", "zmq", "auto"]
 
 def nixl_importable() -> bool:
     try:
-        import transfer.nixl_transport  # noqa: F401
+        import duet.transfer.nixl_transport  # noqa: F401
     except ImportError:
         return False
     return True
@@ -35,7 +35,7 @@ def make_transport(kind: TransportKind = "auto", name: str = "duet", *, host: st
     if kind not in ("nixl", "zmq", "auto"):
         raise ValueError(f"transport kind must be nixl, zmq or auto, got {kind!r}")
     if kind in ("nixl", "auto") and (kind == "nixl" or nixl_importable()):
-        from transfer.nixl_transport import NixlTransport
+        from duet.transfer.nixl_transport import NixlTransport
 
         try:
             transport = NixlTransport(name, **kwargs)
@@ -46,6 +46,6 @@ def make_transport(kind: TransportKind = "auto", name: str = "duet", *, host: st
             if kind == "nixl":
                 raise
             logger.warning("NIXL is installed but its agent failed to start (%s); using ZMQ", exc)
-    from transfer.zmq_transport import ZmqTransport
+    from duet.transfer.zmq_transport import ZmqTransport
 
     return ZmqTransport(name, host=host, advertise_host=advertise_host, keys=keys, **kwargs)

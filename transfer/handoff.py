@@ -33,13 +33,13 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from transfer.kv_port import KVPort
-from transfer.messages import KVCancel, KVDest, KVLayers
-from transfer.recv_transfer import RecvTransfer
-from transfer.send_transfer import SendState, SendTransfer
-from transfer.staging import StagingPool
-from transfer.transport import KVTransport, TransferError
-from transfer.wire import ProtocolError, decode, encode
+from duet.transfer.kv_port import KVPort
+from duet.transfer.messages import KVCancel, KVDest, KVLayers
+from duet.transfer.recv_transfer import RecvTransfer
+from duet.transfer.send_transfer import SendState, SendTransfer
+from duet.transfer.staging import StagingPool
+from duet.transfer.transport import KVTransport, TransferError
+from duet.transfer.wire import ProtocolError, decode, encode
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transfer.transport import RemoteRegion
-from transfer.wire import Message
+from duet.transfer.transport import RemoteRegion
+from duet.transfer.wire import Message
 
 MAX_LAYERS = 1 << 16
 MAX_BLOCKS = 1 << 24

@@ -15,7 +15,7 @@ import secrets
 
 import numpy as np
 
-from transfer.transport import (
+from duet.transfer.transport import (
     DONE,
     ERROR,
     PENDING,

@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from transfer.messages import KVCancel, KVDest, KVLayers
-from transfer.transfer_machine import TransferMachine, chain_table
-from transfer.transport import TransferError
-from transfer.wire import encode
+from duet.transfer.messages import KVCancel, KVDest, KVLayers
+from duet.transfer.transfer_machine import TransferMachine, chain_table
+from duet.transfer.transport import TransferError
+from duet.transfer.wire import encode
 
 if TYPE_CHECKING:
-    from transfer.handoff import Handoff
+    from duet.transfer.handoff import Handoff
 
 
 class RecvState(enum.Enum):

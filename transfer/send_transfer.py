@@ -40,13 +40,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from transfer.messages import KVDest, KVLayers
-from transfer.transfer_machine import TransferMachine, chain_table
-from transfer.transport import DONE, ERROR, TransferError, TransferHandle
-from transfer.wire import encode
+from duet.transfer.messages import KVDest, KVLayers
+from duet.transfer.transfer_machine import TransferMachine, chain_table
+from duet.transfer.transport import DONE, ERROR, TransferError, TransferHandle
+from duet.transfer.wire import encode
 
 if TYPE_CHECKING:
-    from transfer.handoff import Handoff
+    from duet.transfer.handoff import Handoff
 
 
 class SendState(enum.Enum):

@@ -10,7 +10,7 @@ import enum
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
-    from transfer.handoff import Handoff
+    from duet.transfer.handoff import Handoff
 
 
 def chain_table(states: list[enum.Enum], failed: enum.Enum) -> dict[enum.Enum, frozenset[enum.Enum]]:

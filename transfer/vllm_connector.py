@@ -1,7 +1,7 @@
 """Duet's KV connector for vLLM V1: vLLM engines as Duet prefill and decode servers.
 
 Loaded by vLLM from ``kv_transfer_config = {"kv_connector": "DuetConnector", "kv_connector_module_path":
-"transfer.vllm_connector", "kv_role": "kv_both", "kv_connector_extra_config": {...}}`` (built by
+"duet.transfer.vllm_connector", "kv_role": "kv_both", "kv_connector_extra_config": {...}}`` (built by
 ``engine.server.vllm_engine``); the extra config carries the server's control address, the transport kind,
 staging size, deadlines and the model identity of the KV layout. vLLM makes one instance per role:
 
@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Any
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole,
                                                                KVConnectorTransferResults)
 
-from kernels.extension import use_extension
-from transfer.compat import KVLayout
-from transfer.handoff import HandoffFaults
-from transfer.vllm_kv_mover import KVMover, MoverConfig, RecvSpec, SendSpec
-from transfer.vllm_kv_port import VllmKVPort, layer_order, pool_views
+from duet.kernels.extension import use_extension
+from duet.transfer.compat import KVLayout
+from duet.transfer.handoff import HandoffFaults
+from duet.transfer.vllm_kv_mover import KVMover, MoverConfig, RecvSpec, SendSpec
+from duet.transfer.vllm_kv_port import VllmKVPort, layer_order, pool_views
 
 if TYPE_CHECKING:
     import torch

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transfer.compat import KVLayout
-from transfer.handoff import HandoffStats
-from transfer.transport import RemoteRegion
-from transfer.wire import Message
+from duet.transfer.compat import KVLayout
+from duet.transfer.handoff import HandoffStats
+from duet.transfer.transport import RemoteRegion
+from duet.transfer.wire import Message
 
 
 @dataclass

@@ -29,19 +29,19 @@ from dataclasses import dataclass
 import torch
 import zmq
 
-from transfer.compat import KVLayout
-from transfer.curve import load_keys, secure_client
-from transfer.factory import make_transport
-from transfer.handoff import Handoff, HandoffFaults
-from transfer.recv_transfer import RecvState
-from transfer.send_transfer import SendState
-from transfer.staging import StagingPool
-from transfer.transport import TransferError
-from transfer.vllm_control import (AbortSend, ConnectPeer, FailRecv, FirstToken, PeerReady, RecvFailed, SendEnded,
+from duet.transfer.compat import KVLayout
+from duet.transfer.curve import load_keys, secure_client
+from duet.transfer.factory import make_transport
+from duet.transfer.handoff import Handoff, HandoffFaults
+from duet.transfer.recv_transfer import RecvState
+from duet.transfer.send_transfer import SendState
+from duet.transfer.staging import StagingPool
+from duet.transfer.transport import TransferError
+from duet.transfer.vllm_control import (AbortSend, ConnectPeer, FailRecv, FirstToken, PeerReady, RecvFailed, SendEnded,
                                    WorkerReady, WorkerStats)
-from transfer.vllm_kv_port import VllmKVPort
-from transfer.wire import encode
-from transfer.zmq_messages import recv_messages
+from duet.transfer.vllm_kv_port import VllmKVPort
+from duet.transfer.wire import encode
+from duet.transfer.zmq_messages import recv_messages
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import re
 
 import torch
 
-from kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks
-from transfer.kv_port import KVPort
+from duet.kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks
+from duet.transfer.kv_port import KVPort
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 

@@ -6,7 +6,7 @@ from typing import Callable, Iterator
 
 import zmq
 
-from transfer.wire import Message, ProtocolError, decode
+from duet.transfer.wire import Message, ProtocolError, decode
 
 logger = logging.getLogger(__name__)
 

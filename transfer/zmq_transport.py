@@ -32,10 +32,10 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from transfer.curve import ZmqKeys, secure_client, secure_server, start_authenticator
-from transfer.transport import (DONE, ERROR, PENDING, KVTransport, PeerNotConnected, Ranges, RegionHandle, RemoteRegion,
-                                TransferError, TransferHandle, TransferState)
-from transfer.wire import Message, ProtocolError, decode, encode
+from duet.transfer.curve import ZmqKeys, secure_client, secure_server, start_authenticator
+from duet.transfer.transport import (DONE, ERROR, PENDING, KVTransport, PeerNotConnected, Ranges, RegionHandle,
+                                     RemoteRegion, TransferError, TransferHandle, TransferState)
+from duet.transfer.wire import Message, ProtocolError, decode, encode
 
 logger = logging.getLogger(__name__)
 

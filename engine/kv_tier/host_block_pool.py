@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.kv_events import BlockRemoved, BlockStored, KVEvent
+from duet.engine.kv_events import BlockRemoved, BlockStored, KVEvent
 
 
 class HostBlockState(enum.Enum):

@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 
-from engine.block_manager import BlockManager
-from engine.kv_events import KVEvent
-from engine.kv_tier.block_copier import BlockCopier, CopyJob
-from engine.kv_tier.host_block_pool import HostBlockPool
-from engine.kv_tier.kv_fetch import KVFetch
-from engine.request import Request
-from kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks
+from duet.engine.block_manager import BlockManager
+from duet.engine.kv_events import KVEvent
+from duet.engine.kv_tier.block_copier import BlockCopier, CopyJob
+from duet.engine.kv_tier.host_block_pool import HostBlockPool
+from duet.engine.kv_tier.kv_fetch import KVFetch
+from duet.engine.request import Request
+from duet.kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from engine.request import Request
+from duet.engine.request import Request
 
 
 class PartState(enum.Enum):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from engine.metrics.server_stats import VLLM_LABELS
+from duet.engine.metrics.server_stats import VLLM_LABELS
 
 # vLLM 0.32's default bucket families (vllm/v1/metrics/buckets.py).
 TIME_TO_FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,

@@ -30,8 +30,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import Counter, Histogram, make_wsgi_app
 
-from engine.metrics.exposition import new_registry
-from engine.metrics.server_stats import DUET_LABELS, VLLM_LABELS, EngineStats, as_stats, stats_families
+from duet.engine.metrics.exposition import new_registry
+from duet.engine.metrics.server_stats import DUET_LABELS, VLLM_LABELS, EngineStats, as_stats, stats_families
 
 logger = logging.getLogger(__name__)
 

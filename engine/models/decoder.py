@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.attention import AttentionBackend, AttentionMetadata
-from engine.model_config import ModelConfig
-from engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, TPGroup, fuse_linears, mark_shard
-from engine.models.moe import SparseMoE
-from engine.parallel.layout import ParallelLayout
+from duet.engine.attention import AttentionBackend, AttentionMetadata
+from duet.engine.model_config import ModelConfig
+from duet.engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, TPGroup, fuse_linears, mark_shard
+from duet.engine.models.moe import SparseMoE
+from duet.engine.parallel.layout import ParallelLayout
 
 LayerHook = Callable[[int], None]
 """Called with the layer index after that layer's K/V are in the cache (used to stream KV out)."""

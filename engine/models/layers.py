@@ -12,13 +12,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.model_config import RopeConfig
-from engine.parallel.layout import ParallelLayout
-from kernels import cpu_layers, reference
-from kernels.activation import silu_and_mul
-from kernels.rms_norm import rms_norm
-from kernels.rotary import apply_rotary
-from kernels.triton_utils import TRITON_AVAILABLE
+from duet.engine.model_config import RopeConfig
+from duet.engine.parallel.layout import ParallelLayout
+from duet.kernels import cpu_layers, reference
+from duet.kernels.activation import silu_and_mul
+from duet.kernels.rms_norm import rms_norm
+from duet.kernels.rotary import apply_rotary
+from duet.kernels.triton_utils import TRITON_AVAILABLE
 
 
 def _fused_kernels(x: torch.Tensor) -> bool:

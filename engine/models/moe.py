@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.models.layers import TPGroup, mark_shard
-from engine.parallel.layout import ParallelLayout
+from duet.engine.models.layers import TPGroup, mark_shard
+from duet.engine.parallel.layout import ParallelLayout
 
 
 class SparseMoE(nn.Module):

@@ -21,7 +21,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from engine.parallel.layout import ParallelLayout
+from duet.engine.parallel.layout import ParallelLayout
 
 logger = logging.getLogger(__name__)
 

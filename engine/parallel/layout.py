@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.model_config import ModelConfig
+from duet.engine.model_config import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -36,13 +36,13 @@ from typing import Callable
 
 import torch
 
-from engine.config import EngineConfig
-from engine.model_config import ModelConfig
-from engine.model_runner import ModelRunner, StepInputs
-from engine.models.decoder import LayerHook
-from engine.parallel.comm import ParallelComm
-from engine.parallel.layout import ParallelLayout
-from kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks
+from duet.engine.config import EngineConfig
+from duet.engine.model_config import ModelConfig
+from duet.engine.model_runner import ModelRunner, StepInputs
+from duet.engine.models.decoder import LayerHook
+from duet.engine.parallel.comm import ParallelComm
+from duet.engine.parallel.layout import ParallelLayout
+from duet.kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks
 
 logger = logging.getLogger(__name__)
 

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from engine import envs
-from engine.config import EngineConfig
-from engine.model_config import ModelConfig
-from engine.parallel.comm import ParallelComm, make_store
-from engine.parallel.layout import ParallelLayout
-from engine.parallel.runner import DistributedModelRunner
+from duet.engine import envs
+from duet.engine.config import EngineConfig
+from duet.engine.model_config import ModelConfig
+from duet.engine.parallel.comm import ParallelComm, make_store
+from duet.engine.parallel.layout import ParallelLayout
+from duet.engine.parallel.runner import DistributedModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +65,12 @@ def start_parallel_runner(
     store = make_store(world, config.distributed_timeout_s)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE_ROOT), env.get("PYTHONPATH")]))
-    level = logging.getLogger("engine").getEffectiveLevel()
+    level = logging.getLogger("duet").getEffectiveLevel()
     procs: list[subprocess.Popen] = []
     try:
         for rank in range(1, world):
             cmd = [
-                sys.executable, "-m", "engine.parallel.workers", "--rank", str(rank), "--port", str(store.port),
+                sys.executable, "-m", "duet.engine.parallel.workers", "--rank", str(rank), "--port", str(store.port),
                 "--parent-pid", str(os.getpid()), "--log-level", str(level), "--max-model-len", str(max_model_len),
                 "--config", json.dumps(dataclasses.asdict(config)),
             ]
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="EngineConfig as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(format=f"%(asctime)s rank{args.rank} %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("engine").setLevel(args.log_level)
+    logging.getLogger("duet").setLevel(args.log_level)
     config = EngineConfig(**json.loads(args.config))
     worker_main(args.rank, config, args.max_model_len, args.port, args.parent_pid)
 

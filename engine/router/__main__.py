@@ -13,15 +13,15 @@ import asyncio
 import logging
 import os
 
-from engine import envs
-from engine.router.app import create_app
-from engine.router.http_server import add_http_args, http_options, serve
-from engine.router.cluster import ClusterDispatcher
-from engine.router.dispatcher import DispatchError
-from engine.router.scoring import POLICIES, RouterPolicy
-from engine.router.tier_cost import TierPolicy
-from engine.server.advertised_address import AdvertisedAddress
-from engine.server.cli import (
+from duet.engine import envs
+from duet.engine.router.app import create_app
+from duet.engine.router.http_server import add_http_args, http_options, serve
+from duet.engine.router.cluster import ClusterDispatcher
+from duet.engine.router.dispatcher import DispatchError
+from duet.engine.router.scoring import POLICIES, RouterPolicy
+from duet.engine.router.tier_cost import TierPolicy
+from duet.engine.server.advertised_address import AdvertisedAddress
+from duet.engine.server.cli import (
     add_address_args,
     add_frontend_args,
     add_logging_args,
@@ -30,10 +30,10 @@ from engine.server.cli import (
     setup_logging,
     startup_errors,
 )
-from engine.tokenizer import generation_config_dir, generation_defaults, load_chat_template, load_tokenizer
-from transfer.curve import load_keys
+from duet.engine.tokenizer import generation_config_dir, generation_defaults, load_chat_template, load_tokenizer
+from duet.transfer.curve import load_keys
 
-logger = logging.getLogger("engine.router")
+logger = logging.getLogger("duet.engine.router")
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m engine.router") -> argparse.Namespace:

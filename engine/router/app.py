@@ -39,15 +39,15 @@ from typing import Callable, Sequence
 from aiohttp import web
 from prometheus_client import Counter, Gauge, Histogram
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.router import openai_protocol as proto
-from engine.router.dispatcher import DispatchError, Dispatcher, GenerateRequest, TokenDelta
-from engine.metrics.exposition import StaticCollector, new_registry, render
-from engine.metrics.request_metrics import RequestMetrics
-from engine.router.http_server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES, HTTP_LIMITS_KEY, HttpLimits
-from engine.router.openai_protocol import APIError, ChoiceState, ParsedRequest, RequestLimits
-from engine.router.tool_parsers import PARSERS, ToolCallStream, detect_parser, named_parser
-from engine.tokenizer import apply_chat_template, bad_words_token_ids
+from duet.engine.detokenizer import IncrementalDetokenizer
+from duet.engine.router import openai_protocol as proto
+from duet.engine.router.dispatcher import DispatchError, Dispatcher, GenerateRequest, TokenDelta
+from duet.engine.metrics.exposition import StaticCollector, new_registry, render
+from duet.engine.metrics.request_metrics import RequestMetrics
+from duet.engine.router.http_server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES, HTTP_LIMITS_KEY, HttpLimits
+from duet.engine.router.openai_protocol import APIError, ChoiceState, ParsedRequest, RequestLimits
+from duet.engine.router.tool_parsers import PARSERS, ToolCallStream, detect_parser, named_parser
+from duet.engine.tokenizer import apply_chat_template, bad_words_token_ids
 
 logger = logging.getLogger(__name__)
 

@@ -28,15 +28,15 @@ from typing import AsyncIterator
 import zmq
 import zmq.asyncio
 
-from engine.protocol import (Abort, FinishReason, Generate, Hello, KVFailed, Lease, PeerRef, Prefill, PrefillDone,
+from duet.engine.protocol import (Abort, FinishReason, Generate, Hello, KVFailed, Lease, PeerRef, Prefill, PrefillDone,
                              PullDone, PullKV, RemotePrefill, RemotePull, Role, ServerInfo, Stats, StatsRequest,
                              TokenDelta, Tokens)
-from engine.router.dispatcher import Dispatcher, DispatchError, GenerateRequest
-from engine.router.metrics import RouterMetrics
-from engine.router.scoring import NO_SERVER_IN_ZONE, RequestInfo, RouterPolicy, Scorer
-from engine.router.server_registry import ServerLink, ServerRegistry
-from transfer.curve import ZmqKeys, start_async_authenticator
-from transfer.wire import Message, encode
+from duet.engine.router.dispatcher import Dispatcher, DispatchError, GenerateRequest
+from duet.engine.router.metrics import RouterMetrics
+from duet.engine.router.scoring import NO_SERVER_IN_ZONE, RequestInfo, RouterPolicy, Scorer
+from duet.engine.router.server_registry import ServerLink, ServerRegistry
+from duet.transfer.curve import ZmqKeys, start_async_authenticator
+from duet.transfer.wire import Message, encode
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ import json
 import re
 from dataclasses import dataclass
 
-from engine.router.api_error import APIError
-from engine.sampling_params import STRUCTURED_KINDS, StructuredOutputsParams
-from engine.structured_output import validate
+from duet.engine.router.api_error import APIError
+from duet.engine.sampling_params import STRUCTURED_KINDS, StructuredOutputsParams
+from duet.engine.structured_output import validate
 
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}

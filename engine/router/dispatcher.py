@@ -17,8 +17,8 @@ import abc
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from engine.protocol import TokenDelta
-from engine.sampling_params import SamplingParams
+from duet.engine.protocol import TokenDelta
+from duet.engine.sampling_params import SamplingParams
 
 __all__ = ["DispatchError", "Dispatcher", "GenerateRequest", "TokenDelta"]
 

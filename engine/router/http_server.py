@@ -30,7 +30,7 @@ from typing import Callable
 
 from aiohttp import web, web_protocol, web_server
 
-from engine.router.openai_protocol import RequestLimits
+from duet.engine.router.openai_protocol import RequestLimits
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ import logging
 import time
 from typing import AsyncIterator
 
-from engine.async_engine import AsyncEngine
-from engine.metrics.server_stats import EngineStats, stats_families
-from engine.protocol import FinishReason, TokenDelta
-from engine.router.dispatcher import Dispatcher, DispatchError, GenerateRequest
+from duet.engine.async_engine import AsyncEngine
+from duet.engine.metrics.server_stats import EngineStats, stats_families
+from duet.engine.protocol import FinishReason, TokenDelta
+from duet.engine.router.dispatcher import Dispatcher, DispatchError, GenerateRequest
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Iterable, Mapping
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from engine.metrics.server_stats import EngineStats, as_stats, stats_families
+from duet.engine.metrics.server_stats import EngineStats, as_stats, stats_families
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ADMISSION_REASONS = ("max_num_queued_reqs", "queue_timeout")

@@ -15,10 +15,10 @@ import json
 import math
 import re
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.router.api_error import APIError
-from engine.router.dispatcher import TokenDelta
-from engine.router.tool_parsers import ToolCallStream, tool_calls
+from duet.engine.detokenizer import IncrementalDetokenizer
+from duet.engine.router.api_error import APIError
+from duet.engine.router.dispatcher import TokenDelta
+from duet.engine.router.tool_parsers import ToolCallStream, tool_calls
 
 
 # ---- one choice's output -------------------------------------------------------------------------------------

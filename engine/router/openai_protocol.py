@@ -30,9 +30,10 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 
-from engine.router.api_error import APIError, error_body  # noqa: F401 - re-exported
-from engine.router.constraints import ToolMode, parse_structured_outputs, parse_tool_choice, parse_tools, tool_grammar
-from engine.sampling_params import SamplingParams
+from duet.engine.router.api_error import APIError, error_body  # noqa: F401 - re-exported
+from duet.engine.router.constraints import (ToolMode, parse_structured_outputs, parse_tool_choice, parse_tools,
+                                            tool_grammar)
+from duet.engine.sampling_params import SamplingParams
 
 MAX_N = 16
 """Most choices per prompt (``n``)."""
@@ -584,7 +585,7 @@ def parse_chat(body, *, model_name: str, defaults: dict | None = None,
 
 
 # The output side lives in its own module; re-exported so callers use one namespace.
-from engine.router.openai_output import (  # noqa: E402, F401
+from duet.engine.router.openai_output import (  # noqa: E402, F401
     TokenStrings,
     ChoiceState,
     usage,

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Hashable, Iterable, Sequence
 
-from engine.router.tier_cost import TierHit
+from duet.engine.router.tier_cost import TierHit
 
 ServerId = Hashable
 

@@ -44,8 +44,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
-from engine.block_hash import block_hashes as compute_block_hashes
-from engine.router.tier_cost import PullCostModel, TierHit, TierPlan, TierPolicy, plan_tiers, pull_sources
+from duet.engine.block_hash import block_hashes as compute_block_hashes
+from duet.engine.router.tier_cost import PullCostModel, TierHit, TierPlan, TierPolicy, plan_tiers, pull_sources
 
 logger = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from typing import Callable
 import zmq
 import zmq.asyncio
 
-from engine.protocol import SERVER_ROLES, Hello, KVEvents, LoadReport, ServerInfo, Welcome
-from engine.router.prefix_index import PrefixIndex
-from engine.router.scoring import ServerState
-from transfer.curve import ZmqKeys, secure_client, secure_server
-from transfer.wire import Message, ProtocolError, decode, encode
+from duet.engine.protocol import SERVER_ROLES, Hello, KVEvents, LoadReport, ServerInfo, Welcome
+from duet.engine.router.prefix_index import PrefixIndex
+from duet.engine.router.scoring import ServerState
+from duet.transfer.curve import ZmqKeys, secure_client, secure_server
+from duet.transfer.wire import Message, ProtocolError, decode, encode
 
 logger = logging.getLogger(__name__)
 

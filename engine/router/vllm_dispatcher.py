@@ -12,11 +12,11 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-from engine.config import EngineConfig
-from engine.metrics.server_stats import EngineStats, stats_families
-from engine.protocol import Tokens
-from engine.router.dispatcher import Dispatcher, DispatchError, GenerateRequest, TokenDelta
-from engine.server.vllm_engine import VllmEngine, engine_args
+from duet.engine.config import EngineConfig
+from duet.engine.metrics.server_stats import EngineStats, stats_families
+from duet.engine.protocol import Tokens
+from duet.engine.router.dispatcher import Dispatcher, DispatchError, GenerateRequest, TokenDelta
+from duet.engine.server.vllm_engine import VllmEngine, engine_args
 
 logger = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ import logging
 import sys
 import time
 
-from engine import envs
-from engine.config import EngineConfig
-from engine.server.server_config import ServerConfig
+from duet.engine import envs
+from duet.engine.config import EngineConfig
+from duet.engine.server.server_config import ServerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     if block_size is None:
         block_size = 16
         if args.executor == "vllm":
-            from engine.server.vllm_engine import default_block_size
+            from duet.engine.server.vllm_engine import default_block_size
 
             block_size = default_block_size(args.device)
     return EngineConfig(
@@ -157,8 +157,8 @@ def check_model_files(config: EngineConfig, *, executor: str = "native", tokeniz
     the command tokenizes), the generation config. Errors name the file or field."""
     from pathlib import Path
 
-    from engine.model_config import ModelConfig
-    from engine.tokenizer import generation_config_dir, generation_defaults
+    from duet.engine.model_config import ModelConfig
+    from duet.engine.tokenizer import generation_config_dir, generation_defaults
 
     model = Path(config.model)
     if not model.is_dir():
@@ -277,12 +277,12 @@ def server_main(role: str, argv: list[str] | None = None, prog: str | None = Non
         config = engine_config(args)
         check_model_files(config, executor=args.executor, tokenizer=False)
         apply_threads(args)
-        from engine.server.server import make_server
+        from duet.engine.server.server import make_server
 
         server = make_server(config, sconfig)
         exporter = None
         if args.metrics_port is not None:
-            from engine.metrics.server_exporter import ServerMetricsExporter
+            from duet.engine.metrics.server_exporter import ServerMetricsExporter
 
             exporter = ServerMetricsExporter(server.stats, model_name=args.served_model_name, role=role,
                                              engine_id=server.engine_id, host=args.host, port=args.metrics_port,

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 import zmq
 
-from engine.kv_events import KVEvent
-from engine.protocol import Load, PrefillDone, PullDone, ServerStats, Tokens
-from engine.sampling_params import SamplingParams
-from transfer.compat import KVLayout
-from transfer.handoff import HandoffStats
-from transfer.transport import RemoteRegion
+from duet.engine.kv_events import KVEvent
+from duet.engine.protocol import Load, PrefillDone, PullDone, ServerStats, Tokens
+from duet.engine.sampling_params import SamplingParams
+from duet.transfer.compat import KVLayout
+from duet.transfer.handoff import HandoffStats
+from duet.transfer.transport import RemoteRegion
 
 
 @dataclass

@@ -26,23 +26,23 @@ import time
 
 import torch
 
-from engine.config import EngineConfig
-from engine.kv_events import KVEvent
-from engine.llm_engine import LLMEngine
-from engine.loader import model_identity
-from engine.outputs import RequestOutput
-from engine.protocol import FinishReason, PrefillDone, ServerStats, TokenDelta, Tokens
-from engine.sampler import SampleResult
-from engine.sampling_params import SamplingParams
-from engine.server.executor import Executor, ExecutorEvent, ExecutorInfo, KVLost, Load, handoff_stats_into
-from engine.server.native_pulls import NativePulls, tier_stats_into
-from engine.server.server_config import ServerConfig
-from transfer.compat import KVLayout
-from transfer.factory import make_transport
-from transfer.handoff import Handoff
-from transfer.recv_transfer import RecvState
-from transfer.send_transfer import SendState
-from transfer.staging import StagingPool
+from duet.engine.config import EngineConfig
+from duet.engine.kv_events import KVEvent
+from duet.engine.llm_engine import LLMEngine
+from duet.engine.loader import model_identity
+from duet.engine.outputs import RequestOutput
+from duet.engine.protocol import FinishReason, PrefillDone, ServerStats, TokenDelta, Tokens
+from duet.engine.sampler import SampleResult
+from duet.engine.sampling_params import SamplingParams
+from duet.engine.server.executor import Executor, ExecutorEvent, ExecutorInfo, KVLost, Load, handoff_stats_into
+from duet.engine.server.native_pulls import NativePulls, tier_stats_into
+from duet.engine.server.server_config import ServerConfig
+from duet.transfer.compat import KVLayout
+from duet.transfer.factory import make_transport
+from duet.transfer.handoff import Handoff
+from duet.transfer.recv_transfer import RecvState
+from duet.transfer.send_transfer import SendState
+from duet.transfer.staging import StagingPool
 
 logger = logging.getLogger(__name__)
 

@@ -24,14 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.block_hash import block_hashes
-from engine.llm_engine import LLMEngine
-from engine.protocol import PullDone, ServerStats
-from engine.sampling_params import SamplingParams
-from kernels.kv_blocks import gather_kv_blocks
-from transfer.handoff import Handoff
-from transfer.recv_transfer import RecvState, RecvTransfer
-from transfer.send_transfer import SendState, SendTransfer
+from duet.engine.block_hash import block_hashes
+from duet.engine.llm_engine import LLMEngine
+from duet.engine.protocol import PullDone, ServerStats
+from duet.engine.sampling_params import SamplingParams
+from duet.kernels.kv_blocks import gather_kv_blocks
+from duet.transfer.handoff import Handoff
+from duet.transfer.recv_transfer import RecvState, RecvTransfer
+from duet.transfer.send_transfer import SendState, SendTransfer
 
 logger = logging.getLogger(__name__)
 

@@ -39,17 +39,17 @@ from typing import Callable
 
 import zmq
 
-from engine import envs
-from engine.protocol import (Abort, Drain, Generate, Hello, KVEvents, KVFailed, Lease, LoadReport, PeerRef, Prefill,
-                             PrefillDone, PullDone, PullKV, Refused, Role, ServerInfo, ServerStats, Stats, StatsRequest,
-                             TokenDelta, Tokens, Welcome)
-from engine.server.executor import Executor, KVLost
-from engine.server.server_config import ServerConfig
-from transfer.compat import IncompatiblePeer, check_compatible
-from transfer.curve import secure_client, secure_server, start_authenticator
-from transfer.transport import TransferError
-from transfer.wire import Message, ProtocolError, encode
-from transfer.zmq_messages import recv_messages
+from duet.engine import envs
+from duet.engine.protocol import (Abort, Drain, Generate, Hello, KVEvents, KVFailed, Lease, LoadReport, PeerRef,
+                                  Prefill, PrefillDone, PullDone, PullKV, Refused, Role, ServerInfo, ServerStats, Stats,
+                                  StatsRequest, TokenDelta, Tokens, Welcome)
+from duet.engine.server.executor import Executor, KVLost
+from duet.engine.server.server_config import ServerConfig
+from duet.transfer.compat import IncompatiblePeer, check_compatible
+from duet.transfer.curve import secure_client, secure_server, start_authenticator
+from duet.transfer.transport import TransferError
+from duet.transfer.wire import Message, ProtocolError, encode
+from duet.transfer.zmq_messages import recv_messages
 
 logger = logging.getLogger(__name__)
 
@@ -587,10 +587,10 @@ def make_server(engine_config, config: ServerConfig) -> Server:
 
     def make_executor(engine_id: str) -> Executor:
         if config.executor == "vllm":
-            from engine.server.vllm_executor import VllmExecutor
+            from duet.engine.server.vllm_executor import VllmExecutor
 
             return VllmExecutor(engine_config, config)
-        from engine.server.native_executor import NativeExecutor
+        from duet.engine.server.native_executor import NativeExecutor
 
         return NativeExecutor(engine_config, config, engine_id)
 

@@ -5,11 +5,11 @@ import functools
 import re
 from dataclasses import dataclass, field
 
-from engine import envs
-from engine.protocol import SERVER_ROLES, Role
-from engine.server.advertised_address import AdvertisedAddress
-from transfer.curve import ZmqKeys, load_keys
-from transfer.handoff import HandoffFaults
+from duet.engine import envs
+from duet.engine.protocol import SERVER_ROLES, Role
+from duet.engine.server.advertised_address import AdvertisedAddress
+from duet.transfer.curve import ZmqKeys, load_keys
+from duet.transfer.handoff import HandoffFaults
 
 KV_FAILURE_POLICIES = ("recompute", "fail")
 EXECUTORS = ("native", "vllm")

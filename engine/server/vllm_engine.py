@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import envs
-from engine.config import EngineConfig
-from engine.loader import model_identity
-from engine.model_config import SUPPORTED_ARCHITECTURES, parse_dtype
-from engine.protocol import FinishReason, TokenDelta, Tokens
-from engine.sampling_params import SamplingParams
+from duet.engine import envs
+from duet.engine.config import EngineConfig
+from duet.engine.loader import model_identity
+from duet.engine.model_config import SUPPORTED_ARCHITECTURES, parse_dtype
+from duet.engine.protocol import FinishReason, TokenDelta, Tokens
+from duet.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def engine_args(config: EngineConfig, *, kv_connector_extra: dict[str, Any] | No
         kwargs["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
     if kv_connector_extra is not None:
         kwargs["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="DuetConnector", kv_connector_module_path="transfer.vllm_connector", kv_role="kv_both",
+            kv_connector="DuetConnector", kv_connector_module_path="duet.transfer.vllm_connector", kv_role="kv_both",
             kv_load_failure_policy=kv_failure_policy, kv_connector_extra_config=kv_connector_extra)
     if kv_events_endpoint is not None:
         # A non-wildcard tcp endpoint makes vLLM's publisher connect to it: the server binds the SUB side.
@@ -189,7 +189,7 @@ def vllm_sampling(params: SamplingParams, kv_transfer_params: dict[str, Any] | N
     extra = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None
     structured = None
     if params.structured_outputs is not None:
-        from engine.structured_output.grammar import ebnf
+        from duet.engine.structured_output.grammar import ebnf
 
         # The native engine's grammar, as EBNF: both executors enforce the same language.
         structured = StructuredOutputsParams(grammar=ebnf(params.structured_outputs))

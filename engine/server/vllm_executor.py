@@ -28,22 +28,22 @@ from dataclasses import dataclass
 
 import zmq
 
-from engine import envs
-from engine.config import EngineConfig
-from engine.kv_events import KVEvent
-from engine.protocol import PrefillDone, ServerStats, TokenDelta, Tokens
-from engine.sampling_params import SamplingParams
-from engine.server.executor import Executor, ExecutorEvent, ExecutorInfo, KVLost, Load, handoff_stats_into
-from engine.server.server_config import ServerConfig
-from engine.server.vllm_engine import VllmEngine, engine_args, model_id
-from engine.server.vllm_kv_events import KVEventTranslator
-from transfer.curve import secure_server
-from transfer.handoff import HandoffStats
-from transfer.vllm_control import (AbortSend, ConnectPeer, FailRecv, FirstToken, PeerReady, RecvFailed, WorkerReady,
-                                   WorkerStats)
-from transfer.vllm_control import SendEnded as WorkerSendEnded
-from transfer.wire import Message, decode, encode
-from transfer.zmq_messages import recv_messages
+from duet.engine import envs
+from duet.engine.config import EngineConfig
+from duet.engine.kv_events import KVEvent
+from duet.engine.protocol import PrefillDone, ServerStats, TokenDelta, Tokens
+from duet.engine.sampling_params import SamplingParams
+from duet.engine.server.executor import Executor, ExecutorEvent, ExecutorInfo, KVLost, Load, handoff_stats_into
+from duet.engine.server.server_config import ServerConfig
+from duet.engine.server.vllm_engine import VllmEngine, engine_args, model_id
+from duet.engine.server.vllm_kv_events import KVEventTranslator
+from duet.transfer.curve import secure_server
+from duet.transfer.handoff import HandoffStats
+from duet.transfer.vllm_control import (AbortSend, ConnectPeer, FailRecv, FirstToken, PeerReady, RecvFailed,
+                                        WorkerReady, WorkerStats)
+from duet.transfer.vllm_control import SendEnded as WorkerSendEnded
+from duet.transfer.wire import Message, decode, encode
+from duet.transfer.zmq_messages import recv_messages
 
 logger = logging.getLogger(__name__)
 

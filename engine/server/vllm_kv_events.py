@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from engine.block_hash import ROOT_HASH, hash_block
-from engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from duet.engine.block_hash import ROOT_HASH, hash_block
+from duet.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ generated tokens resumes the matcher by accepting them (``GrammarState.accept_al
 
 Backend: xgrammar (vLLM's default; the choice is measured in bench/NOTES.md).
 """
-from engine.structured_output.grammar import GrammarCompiler, validate
-from engine.structured_output.masks import MaskFiller
-from engine.structured_output.state import GrammarState
+from duet.engine.structured_output.grammar import GrammarCompiler, validate
+from duet.engine.structured_output.masks import MaskFiller
+from duet.engine.structured_output.state import GrammarState
 
 __all__ = ["GrammarCompiler", "GrammarState", "MaskFiller", "validate"]

@@ -15,7 +15,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Sequence
 
-from engine.sampling_params import StructuredOutputsParams
+from duet.engine.sampling_params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 

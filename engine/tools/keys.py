@@ -11,7 +11,7 @@ import argparse
 import stat
 import sys
 
-from transfer.curve import make_keys
+from duet.transfer.curve import make_keys
 
 
 def main(argv: list[str] | None = None) -> int:

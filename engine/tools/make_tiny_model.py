@@ -85,7 +85,7 @@ LLAMA3_ROPE_FACTOR = 8.0
 
 def build_tokenizer(model_max_length: int) -> PreTrainedTokenizerFast:
     """Trains the byte-level BPE on the bundled corpus; deterministic and ~10 ms."""
-    corpus = resources.files("engine.tools").joinpath("data/corpus.txt").read_text(encoding="utf-8")
+    corpus = resources.files("duet.engine.tools").joinpath("data/corpus.txt").read_text(encoding="utf-8")
     tokenizer = Tokenizer(models.BPE())
     # transformers 5.x ignores tokenizer.json's normalizer and pre-tokenizer for some model types
     # (qwen2 among them) and rebuilds Qwen2Tokenizer's: NFC, then Qwen's split regex, then bytes.

@@ -37,7 +37,7 @@ import subprocess
 import time
 from typing import Callable, TypeVar
 
-from engine.launcher import ServerProcess
+from duet.engine.launcher import ServerProcess
 
 T = TypeVar("T")
 
@@ -167,7 +167,7 @@ class HostProcess(ServerProcess):
     def _is_server(self, pid: int) -> bool:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                return f"engine.{self.role}".encode() in f.read()
+                return f"duet.engine.{self.role}".encode() in f.read()
         except (FileNotFoundError, ProcessLookupError):
             return False
 

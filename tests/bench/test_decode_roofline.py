@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from bench import decode_roofline, report
+from duet.bench import decode_roofline, report
 
 
 def test_quick_run_writes_consistent_rows(tmp_path, monkeypatch):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from bench import serving
-from bench.serving import (
+from duet.bench import serving
+from duet.bench.serving import (
     Histogram, LengthDist, RequestRecord, SSEParser, build_trace, handoff_overhead, parse_chunk,
     parse_length, parse_prometheus, percentile, run_benchmark, summarize,
 )
@@ -280,7 +280,7 @@ def test_errors_are_counted():
 
 
 def test_cli_compare_and_handoff(tmp_path, monkeypatch):
-    from bench import report
+    from duet.bench import report
 
     monkeypatch.setattr(report, "RESULTS_ROOT", tmp_path)  # --record below
     monkeypatch.setattr(report, "RUNS_ROOT", tmp_path / "runs")

@@ -1,12 +1,12 @@
-"""bench.vs_vllm_cpu's report (rows, ratios, targets) and the foreign-load probe, without starting engines."""
+"""duet.bench.vs_vllm_cpu's report (rows, ratios, targets) and the foreign-load probe, without starting engines."""
 from __future__ import annotations
 
 import time
 
 import pytest
 
-from bench import vs_vllm_cpu
-from bench.cpu_load import ForeignLoad
+from duet.bench import vs_vllm_cpu
+from duet.bench.cpu_load import ForeignLoad
 
 
 def fake_results() -> dict:

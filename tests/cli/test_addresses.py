@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 
-from engine.server import advertised_address
-from engine.server.advertised_address import AdvertisedAddress
-from engine.server.server_config import ServerConfig
+from duet.engine.server import advertised_address
+from duet.engine.server.advertised_address import AdvertisedAddress
+from duet.engine.server.server_config import ServerConfig
 from tests.cli.test_cli import run_cli  # noqa: F401 - the fixture
-from transfer.wire import decode
-from transfer.zmq_transport import ZmqTransport
+from duet.transfer.wire import decode
+from duet.transfer.zmq_transport import ZmqTransport
 
 
 @pytest.mark.parametrize("bind, advertise, allow, expected", [

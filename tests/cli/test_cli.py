@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.launcher import ROOT, free_port, wait_for_line
-from engine.server.cli import add_engine_args, add_logging_args, engine_config, resolve_model_args
-from engine.server.vllm_engine import PlatformLimits, check_platform
+from duet.engine.launcher import ROOT, free_port, wait_for_line
+from duet.engine.server.cli import add_engine_args, add_logging_args, engine_config, resolve_model_args
+from duet.engine.server.vllm_engine import PlatformLimits, check_platform
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DUET_LOG_LEVEL="WARNING")
 
@@ -61,7 +61,7 @@ def checkpoint(path: Path, head_dim: int, dtype: str = "float32") -> str:
 
 
 def test_vllm_platform_limits_become_errors_naming_the_flag_or_field(tmp_path):
-    from engine.config import EngineConfig
+    from duet.engine.config import EngineConfig
 
     cpu = PlatformLimits("CPU_ATTN", 32, (32, 64, 128), ("bfloat16", "float16", "float32"))
     model16 = checkpoint(tmp_path / "m16", 16)  # the demo's shape
@@ -100,7 +100,7 @@ def broken_models(tiny_model, tmp_path_factory):
 def run_cli(capsys):
     """``duet ARGS`` in this process: (exit status, stdout, stderr). The commands configure logging; the
     test's own logging is put back afterwards."""
-    from engine.cli import main
+    from duet.engine.cli import main
 
     root = logging.getLogger()
     saved = root.handlers[:], root.level
@@ -151,7 +151,7 @@ def test_duet_serve_positional_model_and_served_names(llama_dir, tmp_path):
     port = free_port()
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", llama_dir, "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "duet.engine.cli", "serve", llama_dir, "--port", str(port),
                                  "--served-model-name", "tiny", "tiny-alias", "--num-kv-blocks", "32",
                                  "--torch-threads", "1"], cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT)
     try:

@@ -11,10 +11,10 @@ import re
 import pytest
 import yaml
 
-from engine.cli import parse_command
-from engine.router.__main__ import advertised
-from engine.server.cli import server_config
-from transfer.curve import make_keys
+from duet.engine.cli import parse_command
+from duet.engine.router.__main__ import advertised
+from duet.engine.server.cli import server_config
+from duet.transfer.curve import make_keys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"

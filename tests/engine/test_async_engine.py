@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from engine import AsyncEngine, EngineConfig, LLM, SamplingParams
+from duet.engine import AsyncEngine, EngineConfig, LLM, SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference
+from duet.kernels import reference
 
 
 @pytest.mark.parametrize("group", [1, 4])

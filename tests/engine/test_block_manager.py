@@ -1,11 +1,11 @@
 """Block manager bookkeeping on CPU: ref counts, prefix hits verified by tokens, LRU eviction, KV events."""
 from __future__ import annotations
 
-from engine.block_hash import block_hashes
-from engine.block_manager import BlockManager
-from engine.kv_events import BlockRemoved, BlockStored
-from engine.request import Request
-from engine.sampling_params import SamplingParams
+from duet.engine.block_hash import block_hashes
+from duet.engine.block_manager import BlockManager
+from duet.engine.kv_events import BlockRemoved, BlockStored
+from duet.engine.request import Request
+from duet.engine.sampling_params import SamplingParams
 
 BS = 4
 

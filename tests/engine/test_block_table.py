@@ -3,9 +3,9 @@ import random
 
 import numpy as np
 
-from engine.block_table import BlockTables
-from engine.request import Request
-from engine.sampling_params import SamplingParams
+from duet.engine.block_table import BlockTables
+from duet.engine.request import Request
+from duet.engine.sampling_params import SamplingParams
 
 
 def naive(requests: list[Request]) -> np.ndarray:

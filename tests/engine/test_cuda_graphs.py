@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.cuda_graphs import capture_sizes
-from engine.tools.make_tiny_model import make_tiny_model
+from duet.engine import LLM, SamplingParams
+from duet.engine.cuda_graphs import capture_sizes
+from duet.engine.tools.make_tiny_model import make_tiny_model
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

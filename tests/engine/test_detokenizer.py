@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.tokenizer import load_tokenizer
+from duet.engine.detokenizer import IncrementalDetokenizer
+from duet.engine.tokenizer import load_tokenizer
 
 TEXTS = ["café naïve 東京 🙂 done", "plain ascii text, with punctuation!", "🙂🙂🙂 東京東京"]
 

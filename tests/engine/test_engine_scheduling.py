@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine import LLM, SamplingParams
+from duet.engine import LLM, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 

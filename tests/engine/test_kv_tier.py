@@ -12,14 +12,15 @@ import time
 import pytest
 import torch
 
-import engine.kv_tier.host_tier as host_tier_module
-from engine import LLM, SamplingParams
-from engine.block_manager import BlockManager
-from engine.kv_events import BlockRemoved, BlockStored
-from engine.kv_tier.block_copier import BlockCopier
-from engine.kv_tier.host_block_pool import HOST_BLOCK_TRANSITIONS, HostBlockPool, HostBlockState
-from engine.kv_tier.kv_fetch import FetchPart, KVFetch, PartState
-from engine.request import Request
+import duet.engine.kv_tier.host_tier as host_tier_module
+
+from duet.engine import LLM, SamplingParams
+from duet.engine.block_manager import BlockManager
+from duet.engine.kv_events import BlockRemoved, BlockStored
+from duet.engine.kv_tier.block_copier import BlockCopier
+from duet.engine.kv_tier.host_block_pool import HOST_BLOCK_TRANSITIONS, HostBlockPool, HostBlockState
+from duet.engine.kv_tier.kv_fetch import FetchPart, KVFetch, PartState
+from duet.engine.request import Request
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=6, temperature=1.5, seed=4321, ignore_eos=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import LLM, SamplingParams
+from duet.engine import LLM, SamplingParams
 
 
 def test_sharded_checkpoint_loads_and_matches_single_file(tiny_model, tmp_path):
@@ -75,8 +75,8 @@ def test_missing_tensor_is_named(llama_dir, tmp_path):
 
 def test_model_identity_tells_weights_apart_not_locations(tmp_path):
     """Servers compare this string at handshake: same weights anywhere -> equal; other weights -> different."""
-    from engine.loader import model_identity
-    from engine.tools.make_tiny_model import make_tiny_model
+    from duet.engine.loader import model_identity
+    from duet.engine.tools.make_tiny_model import make_tiny_model
 
     a = make_tiny_model("llama", tmp_path / "a" / "llama", seed=0)
     b = make_tiny_model("llama", tmp_path / "b" / "llama", seed=1)  # same directory name, other weights

@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 
-from engine import LLM, SamplingParams
+from duet.engine import LLM, SamplingParams
 
 ARCHS = {
     "llama": dict(rope_scaling="llama3"),

@@ -5,8 +5,8 @@ import pytest
 import torch
 import transformers
 
-from engine import EngineConfig, SamplingParams
-from engine.llm_engine import LLMEngine
+from duet.engine import EngineConfig, SamplingParams
+from duet.engine.llm_engine import LLMEngine
 
 PROMPT = "The quick brown fox jumps over the lazy dog, and then the dog chases the fox around the farm."
 TOL = 2e-4
@@ -99,9 +99,9 @@ def test_preempted_request_keeps_its_prompt_logprobs(llama_dir, hf_logprobs):
 def test_new_sampling_fields_and_prompt_logprobs_cross_the_wire():
     """What the P/D plumbing will carry: SamplingParams with a grammar, biases and prompt_logprobs (Generate),
     and a TokenDelta with prompt logprobs (Tokens), through the typed msgpack codec unchanged."""
-    from engine.protocol import FinishReason, Generate, TokenDelta, Tokens
-    from engine.sampling_params import StructuredOutputsParams
-    from transfer.wire import decode, encode
+    from duet.engine.protocol import FinishReason, Generate, TokenDelta, Tokens
+    from duet.engine.sampling_params import StructuredOutputsParams
+    from duet.transfer.wire import decode, encode
 
     params = SamplingParams(max_tokens=4, prompt_logprobs=2, logit_bias={5: -3.5, 7: 100.0},
                             allowed_token_ids=[5, 7, 9], bad_words=["x"], bad_words_token_ids=[[3, 4], [9]],

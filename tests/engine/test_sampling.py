@@ -7,9 +7,9 @@ import pytest
 import torch
 import transformers
 
-from engine import LLM, SamplingParams
-from engine.request import Request
-from engine.sampler import Sampler
+from duet.engine import LLM, SamplingParams
+from duet.engine.request import Request
+from duet.engine.sampler import Sampler
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import jsonschema
 import pytest
 import torch
 
-from engine import EngineConfig, SamplingParams
-from engine.llm_engine import LLMEngine
-from engine.request import Request
-from engine.sampler import Sampler
-from engine.sampling_params import StructuredOutputsParams
-from engine.structured_output import GrammarState, MaskFiller, validate
+from duet.engine import EngineConfig, SamplingParams
+from duet.engine.llm_engine import LLMEngine
+from duet.engine.request import Request
+from duet.engine.sampler import Sampler
+from duet.engine.sampling_params import StructuredOutputsParams
+from duet.engine.structured_output import GrammarState, MaskFiller, validate
 
 SCHEMA = {
     "type": "object",

@@ -4,11 +4,11 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
-from engine.protocol import Generate, KVEvents, PeerRef, PullDone, PullKV, RemotePull, ServerStats, Stats
-from engine.sampling_params import SamplingParams
-from transfer.compat import KVLayout
-from transfer.wire import PROTOCOL_VERSION, ProtocolError, decode, encode
+from duet.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from duet.engine.protocol import Generate, KVEvents, PeerRef, PullDone, PullKV, RemotePull, ServerStats, Stats
+from duet.engine.sampling_params import SamplingParams
+from duet.transfer.compat import KVLayout
+from duet.transfer.wire import PROTOCOL_VERSION, ProtocolError, decode, encode
 
 LAYOUT = KVLayout("m", "float32", 2, 2, 8, 16)
 PEER = PeerRef("a", LAYOUT, "zmq", "a-xyz", b"meta")

@@ -1,7 +1,7 @@
 """The engine on the Triton attention backend (interpreted on CPU) gives the torch backend's tokens."""
 from __future__ import annotations
 
-from engine import LLM, SamplingParams
+from duet.engine import LLM, SamplingParams
 
 
 def test_engine_triton_backend_matches_torch_backend(llama_dir):

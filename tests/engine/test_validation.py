@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from engine import LLM, SamplingParams
+from duet.engine import LLM, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_generate_validates_all_prompts_before_running_any(llm):
 
 
 def test_engine_config_is_validated(llama_dir):
-    from engine import EngineConfig
+    from duet.engine import EngineConfig
 
     for kwargs, field in ((dict(block_size=7), "block_size"), (dict(max_num_seqs=0), "max_num_seqs"),
                           (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),

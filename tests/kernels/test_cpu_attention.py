@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import envs
-from kernels import cpu_attention, reference
+from duet.engine import envs
+from duet.kernels import cpu_attention, reference
 from tests.kernels.test_prefill_attention import TOLERANCE, make_paged_kv, relative_error, seeded
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -228,7 +228,7 @@ def test_decode_rejects_bad_arguments(ops):
 ISA_SCRIPT = textwrap.dedent(
     """
     import sys, torch
-    from kernels import cpu_attention
+    from duet.kernels import cpu_attention
     from tests.kernels import test_cpu_attention as t
     assert cpu_attention.isa() == sys.argv[1], (cpu_attention.isa(), sys.argv[1])
     ops = torch.ops.duet
@@ -256,8 +256,8 @@ def test_other_instruction_sets(ops, capability, isa):
 FALLBACK_SCRIPT = textwrap.dedent(
     """
     import torch
-    from engine import envs
-    from kernels import cpu_attention, extension, reference
+    from duet.engine import envs
+    from duet.kernels import cpu_attention, extension, reference
     from tests.kernels.test_prefill_attention import make_paged_kv
 
     extension.use_extension(not envs.disable_extension())  # what every engine's model runner does

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import envs
-from kernels import cpu_layers, reference
+from duet.engine import envs
+from duet.kernels import cpu_layers, reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: dict(rtol=2e-6, atol=2e-6), torch.bfloat16: dict(rtol=1e-2, atol=1e-2),

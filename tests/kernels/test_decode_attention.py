@@ -8,14 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference
-from kernels.decode_attention import (
+from duet.kernels import reference
+from duet.kernels.decode_attention import (
     MAX_SPLITS,
     _decode_kernel,
     choose_num_splits,
     paged_decode_attention,
 )
-from kernels.triton_utils import TRITON_AVAILABLE
+from duet.kernels.triton_utils import TRITON_AVAILABLE
 from tests.kernels.test_prefill_attention import (
     TOLERANCE,
     device_params,

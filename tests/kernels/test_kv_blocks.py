@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import envs
-from kernels import kv_blocks, reference
+from duet.engine import envs
+from duet.kernels import kv_blocks, reference
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEVICES = [
@@ -239,9 +239,9 @@ def test_wrappers(device):
 FALLBACK_SCRIPT = textwrap.dedent(
     """
     import torch
-    import kernels  # must import without the extension
-    from engine import envs
-    from kernels import extension, kv_blocks, reference
+    import duet.kernels  # must import without the extension
+    from duet.engine import envs
+    from duet.kernels import extension, kv_blocks, reference
 
     extension.use_extension(not envs.disable_extension())  # what every engine's model runner does
     assert not kv_blocks.extension_available()

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import reference
-from kernels.kv_store import _store_kv_kernel, store_kv
-from kernels.triton_utils import TRITON_AVAILABLE
+from duet.kernels import reference
+from duet.kernels.kv_store import _store_kv_kernel, store_kv
+from duet.kernels.triton_utils import TRITON_AVAILABLE
 from tests.kernels.test_prefill_attention import device_params, seeded
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -92,10 +92,10 @@ def test_kernels_import_and_fail_clearly_without_triton():
         import sys
         sys.modules["triton"] = None  # makes `import triton` raise ImportError
         import torch
-        from kernels import triton_utils
-        from kernels.decode_attention import paged_decode_attention
-        from kernels.prefill_attention import paged_prefill_attention
-        from kernels.kv_store import store_kv
+        from duet.kernels import triton_utils
+        from duet.kernels.decode_attention import paged_decode_attention
+        from duet.kernels.prefill_attention import paged_prefill_attention
+        from duet.kernels.kv_store import store_kv
         assert not triton_utils.TRITON_AVAILABLE
         for call in (
             lambda: store_kv(None, None, None, None, None),

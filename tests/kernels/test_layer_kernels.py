@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.model_config import RopeConfig
-from engine.models.layers import RMSNorm, RotaryEmbedding
-from kernels.activation import _silu_and_mul_kernel, silu_and_mul
-from kernels.rms_norm import _rms_norm_kernel, rms_norm
-from kernels.rotary import _rotary_kernel, apply_rotary
-from kernels.triton_utils import TRITON_AVAILABLE
+from duet.engine.model_config import RopeConfig
+from duet.engine.models.layers import RMSNorm, RotaryEmbedding
+from duet.kernels.activation import _silu_and_mul_kernel, silu_and_mul
+from duet.kernels.rms_norm import _rms_norm_kernel, rms_norm
+from duet.kernels.rotary import _rotary_kernel, apply_rotary
+from duet.kernels.triton_utils import TRITON_AVAILABLE
 from tests.kernels.test_prefill_attention import device_params, seeded
 
 pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="triton is not installed")

@@ -9,10 +9,10 @@ import zlib
 import pytest
 import torch
 
-from kernels import reference
-from kernels.triton_utils import TRITON_AVAILABLE, is_interpreted
+from duet.kernels import reference
+from duet.kernels.triton_utils import TRITON_AVAILABLE, is_interpreted
 
-from kernels.prefill_attention import _prefill_kernel, paged_prefill_attention
+from duet.kernels.prefill_attention import _prefill_kernel, paged_prefill_attention
 
 pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="triton is not installed")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.protocol import ServerStats
+from duet.engine.protocol import ServerStats
 
 VLLM_FIXTURE = Path(__file__).resolve().parent / "data" / "vllm_exposition.txt"
 _NOT_LABELS = {"le", "quantile"}

@@ -23,8 +23,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from engine.launcher import free_port
-from engine.tools.make_tiny_model import make_tiny_model
+from duet.engine.launcher import free_port
+from duet.engine.tools.make_tiny_model import make_tiny_model
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "data" / "vllm_exposition.txt"
 SERVED_NAME = "tiny-llama"

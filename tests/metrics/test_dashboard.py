@@ -10,10 +10,10 @@ from types import SimpleNamespace
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.metrics.exposition import StaticCollector
-from engine.metrics.request_metrics import RequestMetrics
-from engine.router.metrics import RouterMetrics
-from engine.router.scoring import ServerState
+from duet.engine.metrics.exposition import StaticCollector
+from duet.engine.metrics.request_metrics import RequestMetrics
+from duet.engine.router.metrics import RouterMetrics
+from duet.engine.router.scoring import ServerState
 from tests.metrics.exposition import SERVER_STATS
 
 DASHBOARD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "grafana"

@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
-from engine.launcher import ROOT
-from engine.metrics.server_exporter import ServerMetricsExporter
+from duet.engine.launcher import ROOT
+from duet.engine.metrics.server_exporter import ServerMetricsExporter
 from tests.metrics.exposition import SERVER_STATS, VLLM_ENGINE_FAMILIES, check_vllm_families, parse, samples
 
 
@@ -111,9 +111,9 @@ def test_exporter_and_front_end_families_under_prometheus_multiproc_dir(tmp_path
     code = """
 import urllib.request
 from prometheus_client import CollectorRegistry, generate_latest
-from engine.metrics.request_metrics import RequestMetrics
-from engine.launcher import ROOT
-from engine.metrics.server_exporter import ServerMetricsExporter
+from duet.engine.metrics.request_metrics import RequestMetrics
+from duet.engine.launcher import ROOT
+from duet.engine.metrics.server_exporter import ServerMetricsExporter
 registry = CollectorRegistry()
 RequestMetrics(registry, "m").first_token(0.25)
 with ServerMetricsExporter(lambda: {"running": 2}, model_name="m", role="decode", engine_id="d") as e:

@@ -6,9 +6,9 @@ import math
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from engine.metrics.exposition import StaticCollector
-from engine.metrics.request_metrics import RequestMetrics, token_count_buckets
-from engine.metrics.server_stats import EngineStats, as_stats, stats_families
+from duet.engine.metrics.exposition import StaticCollector
+from duet.engine.metrics.request_metrics import RequestMetrics, token_count_buckets
+from duet.engine.metrics.server_stats import EngineStats, as_stats, stats_families
 from tests.metrics.exposition import check_vllm_families, parse, samples
 
 

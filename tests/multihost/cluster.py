@@ -12,12 +12,12 @@ import re
 import urllib.request
 from dataclasses import asdict
 
-from engine import LLM, SamplingParams
-from engine.launcher import query_server
-from engine.protocol import StatsRequest
-from engine.tools.virtual_hosts import HostProcess, VirtualNetwork
+from duet.engine import LLM, SamplingParams
+from duet.engine.launcher import query_server
+from duet.engine.protocol import StatsRequest
+from duet.engine.tools.virtual_hosts import HostProcess, VirtualNetwork
 from tests.serving.test_faults import stream, wait_until
-from transfer.curve import load_keys, make_keys
+from duet.transfer.curve import load_keys, make_keys
 
 HOSTS = ["client", "router", "p1", "p2", "d1", "d2"]
 # Server heartbeats every 0.2 s; the router declares a server dead after 3 missed 0.6 s periods (1.8 s), which

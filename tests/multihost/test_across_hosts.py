@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import pytest
 
-from engine.protocol import Hello, ServerInfo, Welcome
-from engine.tools.virtual_hosts import unavailable
+from duet.engine.protocol import Hello, ServerInfo, Welcome
+from duet.engine.tools.virtual_hosts import unavailable
 from tests.multihost.cluster import Cluster, Reference, prompt_of
-from transfer.factory import nixl_importable
+from duet.transfer.factory import nixl_importable
 
 pytestmark = [
     pytest.mark.skipif(unavailable() is not None, reason=f"multi-host tests need network namespaces: {unavailable()}"),

@@ -20,13 +20,13 @@ import time
 
 import pytest
 
-from engine.protocol import Hello, ServerInfo
-from engine.tools.virtual_hosts import unavailable
+from duet.engine.protocol import Hello, ServerInfo
+from duet.engine.tools.virtual_hosts import unavailable
 from tests.multihost.cluster import Cluster, Reference, prompt_of
 from tests.serving.test_faults import wait_until
-from transfer.transport import TransferError
-from transfer.wire import decode
-from transfer.zmq_transport import ZmqTransport
+from duet.transfer.transport import TransferError
+from duet.transfer.wire import decode
+from duet.transfer.zmq_transport import ZmqTransport
 
 pytestmark = pytest.mark.skipif(unavailable() is not None,
                                 reason=f"multi-host tests need network namespaces: {unavailable()}")

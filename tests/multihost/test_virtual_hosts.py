@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from engine.tools import virtual_hosts
-from engine.tools.virtual_hosts import VirtualNetwork, unavailable
+from duet.engine.tools import virtual_hosts
+from duet.engine.tools.virtual_hosts import VirtualNetwork, unavailable
 
 pytestmark = pytest.mark.skipif(unavailable() is not None,
                                 reason=f"multi-host tests need network namespaces: {unavailable()}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import LLM, EngineConfig, SamplingParams
+from duet.engine import LLM, EngineConfig, SamplingParams
 from tests.parallel.helpers import child_pids, pid_alive
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,7 +90,7 @@ def _assert_gone_soon(pids: list[int], timeout_s: float = 10) -> None:
 def test_workers_exit_when_rank0_is_killed(tiny_model):
     proc, workers = _run_rank0(f"""
         import os, signal
-        from engine import LLM, SamplingParams
+        from duet.engine import LLM, SamplingParams
         from tests.parallel.helpers import child_pids
         llm = LLM({tiny_model("qwen3")!r}, show_progress=False, num_kv_blocks=16, pipeline_parallel_size=2)
         llm.generate(["hi"], SamplingParams(max_tokens=2, temperature=0))
@@ -104,7 +104,7 @@ def test_workers_exit_when_rank0_is_killed(tiny_model):
 def test_interpreter_exit_without_close_stops_the_workers(tiny_model):
     # No __main__ guard, no close(): workers are fresh interpreters and atexit shuts them down.
     proc, workers = _run_rank0(f"""
-        from engine import LLM
+        from duet.engine import LLM
         from tests.parallel.helpers import child_pids
         llm = LLM({tiny_model("llama")!r}, show_progress=False, num_kv_blocks=16, tensor_parallel_size=2)
         print(*child_pids(), flush=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine import LLM, SamplingParams
+from duet.engine import LLM, SamplingParams
 from tests.parallel.helpers import child_pids
 
 # (arch, checkpoint kwargs, parallel kwargs)

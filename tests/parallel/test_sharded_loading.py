@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.loader import build_model
-from engine.model_config import ModelConfig
-from engine.parallel.layout import ParallelLayout
+from duet.engine.loader import build_model
+from duet.engine.model_config import ModelConfig
+from duet.engine.parallel.layout import ParallelLayout
 
 
 def _build(path: str, layout: ParallelLayout = ParallelLayout()):

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import zmq
 import zmq.asyncio
 
-from engine.protocol import Abort, KVFailed
-from engine.router.cluster import _send_soon
-from transfer.wire import decode
+from duet.engine.protocol import Abort, KVFailed
+from duet.engine.router.cluster import _send_soon
+from duet.transfer.wire import decode
 
 
 def test_send_soon_takes_zmq_asyncio_futures():

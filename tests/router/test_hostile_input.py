@@ -21,12 +21,12 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from engine import AsyncEngine, EngineConfig  # noqa: E402
-from engine.router import app as app_module  # noqa: E402
-from engine.router.app import create_app  # noqa: E402
-from engine.router.local_dispatcher import LocalDispatcher  # noqa: E402
-from engine.router.http_server import HttpLimits
-from engine.router.openai_protocol import RequestLimits  # noqa: E402
+from duet.engine import AsyncEngine, EngineConfig  # noqa: E402
+from duet.engine.router import app as app_module  # noqa: E402
+from duet.engine.router.app import create_app  # noqa: E402
+from duet.engine.router.local_dispatcher import LocalDispatcher  # noqa: E402
+from duet.engine.router.http_server import HttpLimits
+from duet.engine.router.openai_protocol import RequestLimits  # noqa: E402
 from tests.router.test_http_local import running  # noqa: E402
 
 MODEL = "tiny-llama"
@@ -56,12 +56,12 @@ def server(llama_dir):
     app = create_app(dispatcher, engine.tokenizer, MODEL, max_model_len=dispatcher.max_model_len,
                      max_default_tokens=3, limits=LIMITS)
     errors = ErrorLog()
-    logging.getLogger("engine").addHandler(errors)
+    logging.getLogger("duet").addHandler(errors)
     try:
         with running(app) as port:
             yield dict(port=port, engine=engine, initial_free=initial_free, errors=errors)
     finally:
-        logging.getLogger("engine").removeHandler(errors)
+        logging.getLogger("duet").removeHandler(errors)
 
 
 def send(port: int, path: str, body: bytes | None = None, headers: dict | None = None, method: str = "POST",
@@ -401,7 +401,7 @@ def test_request_limits_validate():
 
 
 def test_cli_limit_flags():
-    from engine.router.__main__ import parse_args
+    from duet.engine.router.__main__ import parse_args
 
     args = parse_args(["--model", "m", "--max-n", "4", "--max-prompt-tokens", "100", "--max-body-bytes", "1000",
                        "--max-header-bytes", "2000", "--max-stop-chars", "7", "--header-timeout-s", "3",
@@ -529,11 +529,11 @@ def test_connections_over_the_cap_get_503(tight_server):
 
 
 def test_malformed_http_is_one_warning_line_not_a_traceback(tight_server, caplog):
-    with caplog.at_level(logging.INFO, logger="engine.router.http_server"):
+    with caplog.at_level(logging.INFO, logger="duet.engine.router.http_server"):
         for _ in range(3):
             with socket.create_connection(("127.0.0.1", tight_server), timeout=10) as s:
                 s.sendall(b"GARBAGE / HTTP/1.1\r\nHost: x\r\n\r\n")
                 _closed_within(s, 5)
-    lines = [r for r in caplog.records if r.name == "engine.router.http_server"]
+    lines = [r for r in caplog.records if r.name == "duet.engine.router.http_server"]
     assert lines and all(r.levelno == logging.WARNING and r.exc_info is None for r in lines)
     assert all("malformed HTTP from" in r.getMessage() for r in lines)

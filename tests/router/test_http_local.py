@@ -14,12 +14,12 @@ import time
 import openai
 import pytest
 
-from engine import LLM, AsyncEngine, EngineConfig, SamplingParams
-from engine.router.app import create_app
-from engine.router.http_server import serve
-from engine.router.dispatcher import DispatchError, Dispatcher, TokenDelta
-from engine.router.local_dispatcher import LocalDispatcher
-from engine.tokenizer import apply_chat_template
+from duet.engine import LLM, AsyncEngine, EngineConfig, SamplingParams
+from duet.engine.router.app import create_app
+from duet.engine.router.http_server import serve
+from duet.engine.router.dispatcher import DispatchError, Dispatcher, TokenDelta
+from duet.engine.router.local_dispatcher import LocalDispatcher
+from duet.engine.tokenizer import apply_chat_template
 from tests.metrics.exposition import VLLM_ENGINE_FAMILIES, VLLM_REQUEST_FAMILIES, check_vllm_families, samples
 
 MODEL = "tiny-llama"
@@ -394,7 +394,7 @@ class ScriptedDispatcher(Dispatcher):
 
 
 def test_scripted_errors_auth_and_health(llama_dir):
-    from engine.tokenizer import load_tokenizer
+    from duet.engine.tokenizer import load_tokenizer
 
     dispatcher = ScriptedDispatcher(load_tokenizer(llama_dir))
     app = create_app(dispatcher, dispatcher.tokenizer, MODEL, max_model_len=64, api_key="secret",

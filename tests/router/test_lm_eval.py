@@ -17,8 +17,8 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from engine.launcher import ServerProcess, query_server
-from engine.protocol import StatsRequest
+from duet.engine.launcher import ServerProcess, query_server
+from duet.engine.protocol import StatsRequest
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from engine.launcher import ServerProcess
+from duet.engine.launcher import ServerProcess
 from tests.router.structured_checks import (
     WEATHER_TOOLS,
     check_json_schema_requests,

@@ -5,10 +5,10 @@ import math
 
 import pytest
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.router import openai_protocol as proto
-from engine.router.dispatcher import TokenDelta
-from engine.router.openai_protocol import APIError, ChoiceState, TokenStrings, parse_chat, parse_completion
+from duet.engine.detokenizer import IncrementalDetokenizer
+from duet.engine.router import openai_protocol as proto
+from duet.engine.router.dispatcher import TokenDelta
+from duet.engine.router.openai_protocol import APIError, ChoiceState, TokenStrings, parse_chat, parse_completion
 
 MODEL = "tiny"
 
@@ -197,7 +197,7 @@ def test_stream_options_and_param_of():
 # ---- ChoiceState: detokenization, stop strings, logprobs --------------------------------------------------
 @pytest.fixture(scope="module")
 def tokenizer(llama_dir):
-    from engine.tokenizer import load_tokenizer
+    from duet.engine.tokenizer import load_tokenizer
 
     return load_tokenizer(llama_dir)
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import random
 
-from engine.block_hash import block_hashes
-from engine.router.prefix_index import PrefixIndex
+from duet.engine.block_hash import block_hashes
+from duet.engine.router.prefix_index import PrefixIndex
 
 BLOCK = 16
 

@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from engine.block_hash import block_hashes
-from engine.router import scoring
-from engine.router.prefix_index import PrefixIndex
-from engine.router.scoring import (PrefillCostModel, RequestInfo, RouterPolicy, Scorer, ServerState)
+from duet.engine.block_hash import block_hashes
+from duet.engine.router import scoring
+from duet.engine.router.prefix_index import PrefixIndex
+from duet.engine.router.scoring import (PrefillCostModel, RequestInfo, RouterPolicy, Scorer, ServerState)
 
 BLOCK = 16
 
@@ -313,7 +313,7 @@ def test_invalid_server_and_request_name_the_field():
 
 
 def test_simulator_prefix_aware_beats_round_robin_on_prefix_hits():
-    from bench.router_sim import SimConfig, simulate
+    from duet.bench.router_sim import SimConfig, simulate
 
     cfg = SimConfig(num_prefill=2, num_decode=6, duration_s=15.0, conversations_per_s=4.0, mean_think_s=2.0,
                     prefill_blocks=1024, decode_blocks=1024)

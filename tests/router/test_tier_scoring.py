@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.router.prefix_index import PrefixIndex
-from engine.router.scoring import RouterPolicy, Scorer
-from engine.router.tier_cost import PullCostModel, TierHit, TierPolicy, plan_tiers, pull_sources
+from duet.engine.router.prefix_index import PrefixIndex
+from duet.engine.router.scoring import RouterPolicy, Scorer
+from duet.engine.router.tier_cost import PullCostModel, TierHit, TierPolicy, plan_tiers, pull_sources
 from tests.router.test_scoring import BLOCK, decode, request
 
 
@@ -107,7 +107,7 @@ def test_scorer_prices_device_over_host_over_pull_and_places_pulls():
 def test_simulator_host_tier_and_pulls_recompute_less():
     from dataclasses import replace
 
-    from bench.router_sim import SimConfig, simulate
+    from duet.bench.router_sim import SimConfig, simulate
 
     # Four decode servers whose pools hold a few conversations; turns come back after others evicted them.
     cfg = SimConfig(num_prefill=0, num_decode=4, duration_s=20.0, conversations_per_s=2.0, mean_think_s=6.0,

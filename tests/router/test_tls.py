@@ -17,11 +17,11 @@ try:  # the HTTP library the openai client is built on (renamed httpx2 in some e
 except ImportError:
     httpx = pytest.importorskip("httpx")
 
-from engine import AsyncEngine, EngineConfig
-from engine.launcher import ServerProcess
-from engine.router.app import create_app
-from engine.router.http_server import make_ssl_context
-from engine.router.local_dispatcher import LocalDispatcher
+from duet.engine import AsyncEngine, EngineConfig
+from duet.engine.launcher import ServerProcess
+from duet.engine.router.app import create_app
+from duet.engine.router.http_server import make_ssl_context
+from duet.engine.router.local_dispatcher import LocalDispatcher
 from tests.router.test_http_local import running
 
 MODEL = "tiny-llama"
@@ -82,7 +82,7 @@ def test_plain_http_and_untrusting_clients_are_refused(tls_server, cert):
 
 
 def test_router_cli_builds_the_ssl_context(cert):
-    from engine.router.__main__ import parse_args
+    from duet.engine.router.__main__ import parse_args
 
     args = parse_args(["--model", "m", "--ssl-certfile", cert[0], "--ssl-keyfile", cert[1]])
     assert isinstance(args.ssl_context, ssl.SSLContext)

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from engine.router.tool_parsers import (
+from duet.engine.router.tool_parsers import (
     PARSERS,
     ToolCallStream,
     detect_parser,

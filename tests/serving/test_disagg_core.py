@@ -6,12 +6,12 @@ from dataclasses import replace
 
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.launcher import ServerProcess, query_server
-from engine.protocol import Generate, Hello, PeerRef, RemotePrefill, ServerInfo, StatsRequest, Tokens, Welcome
-from engine.router.cluster import ClusterDispatcher
-from engine.router.dispatcher import DispatchError, GenerateRequest
-from engine.router.scoring import RouterPolicy
+from duet.engine import LLM, SamplingParams
+from duet.engine.launcher import ServerProcess, query_server
+from duet.engine.protocol import Generate, Hello, PeerRef, RemotePrefill, ServerInfo, StatsRequest, Tokens, Welcome
+from duet.engine.router.cluster import ClusterDispatcher
+from duet.engine.router.dispatcher import DispatchError, GenerateRequest
+from duet.engine.router.scoring import RouterPolicy
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 ALWAYS_DISAGG = RouterPolicy(disagg_threshold_tokens=0)

@@ -11,9 +11,9 @@ from dataclasses import asdict
 import aiohttp
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.launcher import ServerProcess, query_server
-from engine.protocol import Drain, StatsRequest
+from duet.engine import LLM, SamplingParams
+from duet.engine.launcher import ServerProcess, query_server
+from duet.engine.protocol import Drain, StatsRequest
 
 
 def stats(proc: ServerProcess) -> dict[str, float]:
@@ -230,7 +230,7 @@ def test_drain_finishes_in_flight_requests_then_exits(model, how):
 
 
 def test_restarted_prefill_server_is_a_new_peer(model):
-    from engine.launcher import free_port
+    from duet.engine.launcher import free_port
 
     port, event_port = free_port(), free_port()
     args = ("--kv-transport", "nixl", "--num-kv-blocks", "64", "--event-port", str(event_port))

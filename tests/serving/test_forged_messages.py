@@ -13,13 +13,13 @@ import msgpack
 import pytest
 import zmq
 
-from engine import LLM, SamplingParams
-from engine.launcher import ServerProcess, query_server
-from engine.protocol import (Abort, Generate, Hello, KVFailed, PeerRef, Refused, RemotePrefill, ServerInfo,
+from duet.engine import LLM, SamplingParams
+from duet.engine.launcher import ServerProcess, query_server
+from duet.engine.protocol import (Abort, Generate, Hello, KVFailed, PeerRef, Refused, RemotePrefill, ServerInfo,
                              StatsRequest, Tokens)
 from tests.serving.test_faults import no_leaks
-from transfer.factory import nixl_importable
-from transfer.wire import PROTOCOL_VERSION
+from duet.transfer.factory import nixl_importable
+from duet.transfer.wire import PROTOCOL_VERSION
 
 TRANSPORTS = ["zmq", pytest.param("nixl", marks=pytest.mark.skipif(not nixl_importable(), reason="no NIXL"))]
 GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=0)

@@ -16,9 +16,9 @@ from dataclasses import asdict
 
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.launcher import ServerProcess, query_server
-from engine.protocol import (Generate, Hello, KVFailed, PeerRef, PullDone, PullKV, RemotePull, ServerInfo,
+from duet.engine import LLM, SamplingParams
+from duet.engine.launcher import ServerProcess, query_server
+from duet.engine.protocol import (Generate, Hello, KVFailed, PeerRef, PullDone, PullKV, RemotePull, ServerInfo,
                              StatsRequest, Tokens)
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -35,7 +35,7 @@ def send(address: str, msg) -> None:
     """One message to a server's command socket, no reply awaited (flushed before the socket closes)."""
     import zmq
 
-    from transfer.wire import encode
+    from duet.transfer.wire import encode
 
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.connect(address)
@@ -162,10 +162,10 @@ def test_router_plans_a_pull_and_the_puller_computes_only_the_rest(model):
     (events of both tiers) plans a pull of the first turn's blocks from the server that computed them."""
     import asyncio
 
-    from engine.router.cluster import ClusterDispatcher
-    from engine.router.dispatcher import GenerateRequest
-    from engine.router.scoring import RouterPolicy
-    from engine.router.tier_cost import TierPolicy
+    from duet.engine.router.cluster import ClusterDispatcher
+    from duet.engine.router.dispatcher import GenerateRequest
+    from duet.engine.router.scoring import RouterPolicy
+    from duet.engine.router.tier_cost import TierPolicy
 
     a, b = ServerProcess("decode", model, *SERVER_ARGS), ServerProcess("decode", model, *SERVER_ARGS)
     policy = RouterPolicy(policy="round_robin", prior_tokens_per_s=200.0,  # prefill looks slow, pulls cheap

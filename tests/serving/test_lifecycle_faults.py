@@ -14,8 +14,8 @@ import urllib.request
 import aiohttp
 import pytest
 
-from engine.launcher import ServerProcess, free_port, query_server
-from engine.protocol import Drain, StatsRequest
+from duet.engine.launcher import ServerProcess, free_port, query_server
+from duet.engine.protocol import Drain, StatsRequest
 from tests.serving.test_faults import no_leaks, reference, stats, stream, wait_until
 
 

@@ -14,10 +14,10 @@ import time
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.launcher import ServerProcess, query_server
-from engine.llm_engine import LLMEngine
-from engine.protocol import Hello, PeerRef, Prefill, PrefillDone, ServerInfo, Welcome
+from duet.engine import LLM, SamplingParams
+from duet.engine.launcher import ServerProcess, query_server
+from duet.engine.llm_engine import LLMEngine
+from duet.engine.protocol import Hello, PeerRef, Prefill, PrefillDone, ServerInfo, Welcome
 from tests.parallel.helpers import child_pids, one_omp_thread, pid_alive
 from tests.serving.test_router_http import greedy_completions, mixed_prompts, server_stats
 

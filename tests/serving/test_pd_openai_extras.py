@@ -12,8 +12,8 @@ from dataclasses import asdict
 import openai
 import pytest
 
-from engine.launcher import ServerProcess, query_server
-from engine.protocol import StatsRequest
+from duet.engine.launcher import ServerProcess, query_server
+from duet.engine.protocol import StatsRequest
 from tests.router.structured_checks import PERSON, check_json_schema_requests, check_required_tool_call
 from tests.router.test_openai_extras import MODEL, PROMPT, model_dir  # noqa: F401 - the checkpoint fixture
 

@@ -14,9 +14,9 @@ from dataclasses import asdict
 import openai
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.launcher import ServerProcess, free_port, query_server
-from engine.protocol import StatsRequest
+from duet.engine import LLM, SamplingParams
+from duet.engine.launcher import ServerProcess, free_port, query_server
+from duet.engine.protocol import StatsRequest
 from tests.metrics.exposition import VLLM_ENGINE_FAMILIES, VLLM_REQUEST_FAMILIES, check_vllm_families, samples
 
 NUM_BLOCKS = "96"

@@ -13,8 +13,8 @@ from dataclasses import asdict
 
 import pytest
 
-from engine.launcher import ServerProcess, query_server
-from engine.protocol import StatsRequest
+from duet.engine.launcher import ServerProcess, query_server
+from duet.engine.protocol import StatsRequest
 
 BS = 16
 
@@ -206,7 +206,7 @@ def test_zones_and_admission_control(model):
 
 
 def test_servers_can_register_with_the_router_at_run_time(model):
-    from engine.launcher import free_port
+    from duet.engine.launcher import free_port
 
     port = free_port()
     r = ServerProcess("router", model, "--registry-port", str(port))

@@ -8,9 +8,9 @@ import urllib.request
 import pytest
 import zmq
 
-from engine.launcher import ServerProcess, query_server
-from engine.protocol import Hello, ServerInfo, StatsRequest
-from transfer.curve import load_keys, make_keys, secure_client
+from duet.engine.launcher import ServerProcess, query_server
+from duet.engine.protocol import Hello, ServerInfo, StatsRequest
+from duet.transfer.curve import load_keys, make_keys, secure_client
 
 
 def test_curve_cluster_serves_key_holders_only(tiny_model, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.transfer.test_handoff import BACKENDS, make_side
-from transfer.handoff import Handoff
+from duet.transfer.handoff import Handoff
 
 
 @pytest.fixture(params=BACKENDS)

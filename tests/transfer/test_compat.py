@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transfer.compat import IncompatiblePeer, KVLayout, check_compatible
+from duet.transfer.compat import IncompatiblePeer, KVLayout, check_compatible
 
 
 def _layout(**overrides) -> KVLayout:

@@ -14,15 +14,15 @@ import time
 import pytest
 import torch
 
-from kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks
-from transfer.factory import make_transport, nixl_importable
-from transfer.handoff import Handoff, HandoffFaults
-from transfer.kv_port import KVPort
-from transfer.messages import KVCancel, KVLayers
-from transfer.recv_transfer import RECV_TRACE, RECV_TRANSITIONS, RecvState
-from transfer.send_transfer import SEND_TRACE, SEND_TRANSITIONS, SendState
-from transfer.staging import StagingPool
-from transfer.wire import encode
+from duet.kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks
+from duet.transfer.factory import make_transport, nixl_importable
+from duet.transfer.handoff import Handoff, HandoffFaults
+from duet.transfer.kv_port import KVPort
+from duet.transfer.messages import KVCancel, KVLayers
+from duet.transfer.recv_transfer import RECV_TRACE, RECV_TRANSITIONS, RecvState
+from duet.transfer.send_transfer import SEND_TRACE, SEND_TRANSITIONS, SendState
+from duet.transfer.staging import StagingPool
+from duet.transfer.wire import encode
 
 BACKENDS = [
     "zmq",

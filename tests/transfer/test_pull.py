@@ -12,10 +12,10 @@ import threading
 
 import torch
 
-from kernels.kv_blocks import gather_kv_blocks
+from duet.kernels.kv_blocks import gather_kv_blocks
 from tests.transfer.test_handoff import NUM_LAYERS, assert_clean, drive, make_side, states_seen
-from transfer.recv_transfer import RECV_TRACE, RecvState
-from transfer.send_transfer import SEND_TRACE, SendState
+from duet.transfer.recv_transfer import RECV_TRACE, RecvState
+from duet.transfer.send_transfer import SEND_TRACE, SendState
 
 
 def ask(owner, puller, tid: str, blocks_puller: list[int], skip: int = 0, num_blocks: int | None = None):

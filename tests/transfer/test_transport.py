@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from transfer import ERROR, PENDING, PeerNotConnected, RemoteRegion, TransferError, make_transport
-from transfer.factory import nixl_importable
-from transfer.wire import Message, decode, encode
+from duet.transfer import ERROR, PENDING, PeerNotConnected, RemoteRegion, TransferError, make_transport
+from duet.transfer.factory import nixl_importable
+from duet.transfer.wire import Message, decode, encode
 
 BACKENDS = [
     pytest.param("nixl", marks=pytest.mark.skipif(not nixl_importable(), reason="NIXL is not installed")),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from transfer.vllm_kv_port import VllmKVPort, pool_views
+from duet.transfer.vllm_kv_port import VllmKVPort, pool_views
 
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM = 2, 6, 4, 2, 8
 

@@ -7,9 +7,9 @@ from typing import Any, Literal, Optional
 import msgpack
 import pytest
 
-from transfer.compat import KVLayout
-from transfer.transport import RemoteRegion
-from transfer.wire import PROTOCOL_VERSION, Message, ProtocolError, decode, encode, registered_types
+from duet.transfer.compat import KVLayout
+from duet.transfer.transport import RemoteRegion
+from duet.transfer.wire import PROTOCOL_VERSION, Message, ProtocolError, decode, encode, registered_types
 
 
 @dataclass

@@ -7,8 +7,8 @@ import torch
 pytest.importorskip("vllm")
 ops = pytest.importorskip("vllm._custom_ops")
 
-from kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks
-from transfer.vllm_kv_port import layer_order, pool_views
+from duet.kernels.kv_blocks import gather_kv_blocks, scatter_kv_blocks
+from duet.transfer.vllm_kv_port import layer_order, pool_views
 
 
 @pytest.mark.parametrize("head_dim", [32, 64])

@@ -27,10 +27,10 @@ pytest.importorskip("vllm")
 psutil = pytest.importorskip("psutil")
 openai = pytest.importorskip("openai")
 
-from engine.block_hash import block_hashes
-from engine.launcher import ServerProcess, query_server
-from engine.protocol import Hello, KVEvents, ServerInfo, StatsRequest, Welcome
-from transfer.wire import decode
+from duet.engine.block_hash import block_hashes
+from duet.engine.launcher import ServerProcess, query_server
+from duet.engine.protocol import Hello, KVEvents, ServerInfo, StatsRequest, Welcome
+from duet.transfer.wire import decode
 
 pytestmark = pytest.mark.timeout(900)
 

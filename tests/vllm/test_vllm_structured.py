@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
-from engine.launcher import ServerProcess
+from duet.engine.launcher import ServerProcess
 from tests.router.structured_checks import (
     check_json_schema_requests,
     check_required_tool_call,
