@@ -317,7 +317,23 @@ def test_bad_requests_raw_and_client(server):
     assert client.completions.create(model=MODEL, prompt="still alive", max_tokens=2).choices[0].text is not None
 
 
-def test_client_disconnect_aborts(server):
+@pytest.fixture
+def slow_steps(server):
+    """Each engine step takes >= 5 ms while the test runs, so a 400-token request outlives the client's
+    disconnect by far (the tiny model decodes a token in well under a millisecond on the C++ CPU ops)."""
+    llm_engine = server["engine"].engine
+    real = llm_engine.step
+
+    def step():
+        time.sleep(0.005)
+        return real()
+
+    llm_engine.step = step  # the engine thread looks the method up on every step
+    yield
+    del llm_engine.step
+
+
+def test_client_disconnect_aborts(server, slow_steps):
     port, engine = server["port"], server["engine"]
     before = len(server["aborted"])
     sock = socket.create_connection(("127.0.0.1", port))
@@ -337,7 +353,7 @@ def test_client_disconnect_aborts(server):
     assert engine.snapshot().num_free_blocks == server["initial_free"]
 
 
-def test_client_disconnect_aborts_non_streaming(server):
+def test_client_disconnect_aborts_non_streaming(server, slow_steps):
     port, engine = server["port"], server["engine"]
     before = len(server["aborted"])
     sock = socket.create_connection(("127.0.0.1", port))
