@@ -149,8 +149,19 @@ def main(argv: list[str] | None = None) -> None:
     rows = [r for t in args.kv_transports.split(",") for r in run_transport(t, model, prompt_lens, repeats)]
     columns = ["transport", "prompt_len", "kv_mib", "setup", "requests", "handoff_p50_ms", "handoff_min_ms",
                "layer_p50_ms", "kv_stream_p50_ms", "ttft_p50_ms", "ucx"]
-    write_results("handoff_hosts", rows, columns, device="cpu", record=args.record,
+    write_results("handoff_hosts", rows, columns, device="cpu", record=args.record, plot=lambda ax: plot(ax, rows),
                   extra={"model": MODEL, "repeats": repeats, "order": "alternating per repeat"})
+
+
+def plot(ax, rows: list[dict]) -> None:
+    """Hand-off p50 per (transport, prompt length): one host beside across hosts."""
+    cases = sorted({(r["transport"], r["prompt_len"]) for r in rows})
+    for offset, setup in ((-0.2, "one host"), (0.2, "across hosts")):
+        by_case = {(r["transport"], r["prompt_len"]): r["handoff_p50_ms"] for r in rows if r["setup"] == setup}
+        ax.bar([i + offset for i in range(len(cases))], [by_case.get(c, 0) for c in cases], 0.4, label=setup)
+    ax.set_xticks(range(len(cases)), [f"{t}\n{n} tok" for t, n in cases], fontsize=8)
+    ax.set_ylabel("hand-off p50 (ms)")
+    ax.legend(fontsize=8)
 
 
 if __name__ == "__main__":
