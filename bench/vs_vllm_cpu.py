@@ -24,7 +24,8 @@ opposite orders):
 Every measurement is bracketed by the foreign-load probe (``bench.cpu_load``): load average and spin probe
 before and after, and the share of the host's CPU used by processes outside this benchmark during it. The
 table gives Duet / vLLM per row (lower is better for times, higher for throughput) and each target of issue
-17; ``write_results`` puts the table, every raw measurement and the plot under ``bench/results/cpu/``.
+17; ``write_results`` puts the table, every raw measurement and the plot under ``bench/runs/cpu/``
+(``--record``: ``bench/results/cpu/``).
 """
 from __future__ import annotations
 
@@ -371,14 +372,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out-name", default="vs_vllm_cpu")
     ap.add_argument("--sections", default="offline,colocated,pd")
     ap.add_argument("--duet-block-size", type=int, default=DUET_BLOCK_SIZE, help="Duet's KV block size (tokens)")
-    ap.add_argument("--results-dir", help="write <dir>/cpu/<out-name>.* instead of bench/results/cpu/ (exploratory runs)")
+    ap.add_argument("--results-dir", help="write <dir>/cpu/<out-name>.* instead of bench/runs/cpu/ (exploratory runs)")
+    from duet.bench.report import add_record_arg
+
+    add_record_arg(ap)
     ap.add_argument("--wait-quiet-s", type=float, default=0.0,
                     help="first wait up to this long for the 1-minute load average to drop below 0.5")
     ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.model, Setup(args.quick, args.duet_block_size))), flush=True)
+        result = worker(args.worker, args.model, Setup(args.quick, args.duet_block_size))
+        print("RESULT " + json.dumps(result), flush=True)
         return
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -417,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
         from duet.bench import report
 
         report.RESULTS_ROOT = Path(args.results_dir)
-    write_results(args.out_name, rows, columns, device="cpu", plot=plot_rows(rows), extra={
+    write_results(args.out_name, rows, columns, device="cpu", plot=plot_rows(rows), record=args.record, extra={
         "order": args.order, "quick": args.quick, "waited_for_quiet_s": waited_s, "load_1m_at_start": load_at_start,
         "model": MODEL, "threads": THREADS, "setup": asdict(setup), "duet_flags": setup.duet_flags(),
         "duet_pd_flags": DUET_PD_FLAGS,
