@@ -5,7 +5,7 @@
 The simulator runs the router's real scoring (``engine.router.scoring``) and prefix index
 (``engine.router.prefix_index``) against simulated servers, on a seeded multi-turn chat trace:
 
-- Trace. A few shared system prompts, picked Zipf-like. Conversations start as a bursty Poisson
+- Trace (``bench.sim_trace``). A few shared system prompts, picked Zipf-like. Conversations start as a bursty Poisson
   process (on/off periods). Each turn's prompt is the previous prompt + the reply + new user text, as
   token ids, so a conversation is one token stream and its chained block hashes are computed once.
   The next turn arrives a think time after the previous reply finished (closed loop per conversation).
@@ -50,11 +50,9 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-import numpy as np
-
-from duet.engine.block_hash import block_hashes
 from duet.engine.router.prefix_index import PrefixIndex
-from duet.engine.router.scoring import PD_PLACEMENTS, POLICIES, Decision, RequestInfo, RouterPolicy, Scorer, ServerState
+from duet.bench.sim_trace import Conversation, Turn, make_trace  # noqa: F401 - Turn: re-exported
+from duet.engine.router.scoring import POLICIES, Decision, RequestInfo, RouterPolicy, Scorer, ServerState
 from duet.engine.router.tier_cost import TierPolicy
 
 
@@ -106,85 +104,6 @@ class SimConfig:
     """> 0: prefill servers batch waiting prompts up to this many tokens per step and report each prompt's
     admission-to-step-end time (see the module docstring); 0: one prompt at a time, its own compute time."""
     seed: int = 0
-
-
-@dataclass
-class Turn:
-    prompt_len: int
-    reply_len: int
-    think_s: float
-
-
-@dataclass
-class Conversation:
-    conv_id: int
-    start_s: float
-    hashes: list[int]  # chained block hashes of the whole stream; a turn's are a prefix of these
-    turns: list[Turn]
-    next: "Conversation | None" = None
-    """Closed-loop clients: the client's next request, sent when this one finishes."""
-
-
-OFF_FACTOR = 0.2
-
-
-def make_client_trace(cfg: SimConfig) -> list[Conversation]:
-    """Closed-loop clients: each client's first request at 0 s, each next one linked to its predecessor."""
-    token_rng = np.random.default_rng(cfg.seed)
-    firsts: list[Conversation] = []
-    conv_id = 0
-    for _ in range(cfg.num_clients):
-        prev = None
-        for _ in range(cfg.requests_per_client):
-            tokens = token_rng.integers(0, cfg.vocab_size, cfg.client_prompt_len).tolist()
-            conv = Conversation(conv_id, 0.0, block_hashes(tokens, cfg.block_size),
-                                [Turn(cfg.client_prompt_len, cfg.client_output_len, 0.0)])
-            conv_id += 1
-            if prev is None:
-                firsts.append(conv)
-            else:
-                prev.next = conv
-            prev = conv
-    return firsts
-
-
-def make_trace(cfg: SimConfig) -> list[Conversation]:
-    """The seeded multi-turn chat trace shared by every policy (or the closed-loop clients' requests)."""
-    if cfg.num_clients:
-        return make_client_trace(cfg)
-    rng = random.Random(cfg.seed)
-    token_rng = np.random.default_rng(cfg.seed)
-    tok = lambda n: token_rng.integers(0, cfg.vocab_size, n).tolist()  # noqa: E731
-    systems = [tok(rng.randint(200, 1500)) for _ in range(cfg.num_system_prompts)]
-    zipf = [1.0 / (i + 1) for i in range(cfg.num_system_prompts)]
-    # On/off modulated Poisson: 'on' runs at burst_factor x the mean, 'off' at OFF_FACTOR x the mean, and
-    # the on share of time is set so the long-run rate is the mean. The on/off schedule has its own
-    # generator, so changing the rate scales the same bursts.
-    on_share = (1 - OFF_FACTOR) / (cfg.burst_factor - OFF_FACTOR)
-    schedule_rng = random.Random(cfg.seed + 7)
-    starts: list[float] = []
-    t, on = 0.0, schedule_rng.random() < on_share
-    while t < cfg.duration_s:
-        end = min(t + schedule_rng.expovariate(1 / (2 * cfg.burst_period_s * (on_share if on else 1 - on_share))),
-                  cfg.duration_s)
-        rate = cfg.conversations_per_s * (cfg.burst_factor if on else OFF_FACTOR)
-        t = t + rng.expovariate(rate)
-        while t < end:
-            starts.append(t)
-            t += rng.expovariate(rate)
-        t, on = end, not on
-    conversations: list[Conversation] = []
-    for t in starts:
-        stream = list(rng.choices(systems, weights=zipf)[0])
-        turns = []
-        num_turns = 1 + int(rng.expovariate(1 / max(cfg.mean_turns - 1, 1e-9)))
-        for k in range(num_turns):
-            stream += tok(rng.randint(50, 800) if k == 0 else rng.randint(20, 300))
-            reply = rng.randint(30, min(400, cfg.max_tokens))
-            turns.append(Turn(len(stream), reply, rng.expovariate(1 / cfg.mean_think_s)))
-            stream += tok(reply)
-        conversations.append(Conversation(len(conversations), t, block_hashes(stream, cfg.block_size), turns))
-    return conversations
 
 
 @dataclass
@@ -603,34 +522,7 @@ def simulate(cfg: SimConfig, policies: tuple[str, ...] = POLICIES, trace: list[C
     return rows
 
 
-def simulate_placements(cfg: SimConfig, base_policy: RouterPolicy,
-                        placements: tuple[str, ...] = PD_PLACEMENTS) -> list[dict]:
-    """Run the same trace under each P/D placement rule; one row per rule."""
-    trace = make_trace(cfg)
-    rows = []
-    for placement in placements:
-        t0 = time.perf_counter()
-        row = {"pd_placement": placement, **Simulation(cfg, replace(base_policy, pd_placement=placement), trace).run()}
-        row["local_share"] = row["local_prefill"] / max(row["requests"], 1)
-        row["wall_s"] = time.perf_counter() - t0
-        rows.append(row)
-    return rows
-
-
 QUICK = SimConfig(num_prefill=8, num_decode=24, duration_s=30.0, conversations_per_s=75.0)
-# The CPU P/D c8 run of bench.vs_vllm_cpu (28M model, 2 cores): one prefill + one decode server, 8 closed-loop
-# clients, 512-token prompts, 64 output tokens, threshold 0. Costs are the engine's measured on this box
-# (bench/NOTES.md): prefill of one 512-token prompt ~0.16 s, a 2048-token step ~0.75 s; decode step at batch 8
-# ~25 ms; the prefill server batches up to the engine's 2048-token step budget.
-C8 = SimConfig(num_prefill=1, num_decode=1, slow_fraction=0.0, num_clients=8, requests_per_client=16,
-               client_prompt_len=512, client_output_len=64, prefill_batch_tokens=2048, prefill_a_s=0.02,
-               prefill_b_s_per_token=2.5e-4, prefill_c_s_per_token2=3e-8, prefill_noise=0.05,
-               decode_step_s=0.012, decode_step_s_per_seq=0.0015, decode_step_s_per_token=1e-7,
-               transfer_s_per_token=2e-6, transfer_latency_s=0.004, ttft_budget_s=30.0, max_tokens=64,
-               prefill_blocks=1024, decode_blocks=1024)
-C8_POLICY = RouterPolicy(disagg_threshold_tokens=0)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="8 prefill + 24 decode servers, 30 s of trace")
@@ -646,6 +538,8 @@ def main(argv: list[str] | None = None) -> None:
     add_record_arg(parser)
     args = parser.parse_args(argv)
     if args.c8:
+        from duet.bench.sim_placement import C8, main_c8
+
         return main_c8(replace(C8, seed=args.seed), record=args.record)
     cfg = QUICK if args.quick else SimConfig()
     if args.servers:
@@ -690,23 +584,6 @@ def main(argv: list[str] | None = None) -> None:
     write_results(name, rows, columns, device="cpu", plot=plot, extra={
         "config": cfg.__dict__, "conversations": len(trace), "turns": sum(len(c.turns) for c in trace),
         "trace_s": trace_s}, record=args.record)
-
-
-def main_c8(cfg: SimConfig, record: bool = False) -> None:
-    rows = simulate_placements(cfg, C8_POLICY)
-    from duet.bench.report import write_results  # imports torch; keep it out of the simulator proper
-
-    def plot(ax) -> None:
-        xs = range(len(rows))
-        ax.bar([x - 0.2 for x in xs], [100 * r["local_share"] for r in rows], 0.4, label="prefilled on decode (%)")
-        ax.bar([x + 0.2 for x in xs], [r["tpot_p90_ms"] for r in rows], 0.4, label="TPOT p90 (ms)")
-        ax.set_xticks(list(xs), [r["pd_placement"] for r in rows])
-        ax.legend(fontsize=8)
-
-    columns = ["pd_placement", "requests", "disaggregated", "local_prefill", "local_share", "decisions", "ttft_p50_s",
-               "ttft_p90_s", "tpot_p50_ms", "tpot_p90_ms", "prefill_util", "ttft_pred_rel_err_p50"]
-    write_results("router_sim_c8", rows, columns, device="cpu", plot=plot,
-                  extra={"config": cfg.__dict__, "policy": C8_POLICY.__dict__}, record=record)
 
 
 if __name__ == "__main__":
