@@ -199,7 +199,24 @@ def test_n_with_seed(server):
     assert [c.index for c in multi.choices] == [0, 1, 2, 3]
 
 
-def test_stop_strings(server, llm):
+@pytest.fixture
+def slow_steps(server):
+    """Each engine step takes >= 10 ms while the test runs, so a request outlives what the test makes the front
+    end do mid-request (a client disconnect, a stop string): the tiny model decodes a token in well under a
+    millisecond on the C++ CPU ops, fast enough to finish first."""
+    llm_engine = server["engine"].engine
+    real = llm_engine.step
+
+    def step():
+        time.sleep(0.01)
+        return real()
+
+    llm_engine.step = step  # the engine thread looks the method up on every step
+    yield
+    del llm_engine.step
+
+
+def test_stop_strings(server, llm, slow_steps):
     client = server["client"]
     base = llm.generate("stop here please", greedy(16))[0].text
     stop = next(base[i:i + 2] for i in range(1, len(base) - 1)
@@ -315,22 +332,6 @@ def test_bad_requests_raw_and_client(server):
     assert status == 405 and "error" in err
     # The server is still healthy and serving.
     assert client.completions.create(model=MODEL, prompt="still alive", max_tokens=2).choices[0].text is not None
-
-
-@pytest.fixture
-def slow_steps(server):
-    """Each engine step takes >= 5 ms while the test runs, so a 400-token request outlives the client's
-    disconnect by far (the tiny model decodes a token in well under a millisecond on the C++ CPU ops)."""
-    llm_engine = server["engine"].engine
-    real = llm_engine.step
-
-    def step():
-        time.sleep(0.005)
-        return real()
-
-    llm_engine.step = step  # the engine thread looks the method up on every step
-    yield
-    del llm_engine.step
 
 
 def test_client_disconnect_aborts(server, slow_steps):
