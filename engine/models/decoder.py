@@ -18,13 +18,13 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from duet.engine.attention import AttentionBackend, AttentionMetadata
 from duet.engine.model_config import ModelConfig
 from duet.engine.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, TPGroup, fuse_linears, mark_shard
 from duet.engine.models.moe import SparseMoE
 from duet.engine.parallel.layout import ParallelLayout
+from duet.kernels import cpu_linear
 
 LayerHook = Callable[[int], None]
 """Called with the layer index after that layer's K/V are in the cache (used to stream KV out)."""
@@ -61,10 +61,14 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.scale = cfg.head_dim ** -0.5
         self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # fused (weight, bias): see fuse()
+        self.qkv_packed = self.o_packed = None  # CPU: oneDNN-packed weights (kernels.cpu_linear)
 
     def fuse(self) -> None:
-        """After loading, before the first forward (``build_model`` does it): one GEMM for q, k and v."""
+        """After loading, before the first forward (``build_model`` does it): one GEMM for q, k and v, and on
+        the CPU the weights packed for oneDNN."""
         self.qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_packed = cpu_linear.pack(self.qkv[0])
+        self.o_packed = cpu_linear.pack(self.o_proj.weight)
 
     def forward(
         self,
@@ -76,7 +80,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         n = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = F.linear(x, *self.qkv).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = cpu_linear.linear(x, *self.qkv, self.qkv_packed).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
@@ -84,7 +88,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        out = self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+        out = out.reshape(n, self.num_heads * self.head_dim)
+        out = cpu_linear.linear(out, self.o_proj.weight, None, self.o_packed)
         if self.tp_group is not None:
             self.tp_group.all_reduce(out)
         return out
@@ -156,13 +161,16 @@ class DecoderForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if layout.is_last_stage else None
         if cfg.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.lm_head_packed: torch.Tensor | None = None  # see fuse_projections
 
     def fuse_projections(self) -> None:
         """After the weights are in, before the first forward: fuse q/k/v and gate/up into one GEMM each (same
-        parameters, as views). ``engine.loader.build_model`` calls it."""
+        parameters, as views) and, on the CPU, pack the projection weights for oneDNN (``kernels.cpu_linear``).
+        ``engine.loader.build_model`` calls it; weights changed afterwards must be fused and packed again."""
         for module in self.modules():
             if isinstance(module, (Attention, GatedMLP)):
                 module.fuse()
+        self.lm_head_packed = cpu_linear.pack(self.lm_head.weight) if self.lm_head is not None else None
 
     def absent_prefixes(self) -> tuple[str, ...]:
         """Checkpoint name prefixes of weights other pipeline stages hold (the loader skips them)."""
@@ -208,4 +216,4 @@ class DecoderForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab] float32
-        return self.lm_head(hidden).float()
+        return cpu_linear.linear(hidden, self.lm_head.weight, None, self.lm_head_packed).float()

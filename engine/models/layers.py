@@ -10,11 +10,10 @@ from typing import Protocol
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from duet.engine.model_config import RopeConfig
 from duet.engine.parallel.layout import ParallelLayout
-from duet.kernels import cpu_layers, reference
+from duet.kernels import cpu_layers, cpu_linear, reference
 from duet.kernels.activation import silu_and_mul
 from duet.kernels.rms_norm import rms_norm
 from duet.kernels.rotary import apply_rotary
@@ -152,19 +151,24 @@ class GatedMLP(nn.Module):
             mark_shard(self.down_proj.weight, 1, start, intermediate_size)
         self.tp_group = tp_group if layout.tp_size > 1 else None
         self.gate_up: torch.Tensor | None = None  # [2 * width, hidden]: see fuse()
+        self.gate_up_packed = self.down_packed = None  # CPU: oneDNN-packed weights (kernels.cpu_linear)
 
     def fuse(self) -> None:
-        """After loading, before the first forward (``build_model`` does it): one GEMM for gate and up."""
+        """After loading, before the first forward (``build_model`` does it): one GEMM for gate and up, and
+        on the CPU the weights packed for oneDNN."""
         self.gate_up, _ = fuse_linears(self.gate_proj, self.up_proj)
+        self.gate_up_packed = cpu_linear.pack(self.gate_up)
+        self.down_packed = cpu_linear.pack(self.down_proj.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden]
-        gate_up = F.linear(x, self.gate_up)  # [num_tokens, 2 * width]
+        gate_up = cpu_linear.linear(x, self.gate_up, None, self.gate_up_packed)  # [num_tokens, 2 * width]
         if _fused_kernels(x):
-            out = self.down_proj(silu_and_mul(gate_up))
+            act = silu_and_mul(gate_up)
         elif _cpu_ops(x):
-            out = self.down_proj(cpu_layers.silu_and_mul(gate_up))
+            act = cpu_layers.silu_and_mul(gate_up)
         else:
-            out = self.down_proj(reference.silu_and_mul(gate_up))
+            act = reference.silu_and_mul(gate_up)
+        out = cpu_linear.linear(act, self.down_proj.weight, None, self.down_packed)
         if self.tp_group is not None:
             self.tp_group.all_reduce(out)
         return out
