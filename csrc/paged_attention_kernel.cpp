@@ -7,13 +7,13 @@
 // sequence) and keep scores, softmax state and accumulators in float32 whatever the cache dtype.
 //
 // Decode (one query token per sequence). A work item is (sequence, context partition) and owns every query
-// head: a cache block's rows ([block_size, num_kv_heads, head_dim]) are then read front to back once, and
-// each K/V row once for the `group` query heads that share it; the next block (scattered: the hardware
-// prefetcher cannot guess it) is prefetched while this one is computed. Head_dim is the vector dimension: a
-// score is a dot product of the query with one K row, the output an accumulation of V rows. Online softmax
-// runs per cache block (max, rescale, exp, sum). When the batch is too small to keep every thread busy, long
-// contexts are split into partitions of whole blocks; each writes an un-normalised (max, sum, acc) that a
-// second pass merges.
+// head; it walks the sequence's cache blocks in order, prefetching the next one (blocks are scattered: the
+// hardware prefetcher cannot guess it). Within a block, each KV head's group of query heads runs together:
+// its K rows are read once for the whole group (head_dim is the vector dimension, a score is a dot product
+// and one horizontal sum), then its V rows once, with the group's output accumulators held in registers
+// across the block's rows. Online softmax runs per cache block (max, rescale, exp, sum). When the batch is
+// too small to keep every thread busy, long contexts are split into partitions of whole blocks; each writes
+// an un-normalised (max, sum, acc) that a second pass merges.
 //
 // Prefill (flash attention over the paged cache). A work item is (sequence, KV head, query tile): up to
 // 4 vectors' worth of rows, a row being one (query token, query head of the group). Rows are the vector
@@ -56,7 +56,7 @@ constexpr int64_t kTileVectors = 4;
 constexpr int kRowBlock = kVec >= 16 ? 4 : 2;
 // Decode asks for this many cache blocks ahead of the one it computes (blocks are scattered in memory), into
 // L2 rather than L1: a block's K and V rows are as big as L1, and would evict the rows being computed.
-constexpr int64_t kPrefetchBlocks = 1;
+constexpr int64_t kPrefetchBlocks = 4;
 // A decode partition is at least this many tokens: shorter ones cost more in the merge than they gain.
 constexpr int64_t kMinSplitTokens = 256;
 
@@ -151,19 +151,6 @@ struct DecodeParts {
   float* acc = nullptr;  // [num_slots, num_heads, padded_head_dim]
 };
 
-float dot(const float* a, const float* b, int64_t num_vectors) {
-  Vec s0(0.f), s1(0.f);
-  int64_t v = 0;
-  for (; v + 2 <= num_vectors; v += 2) {
-    s0 = at::vec::fmadd(Vec::loadu(a + v * kVec), Vec::loadu(b + v * kVec), s0);
-    s1 = at::vec::fmadd(Vec::loadu(a + (v + 1) * kVec), Vec::loadu(b + (v + 1) * kVec), s1);
-  }
-  if (v < num_vectors) {
-    s0 = at::vec::fmadd(Vec::loadu(a + v * kVec), Vec::loadu(b + v * kVec), s0);
-  }
-  return reduce_sum(s0 + s1);
-}
-
 // acc += p * x over num_vectors vectors.
 void axpy(float* acc, float p, const float* x, int64_t num_vectors) {
   const Vec vp(p);
@@ -229,15 +216,118 @@ void prefetch_rows(const T* block, int64_t t0, int64_t t1, int64_t num_kv_heads,
   }
 }
 
-// One item: every query head of one sequence over one context partition. All KV heads are done together
-// so each cache block is read front to back (its rows are [block_size, num_kv_heads, head_dim]).
+// Query heads one decode pass keeps in registers (a pass covers up to this many heads of a KV head's group).
+constexpr int kHeadBlock = 4;
+// Vectors of a row one V pass keeps in registers per head: kHeadBlock x kRowChunk accumulators + kRowChunk
+// operands fit the 32 AVX-512 registers at 4, the 16 AVX2 ones at 2.
+constexpr int64_t kRowChunk = kVec >= 16 ? 4 : 2;
+
+// s[h * s_stride + t] = q_h . k_t for NH heads (q rows dp apart) and n key rows (k_stride apart), nv vectors
+// each. A key vector is loaded once for all NH heads; one horizontal sum per score.
+template <int NH>
+void score_rows(const float* q, int64_t dp, int64_t nv, const float* k, int64_t k_stride, int64_t n, float* s,
+                int64_t s_stride) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float* kt = k + t * k_stride;
+    Vec acc[NH];
+    for (int h = 0; h < NH; ++h) {
+      acc[h] = Vec(0.f);
+    }
+    for (int64_t v = 0; v < nv; ++v) {
+      const Vec kv = Vec::loadu(kt + v * kVec);
+      for (int h = 0; h < NH; ++h) {
+        acc[h] = at::vec::fmadd(Vec::loadu(q + h * dp + v * kVec), kv, acc[h]);
+      }
+    }
+    for (int h = 0; h < NH; ++h) {
+      s[h * s_stride + t] = reduce_sum(acc[h]);
+    }
+  }
+}
+
+// acc_h[0:NC vectors] = acc_h * alpha_h + sum_t p[h * p_stride + t] * v_t[0:NC vectors] for NH heads (acc rows dp
+// apart), the accumulators held in registers over all n value rows (v_stride apart).
+template <int NH, int NC>
+void accumulate_rows(float* acc, int64_t dp, const float* alpha, const float* p, int64_t p_stride, const float* v,
+                     int64_t v_stride, int64_t n) {
+  Vec o[NH][NC];
+  for (int h = 0; h < NH; ++h) {
+    const Vec a(alpha[h]);
+    for (int j = 0; j < NC; ++j) {
+      o[h][j] = Vec::loadu(acc + h * dp + j * kVec) * a;
+    }
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    Vec vv[NC];
+    for (int j = 0; j < NC; ++j) {
+      vv[j] = Vec::loadu(v + t * v_stride + j * kVec);
+    }
+    for (int h = 0; h < NH; ++h) {
+      const Vec ph(p[h * p_stride + t]);
+      for (int j = 0; j < NC; ++j) {
+        o[h][j] = at::vec::fmadd(ph, vv[j], o[h][j]);
+      }
+    }
+  }
+  for (int h = 0; h < NH; ++h) {
+    for (int j = 0; j < NC; ++j) {
+      o[h][j].store(acc + h * dp + j * kVec);
+    }
+  }
+}
+
+// One pass of NH heads over n rows of one KV head: scores, online softmax, value accumulation.
+template <int NH>
+void attend_rows(const float* q, float* acc, int64_t dp, int64_t nv, const float* k, int64_t k_stride, const float* v,
+                 int64_t v_stride, int64_t n, float* s, int64_t s_stride, float* max, float* sum) {
+  score_rows<NH>(q, dp, nv, k, k_stride, n, s, s_stride);
+  float alpha[NH];
+  for (int h = 0; h < NH; ++h) {  // online softmax over this block's n scores
+    float* sh = s + h * s_stride;
+    const float m_new = std::max(max[h], max_of(sh, n));
+    alpha[h] = std::exp(max[h] - m_new);  // 0 on the first block (max was -inf)
+    sum[h] = sum[h] * alpha[h] + exp_sum(sh, n, m_new);
+    max[h] = m_new;
+  }
+  int64_t j = 0;
+  for (; j + kRowChunk <= nv; j += kRowChunk) {
+    accumulate_rows<NH, kRowChunk>(acc + j * kVec, dp, alpha, s, s_stride, v + j * kVec, v_stride, n);
+  }
+  for (; j < nv; ++j) {
+    accumulate_rows<NH, 1>(acc + j * kVec, dp, alpha, s, s_stride, v + j * kVec, v_stride, n);
+  }
+}
+
+// All `group` heads of one KV head over n rows, in passes of kHeadBlock heads (then 2, then 1).
+void attend_group(int64_t group, const float* q, float* acc, int64_t dp, int64_t nv, const float* k, int64_t k_stride,
+                  const float* v, int64_t v_stride, int64_t n, float* s, int64_t s_stride, float* max, float* sum) {
+  int64_t h = 0;
+  for (; h + kHeadBlock <= group; h += kHeadBlock) {
+    attend_rows<kHeadBlock>(q + h * dp, acc + h * dp, dp, nv, k, k_stride, v, v_stride, n, s + h * s_stride, s_stride,
+                            max + h, sum + h);
+  }
+  for (; h + 2 <= group; h += 2) {
+    attend_rows<2>(q + h * dp, acc + h * dp, dp, nv, k, k_stride, v, v_stride, n, s + h * s_stride, s_stride, max + h,
+                   sum + h);
+  }
+  for (; h < group; ++h) {
+    attend_rows<1>(q + h * dp, acc + h * dp, dp, nv, k, k_stride, v, v_stride, n, s + h * s_stride, s_stride, max + h,
+                   sum + h);
+  }
+}
+
+// One item: every query head of one sequence over one context partition, one cache block at a time (the next
+// kPrefetchBlocks blocks prefetched while it is computed). Within a block, each KV head's `group` query heads
+// run together: its K rows are read once for all of them (q in L1, one horizontal sum per score), then its V
+// rows once, the heads' accumulators held in registers across the block's rows.
 template <typename T>
 class DecodeWorker {
  public:
   DecodeWorker(const AttentionArgs& a, const std::vector<DecodeItem>& items, const DecodeParts& parts)
       : a_(a), items_(items), parts_(parts), group_(a.num_heads / a.num_kv_heads),
         dp_(round_up(a.head_dim, kVec)), nv_(dp_ / kVec),
-        q_(a.num_heads * dp_, 0.f), acc_(a.num_heads * dp_), krow_(dp_, 0.f), vrow_(dp_, 0.f),
+        q_(a.num_heads * dp_, 0.f), acc_(a.num_heads * dp_),
+        kbuf_(a.block_size * dp_, 0.f), vbuf_(a.block_size * dp_, 0.f),
         scores_(a.num_heads * a.block_size), max_(a.num_heads), sum_(a.num_heads) {}
 
   void operator()(int64_t index) {
@@ -261,39 +351,21 @@ class DecodeWorker {
       const int64_t t0 = std::max<int64_t>(it.token_begin - b * bs, 0);
       const int64_t t1 = std::min<int64_t>(it.token_end - b * bs, bs);
       const int64_t n = t1 - t0;
-      const T* kb = k_cache + table[b] * a.k_stride_block;
-      const T* vb = v_cache + table[b] * a.v_stride_block;
+      const T* kb = k_cache + table[b] * a.k_stride_block + t0 * a.k_stride_token;
+      const T* vb = v_cache + table[b] * a.v_stride_block + t0 * a.v_stride_token;
       // Keep the next kPrefetchBlocks blocks coming (all of them at the first block, then one more per block).
       for (int64_t p = b == b_begin ? b + 1 : b + kPrefetchBlocks; p <= b + kPrefetchBlocks && p < b_end; ++p) {
         const int64_t p_t1 = std::min<int64_t>(it.token_end - p * bs, bs);
         prefetch_rows(k_cache + table[p] * a.k_stride_block, 0, p_t1, KVH, a.k_stride_token, a.k_stride_head, D);
         prefetch_rows(v_cache + table[p] * a.v_stride_block, 0, p_t1, KVH, a.v_stride_token, a.v_stride_head, D);
       }
-      for (int64_t t = t0; t < t1; ++t) {
-        for (int64_t kvh = 0; kvh < KVH; ++kvh) {
-          const float* k = row(kb + t * a.k_stride_token + kvh * a.k_stride_head, krow_.data());
-          for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h) {
-            scores_[h * bs + t - t0] = dot(q_.data() + h * dp_, k, nv_);
-          }
-        }
-      }
-      for (int64_t h = 0; h < H; ++h) {  // online softmax, one block at a time
-        float* s = scores_.data() + h * bs;
-        const float m_new = std::max(max_[h], max_of(s, n));
-        const float alpha = std::exp(max_[h] - m_new);  // 0 on the first block (max was -inf)
-        sum_[h] = sum_[h] * alpha + exp_sum(s, n, m_new);
-        max_[h] = m_new;
-        if (alpha != 1.f) {
-          scale_in_place(acc_.data() + h * dp_, alpha, nv_);
-        }
-      }
-      for (int64_t t = t0; t < t1; ++t) {
-        for (int64_t kvh = 0; kvh < KVH; ++kvh) {
-          const float* v = row(vb + t * a.v_stride_token + kvh * a.v_stride_head, vrow_.data());
-          for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h) {
-            axpy(acc_.data() + h * dp_, scores_[h * bs + t - t0], v, nv_);
-          }
-        }
+      for (int64_t kvh = 0; kvh < KVH; ++kvh) {
+        int64_t k_stride = a.k_stride_token, v_stride = a.v_stride_token;
+        const float* k = rows(kb + kvh * a.k_stride_head, n, k_stride, kbuf_.data());
+        const float* v = rows(vb + kvh * a.v_stride_head, n, v_stride, vbuf_.data());
+        const int64_t h0 = kvh * G;
+        attend_group(G, q_.data() + h0 * dp_, acc_.data() + h0 * dp_, dp_, nv_, k, k_stride, v, v_stride, n,
+                     scores_.data() + h0 * bs, bs, max_.data() + h0, sum_.data() + h0);
       }
     }
 
@@ -316,14 +388,18 @@ class DecodeWorker {
   }
 
  private:
-  // One K or V row as padded float32: in place for float rows of whole vectors, else converted into buf.
-  const float* row(const T* src, float* buf) const {
+  // n K or V rows (stride elements apart) as padded float32 rows: in place for float rows of whole vectors
+  // (stride unchanged), else converted into buf (stride becomes dp).
+  const float* rows(const T* src, int64_t n, int64_t& stride, float* buf) const {
     if constexpr (std::is_same_v<T, float>) {
       if (dp_ == a_.head_dim) {
         return src;
       }
     }
-    to_float(src, buf, a_.head_dim);
+    for (int64_t t = 0; t < n; ++t) {
+      to_float(src + t * stride, buf + t * dp_, a_.head_dim);  // padding stays 0
+    }
+    stride = dp_;
     return buf;
   }
 
@@ -331,7 +407,7 @@ class DecodeWorker {
   const std::vector<DecodeItem>& items_;
   const DecodeParts& parts_;
   const int64_t group_, dp_, nv_;
-  std::vector<float> q_, acc_, krow_, vrow_, scores_, max_, sum_;
+  std::vector<float> q_, acc_, kbuf_, vbuf_, scores_, max_, sum_;
 };
 
 // Longest first, so the dynamic hand-out ends with short items.

@@ -67,6 +67,7 @@ DECODE_CASES = [
     (torch.float32, 16, 1, 16, 8, [40, 9], 0),
     (torch.float32, 3, 2, 32, 64, [130, 5], 2),
     (torch.bfloat16, 1, 4, 64, 128, [257, 128], 0),
+    (torch.float32, 7, 1, 80, 16, [100, 33], 0),  # passes of 4, 2 and 1 heads; rows padded to whole vectors
 ]
 
 
