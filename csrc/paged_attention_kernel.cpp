@@ -56,7 +56,7 @@ constexpr int64_t kTileVectors = 4;
 constexpr int kRowBlock = kVec >= 16 ? 4 : 2;
 // Decode asks for this many cache blocks ahead of the one it computes (blocks are scattered in memory), into
 // L2 rather than L1: a block's K and V rows are as big as L1, and would evict the rows being computed.
-constexpr int64_t kPrefetchBlocks = 4;
+constexpr int64_t kPrefetchBlocks = 1;
 // A decode partition is at least this many tokens: shorter ones cost more in the merge than they gain.
 constexpr int64_t kMinSplitTokens = 256;
 
