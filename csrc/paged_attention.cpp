@@ -3,6 +3,7 @@
 //   duet::paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, out)
 //   duet::paged_prefill_attention(query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out)
 //   duet::cpu_attention_isa() -> str   the instruction set the kernels run with (AVX512, AVX2 or DEFAULT)
+//   duet::cpu_parallel_threads() -> int   threads one parallel region of those kernels runs on
 //
 // Same contract as kernels.reference.paged_decode_attention / paged_attention (layouts in
 // paged_attention.h); the kernels are in paged_attention_kernel.cpp. Every argument is checked here,
@@ -25,6 +26,7 @@ namespace {
 struct Kernels {
   void (*decode)(const AttentionArgs&);
   void (*prefill)(const AttentionArgs&);
+  int64_t (*parallel_threads)();
   const char* isa;
 };
 
@@ -34,15 +36,15 @@ const Kernels& kernels() {
     const std::string cap = at::get_cpu_capability();
 #if defined(DUET_HAVE_AVX512)
     if (cap == "AVX512") {
-      return Kernels{&AVX512::paged_decode_attention, &AVX512::paged_prefill_attention, "AVX512"};
+      return Kernels{&AVX512::paged_decode_attention, &AVX512::paged_prefill_attention, &AVX512::parallel_threads, "AVX512"};
     }
 #endif
 #if defined(DUET_HAVE_AVX2)
     if (cap == "AVX512" || cap == "AVX2") {
-      return Kernels{&AVX2::paged_decode_attention, &AVX2::paged_prefill_attention, "AVX2"};
+      return Kernels{&AVX2::paged_decode_attention, &AVX2::paged_prefill_attention, &AVX2::parallel_threads, "AVX2"};
     }
 #endif
-    return Kernels{&DEFAULT::paged_decode_attention, &DEFAULT::paged_prefill_attention, "DEFAULT"};
+    return Kernels{&DEFAULT::paged_decode_attention, &DEFAULT::paged_prefill_attention, &DEFAULT::parallel_threads, "DEFAULT"};
   }();
   return chosen;
 }
@@ -228,6 +230,8 @@ void paged_prefill_attention_cpu(
 
 std::string cpu_attention_isa() { return kernels().isa; }
 
+int64_t cpu_parallel_threads() { return kernels().parallel_threads(); }
+
 }  // namespace
 }  // namespace duet::cpu_attention
 
@@ -239,6 +243,7 @@ TORCH_LIBRARY_FRAGMENT(duet, m) {
       "paged_prefill_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor cu_seqlens_q, Tensor seq_lens, float scale, Tensor(a!) out) -> ()");
   m.def("cpu_attention_isa() -> str", &duet::cpu_attention::cpu_attention_isa);
+  m.def("cpu_parallel_threads() -> int", &duet::cpu_attention::cpu_parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(duet, CPU, m) {

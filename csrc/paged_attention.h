@@ -47,10 +47,13 @@ struct AttentionArgs {
 // One implementation per instruction set, each in its own namespace (the kernel file is compiled once per
 // capability with -DCPU_CAPABILITY=<name>). The front end picks one with torch's own CPU capability
 // (at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY).
+// parallel_threads(): how many threads one of that copy's at::parallel_for regions runs on (torch's thread
+// count, or 1 if the copy were built without OpenMP, which compiles the parallel region out).
 #define DUET_DECLARE_ATTENTION_KERNELS(cap)             \
   namespace cap {                                       \
   void paged_decode_attention(const AttentionArgs& a);  \
   void paged_prefill_attention(const AttentionArgs& a); \
+  int64_t parallel_threads();                           \
   }
 
 DUET_DECLARE_ATTENTION_KERNELS(DEFAULT)

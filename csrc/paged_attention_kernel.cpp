@@ -744,5 +744,15 @@ void paged_prefill_attention(const AttentionArgs& a) {
   dispatch_dtype(a.dtype, [&](auto tag) { prefill<decltype(tag)>(a); });
 }
 
+int64_t parallel_threads() {
+  std::atomic<int64_t> threads{1};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t begin, int64_t end) {
+    const int64_t tid = at::get_thread_num() + 1;
+    for (int64_t seen = threads.load(); seen < tid && !threads.compare_exchange_weak(seen, tid);) {
+    }
+  });
+  return threads.load();
+}
+
 }  // namespace CPU_CAPABILITY
 }  // namespace duet::cpu_attention

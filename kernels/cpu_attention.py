@@ -30,6 +30,12 @@ def isa() -> str:
     return torch.ops.duet.cpu_attention_isa() if extension_available() else "torch"
 
 
+def parallel_threads() -> int:
+    """Threads one parallel region of the compiled kernels runs on now (``torch.get_num_threads()`` when the
+    extension was built with OpenMP, as CMakeLists.txt does), or 1 without the extension."""
+    return torch.ops.duet.cpu_parallel_threads() if extension_available() else 1
+
+
 def _use_extension(device: torch.device) -> bool:
     return extension.use(_OPS, device, "CPU attention ops")
 

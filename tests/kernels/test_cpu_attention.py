@@ -287,3 +287,16 @@ def test_fallback_when_disabled():
                             text=True, timeout=120)
     assert result.returncode == 0 and "fallback ok" in result.stdout, result.stderr[-3000:]
     assert result.stderr.count("CPU attention ops: using the torch reference") == 1, result.stderr
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one CPU: nothing to run in parallel")
+def test_the_kernels_run_on_torchs_threads(ops):
+    """The CPU kernels' parallel regions follow torch.set_num_threads. Built without OpenMP (as they were until
+    CMakeLists.txt added -fopenmp), at::parallel_for compiles its region out and every op ran on one thread."""
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            assert cpu_attention.parallel_threads() == threads
+    finally:
+        torch.set_num_threads(before)
