@@ -1,5 +1,5 @@
 // CPU layer kernels (RMSNorm, residual add + RMSNorm, rotary, SiLU-and-mul), compiled once per instruction set
-// (CMakeLists.txt: CPU_CAPABILITY=DEFAULT/AVX2/AVX512), like paged_attention_kernel.cpp. Float32 rows are
+// (CMakeLists.txt: CPU_CAPABILITY=DEFAULT/AVX2/AVX512), like paged_decode_kernel.cpp. Float32 rows are
 // vectorised with at::vec; bfloat16 / float16 rows take scalar loops that round exactly where the torch layers
 // round (they are not what the CPU benchmarks run). Rows are independent and split across torch's threads
 // only when there are enough of them: a decode step's few rows run inline, with no thread hand-off.

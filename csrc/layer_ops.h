@@ -1,5 +1,5 @@
 // CPU layer ops: what the op front end (layer_ops.cpp) hands to the kernels (layer_kernels.cpp, compiled once
-// per instruction set like paged_attention_kernel.cpp). Each replaces a chain of small torch ops of one layer
+// per instruction set like paged_decode_kernel.cpp). Each replaces a chain of small torch ops of one layer
 // (engine/models/layers.py) whose per-op overhead dominated the CPU decode step at small batches.
 //
 // Rows are strided (tokens, or (token, head) pairs), the last dimension is contiguous. Arithmetic follows the

@@ -6,7 +6,7 @@
 //   duet::cpu_parallel_threads() -> int   threads one parallel region of those kernels runs on
 //
 // Same contract as kernels.reference.paged_decode_attention / paged_attention (layouts in
-// paged_attention.h); the kernels are in paged_attention_kernel.cpp. Every argument is checked here,
+// paged_attention.h); the kernels are in paged_{decode,prefill}_kernel.cpp. Every argument is checked here,
 // values of the index tensors included (block ids, lengths, offsets), so a bad call raises a c10 error
 // naming the argument instead of reading out of bounds.
 

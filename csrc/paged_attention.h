@@ -1,5 +1,5 @@
 // CPU paged attention: what the op front end (paged_attention.cpp) hands to the kernels
-// (paged_attention_kernel.cpp), which are compiled once per instruction set.
+// (paged_decode_kernel.cpp, paged_prefill_kernel.cpp), compiled once per instruction set.
 //
 // Layouts (kernels/__init__.py):
 //   query, out      // [num_tokens, num_heads, head_dim]   last dim contiguous
